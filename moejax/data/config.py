@@ -1,0 +1,33 @@
+"""Typed configuration of the data pipeline (built from `config.data` by the trainer)."""
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Where the text comes from and how it becomes fixed-length token sequences.
+
+  Attributes:
+    source: `embedded`, `text:<path or glob>[,<path or glob>...]` or
+      `tfds:<name>[:split]`.
+    seq_len: L, tokens per training sequence (the model sees L inputs and L targets).
+    vocab_size: SentencePiece vocabulary size, trained on the training split.
+    eval_fraction: share of the corpus carved out deterministically as the held-out
+      split when the source has none.
+    max_bytes: cap on the UTF-8 bytes read from the source (None: no cap).
+    eval_batches: number of fixed held-out batches used by each evaluation.
+    seed: seed of the per-epoch shuffle of training sequences.
+    tfds_data_dir: data_dir for `tfds:` sources (None: the TFDS default).
+    tokenizer_max_sentences: lines sampled from the training split to train
+      SentencePiece.
+  """
+
+  source: str = "embedded"
+  seq_len: int = 128
+  vocab_size: int = 1024
+  eval_fraction: float = 0.05
+  max_bytes: int | None = 4_000_000
+  eval_batches: int = 8
+  seed: int = 0
+  tfds_data_dir: str | None = None
+  tokenizer_max_sentences: int = 200_000

@@ -1,0 +1,1 @@
+"""Router health statistics and metric writers (JSON lines, TensorBoard)."""

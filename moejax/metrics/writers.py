@@ -1,0 +1,79 @@
+"""Metric writers: one JSON object per logged step, and TensorBoard event files."""
+
+import json
+import math
+import os
+import pathlib
+from typing import Any, Iterable
+
+import numpy as np
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def _plain(value: Any) -> Any:
+  """A JSON-ready Python value (NaN/inf become strings so the line stays valid)."""
+  if isinstance(value, (np.ndarray, np.generic)):
+    value = value.tolist()
+  if isinstance(value, float) and not math.isfinite(value):
+    return str(value)
+  if isinstance(value, (list, tuple)):
+    return [_plain(v) for v in value]
+  return value
+
+
+class MetricWriter:
+  """Appends rows to `<workdir>/metrics.jsonl` and scalars to `<workdir>/tb/`.
+
+  Only the writer with `enabled=True` (process 0) touches the files.
+  """
+
+  def __init__(self, workdir: str | os.PathLike, *, enabled: bool = True,
+               tensorboard: bool = True):
+    self.path = pathlib.Path(workdir) / METRICS_FILE
+    self.enabled = enabled
+    self._tb = None
+    if enabled and tensorboard:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self._tb = SummaryWriter(os.fspath(pathlib.Path(workdir) / "tb"))
+
+  def truncate_after(self, step: int) -> None:
+    """On resume: rows past `step` (written before an interruption) move to
+    `metrics.discarded.jsonl` so the log holds one row per step."""
+    if not self.enabled or not self.path.exists():
+      return
+    keep, drop = [], []
+    for line in self.path.read_text().splitlines():
+      if line.strip():
+        (keep if json.loads(line).get("step", 0) <= step else drop).append(line)
+    if drop:
+      with open(self.path.with_name("metrics.discarded.jsonl"), "a") as f:
+        f.write("\n".join(drop) + "\n")
+      self.path.write_text("".join(line + "\n" for line in keep))
+
+  def write(self, step: int, metrics: dict[str, Any]) -> None:
+    if not self.enabled:
+      return
+    row = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
+    with open(self.path, "a") as f:
+      f.write(json.dumps(row) + "\n")
+    if self._tb is not None:
+      for key, value in metrics.items():
+        if isinstance(value, (int, float, np.generic)) and not isinstance(value, bool):
+          self._tb.add_scalar(key, float(value), int(step))
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+
+
+def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
+  """The rows of `<workdir>/metrics.jsonl`, in order."""
+  path = pathlib.Path(workdir) / METRICS_FILE
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def series(rows: Iterable[dict[str, Any]], key: str) -> tuple[list[int], list[Any]]:
+  """(steps, values) of the rows that carry `key`."""
+  pairs = [(r["step"], r[key]) for r in rows if key in r]
+  return [p[0] for p in pairs], [p[1] for p in pairs]

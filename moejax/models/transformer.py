@@ -1,0 +1,129 @@
+"""A decoder-only Transformer LM whose chosen FFN layers are MoE layers.
+
+Shapes: B batch, L length, D model width, H heads, Dh head width, F hidden
+width, V vocabulary.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from moejax.errors import ConfigError
+from moejax.models.config import DTYPES, TransformerConfig
+from moejax.moe.layer import MoELayer
+from moejax.routing.registry import make_router
+
+_KERNEL_INIT = nn.initializers.normal(0.02)
+
+
+def _kernel(axes):
+  return nn.with_logical_partitioning(_KERNEL_INIT, axes)
+
+
+class CausalSelfAttention(nn.Module):
+  """Multi-head causal self-attention."""
+
+  num_heads: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BLD: jax.Array) -> jax.Array:
+    d_model = x_BLD.shape[-1]
+    head_dim = d_model // self.num_heads
+    qkv = nn.DenseGeneral(
+        (3, self.num_heads, head_dim), use_bias=False, dtype=self.dtype,
+        kernel_init=_kernel(("embed", None, "heads", "kv")), name="qkv")(x_BLD)
+    q_BLHK, k_BLHK, v_BLHK = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    o_BLHK = jax.nn.dot_product_attention(q_BLHK, k_BLHK, v_BLHK, is_causal=True)
+    return nn.DenseGeneral(
+        d_model, axis=(-2, -1), use_bias=False, dtype=self.dtype,
+        kernel_init=_kernel(("heads", "kv", "embed")), name="out")(o_BLHK)
+
+
+class DenseFFN(nn.Module):
+  """GELU FFN D -> F -> D."""
+
+  d_ff: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BLD: jax.Array) -> jax.Array:
+    h_BLF = nn.Dense(self.d_ff, use_bias=False, dtype=self.dtype,
+                     kernel_init=_kernel(("embed", "mlp")), name="w_in")(x_BLD)
+    return nn.Dense(x_BLD.shape[-1], use_bias=False, dtype=self.dtype,
+                    kernel_init=_kernel(("mlp", "embed")), name="w_out")(
+                        nn.gelu(h_BLF))
+
+
+def _norm(name: str, dtype) -> nn.RMSNorm:
+  return nn.RMSNorm(dtype=dtype, name=name, scale_init=nn.with_logical_partitioning(
+      nn.initializers.ones, ("embed",)))
+
+
+class Block(nn.Module):
+  """Pre-norm block: x + attn(norm(x)); x + ffn(norm(x)), ffn dense or MoE."""
+
+  config: TransformerConfig
+  is_moe: bool
+
+  @nn.compact
+  def __call__(self, x_BLD, token_ids_BL, deterministic: bool):
+    cfg = self.config
+    dtype = jnp.dtype(cfg.dtype)
+    x_BLD = x_BLD + CausalSelfAttention(cfg.num_heads, dtype, name="attn")(
+        _norm("attn_norm", dtype)(x_BLD))
+    h_BLD = _norm("ffn_norm", dtype)(x_BLD)
+    if not self.is_moe:
+      return x_BLD + DenseFFN(cfg.d_ff, dtype, name="ffn")(h_BLD), None
+    moe = cfg.moe
+    router = make_router(moe.router, num_experts=moe.num_experts, top_k=moe.top_k,
+                         vocab_size=cfg.vocab_size,
+                         options=dict(moe.router_options))
+    y_BLD, aux = MoELayer(
+        router=router, num_experts=moe.num_experts, d_ff=moe.d_ff or cfg.d_ff,
+        dispatch=moe.dispatch, capacity_factor=moe.capacity_factor, dtype=dtype,
+        name="moe")(h_BLD, token_ids_BL=token_ids_BL, deterministic=deterministic)
+    return x_BLD + y_BLD, aux
+
+
+class TransformerLM(nn.Module):
+  """Token ids [B, L] -> float32 logits [B, L, V] and per-MoE-layer aux outputs.
+
+  `__call__` returns `(logits_BLV, aux)` where `aux = {"aux_loss": float32[] sum
+  over MoE layers, "layers": {"layer_<i>": metrics dict}}`. Training passes
+  `deterministic=False` and an rng stream named `router`.
+  """
+
+  config: TransformerConfig
+
+  @nn.compact
+  def __call__(self, tokens_BL: jax.Array, *, deterministic: bool = True):
+    cfg = self.config
+    if cfg.dtype not in DTYPES:
+      raise ConfigError(f"model.dtype={cfg.dtype!r}; valid: {', '.join(DTYPES)}")
+    if cfg.d_model % cfg.num_heads:
+      raise ConfigError(
+          f"model.d_model={cfg.d_model} is not divisible by model.num_heads="
+          f"{cfg.num_heads}")
+    dtype = jnp.dtype(cfg.dtype)
+    embed = self.param(
+        "embedding",
+        nn.with_logical_partitioning(_KERNEL_INIT, ("vocab", "embed")),
+        (cfg.vocab_size, cfg.d_model), jnp.float32)
+    pos = self.param(
+        "position",
+        nn.with_logical_partitioning(_KERNEL_INIT, (None, "embed")),
+        (cfg.max_len, cfg.d_model), jnp.float32)
+    length = tokens_BL.shape[1]
+    x_BLD = (embed[tokens_BL] + pos[:length]).astype(dtype)
+    aux_loss = jnp.zeros((), jnp.float32)
+    layers = {}
+    for i in range(cfg.num_layers):
+      x_BLD, aux = Block(cfg, i in cfg.moe_layers, name=f"block_{i}")(
+          x_BLD, tokens_BL, deterministic)
+      if aux is not None:
+        aux_loss = aux_loss + aux.aux_loss
+        layers[f"layer_{i}"] = aux.metrics
+    x_BLD = _norm("final_norm", dtype)(x_BLD)
+    logits_BLV = jnp.einsum("bld,vd->blv", x_BLD.astype(jnp.float32), embed)
+    return logits_BLV, {"aux_loss": aux_loss, "layers": layers}

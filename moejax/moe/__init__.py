@@ -1,0 +1,14 @@
+"""The MoE layer and its pure pieces: dispatch/combine and stacked experts."""
+
+from moejax.moe.dispatch import (DISPATCH_PATHS, CapacityPlan, SortPlan,
+                                 combine_capacity, combine_sorted,
+                                 dispatch_capacity, dispatch_sorted,
+                                 expert_capacity, plan_capacity, plan_dropless)
+from moejax.moe.experts import Experts
+from moejax.moe.layer import MoEAux, MoELayer
+
+__all__ = [
+    "DISPATCH_PATHS", "CapacityPlan", "Experts", "MoEAux", "MoELayer", "SortPlan",
+    "combine_capacity", "combine_sorted", "dispatch_capacity", "dispatch_sorted",
+    "expert_capacity", "plan_capacity", "plan_dropless",
+]

@@ -1,0 +1,92 @@
+"""The MoE layer: router -> Routing -> dispatch -> stacked experts -> combine.
+
+Shapes: B batch, L length, T = B*L tokens, D model width, F hidden width,
+E experts, C capacity, K slots per token.
+"""
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from moejax.errors import ConfigError
+from moejax.metrics.router import load_metrics
+from moejax.moe import dispatch
+from moejax.moe.experts import Dtype, Experts
+from moejax.routing.contract import Router
+
+
+@flax.struct.dataclass
+class MoEAux:
+  """What a MoE layer reports besides its output.
+
+  Attributes:
+    aux_loss: float32[] the router's weighted auxiliary loss.
+    metrics: float32[] router health scalars by name.
+  """
+
+  aux_loss: jax.Array
+  metrics: dict[str, jax.Array]
+
+
+class MoELayer(nn.Module):
+  """A sparse FFN: each token is processed by the experts its router picks.
+
+  Tokens dropped for capacity get 0 here; the block's residual carries them.
+
+  Attributes:
+    router: an unbound router module (see `moejax.routing.make_router`).
+    num_experts: E.
+    d_ff: F, hidden width of each expert.
+    dispatch: `capacity` or `dropless`.
+    capacity_factor: C = ceil(capacity_factor * T * K / E) on the capacity path,
+      unless the router fixes its own capacity (`Routing.capacity`).
+    dtype: compute dtype of the experts (the router always computes in float32).
+    param_dtype: storage dtype of the expert weights.
+  """
+
+  router: Router
+  num_experts: int
+  d_ff: int
+  dispatch: str = "capacity"
+  capacity_factor: float = 1.25
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BLD: jax.Array, *, token_ids_BL: jax.Array | None = None,
+               deterministic: bool = True) -> tuple[jax.Array, MoEAux]:
+    if self.dispatch not in dispatch.DISPATCH_PATHS:
+      raise ConfigError(
+          f"unknown dispatch {self.dispatch!r}; valid: "
+          f"{', '.join(dispatch.DISPATCH_PATHS)}")
+    batch, length, d_model = x_BLD.shape
+    x_TD = x_BLD.reshape(batch * length, d_model)
+    token_ids_T = None if token_ids_BL is None else token_ids_BL.reshape(-1)
+    routing = self.router(x_TD, token_ids_T=token_ids_T,
+                          deterministic=deterministic)
+    experts = Experts(self.num_experts, d_model, self.d_ff, dtype=self.dtype,
+                      param_dtype=self.param_dtype, name="experts")
+    if self.dispatch == "capacity":
+      _, top_k = routing.expert_TK.shape
+      capacity = routing.capacity or dispatch.expert_capacity(
+          x_TD.shape[0], self.num_experts, top_k, self.capacity_factor)
+      plan = dispatch.plan_capacity(routing.expert_TK, routing.mask_TK,
+                                    self.num_experts, capacity)
+      y_ECD = experts(dispatch.dispatch_capacity(x_TD, plan))
+      y_TD = dispatch.combine_capacity(y_ECD, plan, routing.weight_TK)
+      kept_TK = plan.kept_TK
+    else:
+      plan = dispatch.plan_dropless(routing.expert_TK, routing.mask_TK,
+                                    self.num_experts)
+      y_MD = experts.grouped(dispatch.dispatch_sorted(x_TD, plan),
+                             plan.group_sizes_E)
+      y_TD = dispatch.combine_sorted(y_MD, plan, routing.weight_TK,
+                                     routing.mask_TK)
+      kept_TK = routing.mask_TK
+    metrics = dict(routing.metrics)
+    metrics.update(load_metrics(routing.expert_TK, routing.mask_TK, kept_TK,
+                                self.num_experts))
+    metrics["aux_loss"] = routing.aux_loss
+    y_BLD = y_TD.reshape(batch, length, d_model).astype(x_BLD.dtype)
+    return y_BLD, MoEAux(aux_loss=routing.aux_loss, metrics=metrics)

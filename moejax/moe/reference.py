@@ -1,0 +1,39 @@
+"""A naive per-token loop: the reference every dispatch path is checked against.
+
+Shapes: T tokens, D model width, F hidden width, E experts, K slots per token.
+"""
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+
+def capacity_keep_loop(expert_TK, mask_TK, num_experts: int,
+                       capacity: int | None) -> np.ndarray:
+  """bool[T, K]: which slots an expert with C places accepts, slot k before k+1."""
+  expert_TK, mask_TK = np.asarray(expert_TK), np.asarray(mask_TK)
+  num_tokens, top_k = expert_TK.shape
+  kept = np.zeros((num_tokens, top_k), bool)
+  filled = [0] * num_experts
+  for k in range(top_k):
+    for t in range(num_tokens):
+      e = int(expert_TK[t, k])
+      if mask_TK[t, k] and (capacity is None or filled[e] < capacity):
+        kept[t, k] = True
+        filled[e] += 1
+  return kept
+
+
+def moe_loop(x_TD, expert_TK, weight_TK, kept_TK, w_in_EDF, w_out_EFD,
+             activation=nn.gelu):
+  """y_t = sum over kept slots k of weight[t, k] * FFN_{expert[t, k]}(x_t)."""
+  rows = []
+  for t in range(x_TD.shape[0]):
+    y_D = jnp.zeros(x_TD.shape[1], x_TD.dtype)
+    for k in range(expert_TK.shape[1]):
+      if kept_TK[t, k]:
+        e = int(expert_TK[t, k])
+        h_F = activation(x_TD[t] @ w_in_EDF[e])
+        y_D = y_D + weight_TK[t, k] * (h_F @ w_out_EFD[e])
+    rows.append(y_D)
+  return jnp.stack(rows)

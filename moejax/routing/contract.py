@@ -1,0 +1,72 @@
+"""The router contract: every router maps tokens to a `Routing` pytree.
+
+Shapes: T tokens, D model width, E experts, K routing slots per token.
+
+A router is a Flax module `router(x_TD, *, token_ids_T, deterministic) -> Routing`.
+Slot k of token t sends the token to expert `expert_TK[t, k]` with weight
+`weight_TK[t, k]` when `mask_TK[t, k]` is set. Dispatch and combine read only this
+pytree, so a new router is one small module plus its registry entry.
+"""
+
+from typing import ClassVar
+
+import flax
+import flax.linen as nn
+import jax
+
+from moejax.errors import ConfigError
+
+
+@flax.struct.dataclass
+class Routing:
+  """What a router decided for T tokens.
+
+  Attributes:
+    expert_TK: int32[T, K] expert of each slot.
+    weight_TK: float32[T, K] combine weight of each slot.
+    mask_TK: bool[T, K] whether the slot is used (sent to its expert).
+    aux_loss: float32[] the router's weighted auxiliary loss; the model adds it to
+      the task loss exactly once.
+    metrics: float32[] diagnostics by name (e.g. `balance_loss`, `z_loss`,
+      `entropy`), reported per layer under `router/`.
+    capacity: static per-expert capacity fixed by the router itself (expert
+      choice); None lets the capacity path use ceil(cf * T * K / E).
+  """
+
+  expert_TK: jax.Array
+  weight_TK: jax.Array
+  mask_TK: jax.Array
+  aux_loss: jax.Array
+  metrics: dict[str, jax.Array]
+  capacity: int | None = flax.struct.field(pytree_node=False, default=None)
+
+
+class Router(nn.Module):
+  """Base class of all routers: holds the fields every router receives.
+
+  `num_experts`, `top_k` and `vocab_size` are set by the model; every other
+  dataclass field of a subclass is an option (`model.router_options`).
+
+  Subclasses implement `__call__(x_TD, *, token_ids_T=None, deterministic=True)`
+  and may narrow the class attributes below, which the registry and the MoE
+  layer use to reject combinations that cannot work.
+  """
+
+  num_experts: int
+  top_k: int = 1
+  vocab_size: int = 0  # V, for routers that read token ids (0: not given).
+
+  # Dispatch paths this router's routing can feed.
+  dispatch_paths: ClassVar[tuple[str, ...]] = ("capacity", "dropless")
+  # Whether the router reads token ids (hash, distilled routers).
+  needs_token_ids: ClassVar[bool] = False
+
+  @classmethod
+  def check(cls, num_experts: int, top_k: int) -> None:
+    """Raises ConfigError when (num_experts, top_k) cannot work for this router."""
+    if num_experts < 1:
+      raise ConfigError(f"model.num_experts must be positive, got {num_experts}")
+    if not 1 <= top_k <= num_experts:
+      raise ConfigError(
+          f"model.top_k={top_k} must be between 1 and model.num_experts="
+          f"{num_experts}; lower model.top_k or add experts")

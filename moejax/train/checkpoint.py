@@ -1,0 +1,64 @@
+"""Orbax checkpoints of the train state and the data position, with resume."""
+
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+from moejax.errors import CheckpointError
+
+
+class Checkpointer:
+  """Saves `{"state": TrainState, "data": {"next_batch": int}}` every N steps.
+
+  Wraps an orbax `CheckpointManager` rooted at `<workdir>/checkpoints`.
+  """
+
+  def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = 3):
+    self.directory = os.fspath(directory)
+    self._manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+        item_names=("state", "data"))
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def save(self, step: int, state, *, next_batch: int) -> None:
+    """Writes step `step` (asynchronously; `wait()` blocks until on disk)."""
+    self._manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=ocp.args.JsonSave({"next_batch": int(next_batch)})), force=True)
+
+  def restore(self, abstract_state, step: int | None = None):
+    """Restores (state, next_batch) at `step` (default: latest) onto the shapes,
+    dtypes and shardings of `abstract_state`."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise CheckpointError(f"no checkpoint in {self.directory}; train first or "
+                            "point --workdir at a run that saved one")
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state),
+          data=ocp.args.JsonRestore()))
+    except (ValueError, KeyError, TypeError) as e:
+      first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+      raise CheckpointError(
+          f"checkpoint {step} in {self.directory} does not match this model "
+          f"({first[:200]}); use a new --workdir or the config that wrote it"
+      ) from None
+    return restored["state"], int(restored["data"]["next_batch"])
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+
+def abstract_like(tree):
+  """ShapeDtypeStructs (with shardings where known) of a pytree of arrays."""
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                     sharding=getattr(x, "sharding", None)), tree)

@@ -1,0 +1,135 @@
+"""The experiment config (ml_collections) and its typed, validated form.
+
+`default_config()` lists every key with its default; `configs/*.py` start from it
+and override. `parse(config)` checks every value and returns a `RunConfig` of
+frozen dataclasses: the ConfigDict stops here and never reaches the library.
+"""
+
+import dataclasses
+import math
+from typing import Any
+
+import ml_collections
+from ml_collections import config_dict
+
+from moejax.data.config import DataConfig
+from moejax.errors import ConfigError
+from moejax.models.config import (DTYPES, MoEConfig, TransformerConfig,
+                                  resolve_moe_layers)
+from moejax.moe.dispatch import DISPATCH_PATHS
+from moejax.routing.registry import check_router
+from moejax.train.optimizer import SCHEDULES, OptimizerConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Loop settings: length, batch, and how often to log, evaluate and save."""
+
+  steps: int = 400
+  batch_size: int = 16
+  log_every: int = 10
+  eval_every: int = 100
+  checkpoint_every: int = 200
+  keep_checkpoints: int = 3
+  seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  """Everything one `moejax-train` run needs, validated."""
+
+  model: TransformerConfig
+  data: DataConfig
+  train: TrainConfig
+  optim: OptimizerConfig
+
+  def to_json(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Every public key with its default (a small MoE LM on the embedded corpus)."""
+  c = ml_collections.ConfigDict()
+  c.model = ml_collections.ConfigDict(dict(
+      num_layers=4, d_model=128, num_heads=4, d_ff=512, dtype="float32",
+      moe_layers="every_other", num_experts=8, top_k=1, router="switch",
+      router_options=ml_collections.ConfigDict(), dispatch="capacity",
+      capacity_factor=1.25, expert_d_ff=config_dict.placeholder(int)))
+  c.data = ml_collections.ConfigDict(dataclasses.asdict(DataConfig()))
+  c.data.tfds_data_dir = config_dict.placeholder(str)
+  c.train = ml_collections.ConfigDict(dataclasses.asdict(TrainConfig()))
+  c.optim = ml_collections.ConfigDict(dataclasses.asdict(OptimizerConfig()))
+  c.lock()
+  c.model.router_options.unlock()  # Options differ per router.
+  return c
+
+
+def _positive(section: str, values: dict[str, Any], keys: tuple[str, ...]) -> None:
+  for key in keys:
+    v = values[key]
+    if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+      raise ConfigError(f"{section}.{key} must be a positive integer, got {v!r}")
+
+
+def _choice(key: str, value: str, valid: tuple[str, ...]) -> None:
+  if value not in valid:
+    raise ConfigError(f"{key}={value!r} is not valid; choose one of {', '.join(valid)}")
+
+
+def _model(m: dict[str, Any], data: DataConfig) -> TransformerConfig:
+  _positive("model", m, ("num_layers", "d_model", "num_heads", "d_ff",
+                         "num_experts", "top_k"))
+  _choice("model.dtype", m["dtype"], DTYPES)
+  _choice("model.dispatch", m["dispatch"], DISPATCH_PATHS)
+  if m["d_model"] % m["num_heads"]:
+    raise ConfigError(f"model.d_model={m['d_model']} is not divisible by "
+                      f"model.num_heads={m['num_heads']}")
+  if not m["capacity_factor"] > 0:
+    raise ConfigError(f"model.capacity_factor must be > 0, got {m['capacity_factor']}")
+  if m["expert_d_ff"] is not None:
+    _positive("model", m, ("expert_d_ff",))
+  moe_layers = resolve_moe_layers(m["moe_layers"], m["num_layers"])
+  options = dict(m["router_options"])
+  if moe_layers:
+    router = check_router(m["router"], num_experts=m["num_experts"],
+                          top_k=m["top_k"], options=options)
+    if m["dispatch"] not in router.dispatch_paths:
+      raise ConfigError(
+          f"router {m['router']!r} supports dispatch "
+          f"{', '.join(router.dispatch_paths)}, not {m['dispatch']!r}")
+  moe = MoEConfig(
+      num_experts=m["num_experts"], top_k=m["top_k"], router=m["router"],
+      router_options=tuple(sorted(options.items())), dispatch=m["dispatch"],
+      capacity_factor=float(m["capacity_factor"]), d_ff=m["expert_d_ff"])
+  return TransformerConfig(
+      vocab_size=data.vocab_size, max_len=data.seq_len, num_layers=m["num_layers"],
+      d_model=m["d_model"], num_heads=m["num_heads"], d_ff=m["d_ff"],
+      moe_layers=moe_layers, moe=moe, dtype=m["dtype"])
+
+
+def parse(config: ml_collections.ConfigDict) -> RunConfig:
+  """Validates `config` and returns its typed form; ConfigError names the key."""
+  c = config.to_dict()
+  for section in ("model", "data", "train", "optim"):
+    if section not in c:
+      raise ConfigError(f"config has no {section!r} section; start from "
+                        "moejax.train.config.default_config()")
+  _positive("train", c["train"], ("steps", "batch_size", "log_every",
+                                  "eval_every", "checkpoint_every",
+                                  "keep_checkpoints"))
+  _positive("data", c["data"], ("seq_len", "vocab_size", "eval_batches"))
+  o = c["optim"]
+  _choice("optim.schedule", o["schedule"], SCHEDULES)
+  if not (isinstance(o["learning_rate"], (int, float))
+          and math.isfinite(o["learning_rate"]) and o["learning_rate"] > 0):
+    raise ConfigError(f"optim.learning_rate must be > 0, got {o['learning_rate']!r}")
+  if o["warmup_steps"] < 0:
+    raise ConfigError(f"optim.warmup_steps must be >= 0, got {o['warmup_steps']}")
+  try:
+    data = DataConfig(**c["data"])
+    train = TrainConfig(**c["train"])
+    optim = OptimizerConfig(**c["optim"])
+  except TypeError as e:
+    raise ConfigError(f"unknown config key: {e}") from None
+  return RunConfig(model=_model(c["model"], data), data=data, train=train,
+                   optim=optim)

@@ -1,0 +1,64 @@
+"""AdamW with warmup and decay, gradient clipping, and decay only on matrices."""
+
+import dataclasses
+
+import jax
+import optax
+
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+  """AdamW settings.
+
+  Attributes:
+    learning_rate: peak learning rate after warmup.
+    warmup_steps: linear warmup from 0.
+    schedule: decay after warmup: `cosine`, `linear` or `constant`.
+    end_lr_ratio: final learning rate as a share of the peak.
+    weight_decay: decoupled weight decay, applied to params with ndim >= 2.
+    b1: Adam beta1.
+    b2: Adam beta2.
+    grad_clip: global-norm clipping threshold (0: off).
+  """
+
+  learning_rate: float = 3e-3
+  warmup_steps: int = 50
+  schedule: str = "cosine"
+  end_lr_ratio: float = 0.1
+  weight_decay: float = 0.1
+  b1: float = 0.9
+  b2: float = 0.95
+  grad_clip: float = 1.0
+
+
+def learning_rate_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
+  """Linear warmup to the peak, then the configured decay until total_steps."""
+  warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
+  end = cfg.learning_rate * cfg.end_lr_ratio
+  decay_steps = max(total_steps - warmup, 1)
+  if cfg.schedule == "cosine":
+    decay = optax.cosine_decay_schedule(cfg.learning_rate, decay_steps,
+                                        alpha=cfg.end_lr_ratio)
+  elif cfg.schedule == "linear":
+    decay = optax.linear_schedule(cfg.learning_rate, end, decay_steps)
+  else:
+    decay = optax.constant_schedule(cfg.learning_rate)
+  warm = optax.linear_schedule(0.0, cfg.learning_rate, max(warmup, 1))
+  return optax.join_schedules([warm, decay], [warmup])
+
+
+def decay_mask(params):
+  """True for matrices and stacked expert weights, False for norms and vectors."""
+  return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def make_optimizer(cfg: OptimizerConfig, total_steps: int
+                   ) -> optax.GradientTransformation:
+  """clip_by_global_norm -> AdamW(schedule, weight decay on matrices)."""
+  adamw = optax.adamw(learning_rate_schedule(cfg, total_steps), b1=cfg.b1,
+                      b2=cfg.b2, weight_decay=cfg.weight_decay, mask=decay_mask)
+  if cfg.grad_clip > 0:
+    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw)
+  return adamw

@@ -1,0 +1,83 @@
+"""The pure train and eval steps: `(state, batch) -> (state, metrics)`.
+
+Shapes: B batch, L length, V vocabulary.
+"""
+
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from moejax.train.state import TrainState
+
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+
+def cross_entropy(logits_BLV: jax.Array, targets_BL: jax.Array) -> jax.Array:
+  """float32[B, L] next-token cross-entropy (nats)."""
+  return optax.softmax_cross_entropy_with_integer_labels(
+      logits_BLV.astype(jnp.float32), targets_BL)
+
+
+def router_metrics(layers: dict[str, dict[str, jax.Array]]) -> Metrics:
+  """Flat `router/<layer>/<name>` scalars plus their mean over MoE layers."""
+  out = {}
+  for layer, metrics in layers.items():
+    for name, value in metrics.items():
+      out[f"router/{layer}/{name}"] = value
+  names = sorted({n for m in layers.values() for n in m})
+  for name in names:
+    values = [m[name] for m in layers.values() if name in m]
+    out[f"router/{name}"] = jnp.mean(jnp.stack(values))
+  return out
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
+                    rng: jax.Array
+                    ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+  """Builds the step: loss = mean CE + sum of router aux losses; one update.
+
+  The step's randomness is `fold_in(rng, state.step)`, so a resumed run draws the
+  same numbers as an uninterrupted one.
+  """
+  def loss_fn(params, model_state, batch, step_rng):
+    logits_BLV, aux = model.apply(
+        {"params": params, **model_state}, batch["inputs"], deterministic=False,
+        rngs={"router": step_rng})
+    ce = jnp.mean(cross_entropy(logits_BLV, batch["targets"]))
+    return ce + aux["aux_loss"], (ce, aux)
+
+  def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+    step_rng = jax.random.fold_in(rng, state.step)
+    grads, (ce, aux) = jax.grad(loss_fn, has_aux=True)(
+        state.params, state.model_state, batch, step_rng)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {
+        "train/loss": ce,
+        "train/aux_loss": aux["aux_loss"],
+        "train/total_loss": ce + aux["aux_loss"],
+        "train/grad_norm": optax.global_norm(grads),
+        "train/param_norm": optax.global_norm(params),
+        **router_metrics(aux["layers"]),
+    }
+    new_state = state.replace(step=state.step + 1, params=params,
+                              opt_state=opt_state)
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(model: nn.Module) -> Callable[[dict, Batch], Metrics]:
+  """Builds `(variables, batch) -> {"loss_sum", "tokens"}`, deterministic routing."""
+
+  def eval_step(variables, batch: Batch) -> Metrics:
+    logits_BLV, _ = model.apply(variables, batch["inputs"], deterministic=True)
+    ce_BL = cross_entropy(logits_BLV, batch["targets"])
+    return {"loss_sum": jnp.sum(ce_BL),
+            "tokens": jnp.asarray(ce_BL.size, jnp.float32)}
+
+  return eval_step

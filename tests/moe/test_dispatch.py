@@ -1,0 +1,118 @@
+"""Every dispatch path against the naive per-token loop, values and gradients."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moejax.moe import dispatch
+from moejax.moe.experts import Experts
+from moejax.moe.reference import capacity_keep_loop, moe_loop
+
+T, D, F, E = 24, 8, 16, 4
+
+
+def _problem(seed: int, top_k: int, mask_prob: float = 0.1):
+  rng = np.random.default_rng(seed)
+  x_TD = jnp.asarray(rng.normal(size=(T, D)), jnp.float32)
+  # Distinct experts per token, skewed so that some experts overflow.
+  expert_TK = np.stack([rng.choice(E, size=top_k, replace=False,
+                                   p=[0.55, 0.25, 0.15, 0.05]) for _ in range(T)])
+  weight_TK = jnp.asarray(rng.uniform(0.1, 1.0, size=(T, top_k)), jnp.float32)
+  mask_TK = rng.uniform(size=(T, top_k)) > mask_prob
+  params = nn.unbox(Experts(E, D, F).init(jax.random.key(seed), jnp.zeros((E, 1, D))))
+  return x_TD, jnp.asarray(expert_TK, jnp.int32), weight_TK, jnp.asarray(mask_TK), params
+
+
+def _run(path, params, x_TD, expert_TK, weight_TK, mask_TK, capacity=None):
+  experts = Experts(E, D, F)
+  if path == "capacity":
+    plan = dispatch.plan_capacity(expert_TK, mask_TK, E, capacity)
+    y_ECD = experts.apply(params, dispatch.dispatch_capacity(x_TD, plan))
+    return dispatch.combine_capacity(y_ECD, plan, weight_TK)
+  plan = dispatch.plan_dropless(expert_TK, mask_TK, E)
+  y_MD = experts.apply(params, dispatch.dispatch_sorted(x_TD, plan),
+                       plan.group_sizes_E, method=Experts.grouped)
+  return dispatch.combine_sorted(y_MD, plan, weight_TK, mask_TK)
+
+
+CASES = [  # (path, top_k, capacity); capacity None = dropless.
+    ("dropless", 1, None), ("dropless", 2, None),
+    ("capacity", 1, T), ("capacity", 2, 2 * T),  # Large enough: nothing dropped.
+    ("capacity", 1, 4), ("capacity", 2, 5),  # Small: over-capacity slots dropped.
+]
+
+
+@pytest.mark.parametrize("path,top_k,capacity", CASES)
+def test_dispatch_matches_naive_loop(path, top_k, capacity):
+  x_TD, expert_TK, weight_TK, mask_TK, params = _problem(top_k + 7, top_k)
+  kept_TK = capacity_keep_loop(expert_TK, mask_TK, E, capacity)
+  if capacity is not None and capacity < T:
+    assert not kept_TK[np.asarray(mask_TK)].all()  # The case really drops.
+
+  def fast(x, w, p):
+    return _run(path, p, x, expert_TK, w, mask_TK, capacity)
+
+  def naive(x, w, p):
+    return moe_loop(x, expert_TK, w, kept_TK, p["params"]["w_in"],
+                    p["params"]["w_out"])
+
+  np.testing.assert_allclose(fast(x_TD, weight_TK, params),
+                             naive(x_TD, weight_TK, params), rtol=1e-5, atol=1e-5)
+  cotangent = jnp.asarray(np.random.default_rng(0).normal(size=(T, D)), jnp.float32)
+  loss = lambda f: lambda *a: jnp.sum(f(*a) * cotangent)
+  g_fast = jax.grad(loss(fast), argnums=(0, 1, 2))(x_TD, weight_TK, params)
+  g_naive = jax.grad(loss(naive), argnums=(0, 1, 2))(x_TD, weight_TK, params)
+  for a, b in zip(jax.tree.leaves(g_fast), jax.tree.leaves(g_naive)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("top_k,capacity", [(1, 3), (2, 4), (2, 1)])
+def test_capacity_drops_exactly_the_over_capacity_slots(top_k, capacity):
+  x_TD, expert_TK, weight_TK, mask_TK, params = _problem(3, top_k, mask_prob=0.0)
+  plan = dispatch.plan_capacity(expert_TK, mask_TK, E, capacity)
+  expected = capacity_keep_loop(expert_TK, mask_TK, E, capacity)
+  np.testing.assert_array_equal(plan.kept_TK, expected)
+  # Each expert keeps min(routed, C) slots: the drops are exactly the overflow.
+  routed_E = np.bincount(np.asarray(expert_TK).ravel(), minlength=E)
+  kept_E = np.bincount(np.asarray(expert_TK)[np.asarray(plan.kept_TK)], minlength=E)
+  np.testing.assert_array_equal(kept_E, np.minimum(routed_E, capacity))
+  # A token with no kept slot gets exactly zero from the MoE layer.
+  y_TD = _run("capacity", params, x_TD, expert_TK, weight_TK, mask_TK, capacity)
+  fully_dropped = ~np.asarray(plan.kept_TK).any(axis=1)
+  assert fully_dropped.any()
+  np.testing.assert_array_equal(np.asarray(y_TD)[fully_dropped], 0.0)
+
+
+def test_capacity_buffers_hold_the_right_tokens():
+  x_TD, expert_TK, _, mask_TK, _ = _problem(5, 2)
+  plan = dispatch.plan_capacity(expert_TK, mask_TK, E, 6)
+  x_ECD = dispatch.dispatch_capacity(x_TD, plan)
+  token_EC = np.asarray(plan.token_EC)
+  for e in range(E):
+    for c in range(6):
+      t = token_EC[e, c]
+      expected = np.zeros(D) if t == T else np.asarray(x_TD[t])
+      np.testing.assert_array_equal(x_ECD[e, c], expected)
+      if t < T:  # The token really chose expert e in a kept slot.
+        assert e in np.asarray(expert_TK)[t][np.asarray(plan.kept_TK)[t]]
+
+
+def test_expert_capacity_formula():
+  # ceil(1.25 * 16 * 2 / 8) = ceil(5.0) = 5; ceil(1.0 * 10 / 4) = 3.
+  assert dispatch.expert_capacity(16, 8, 2, 1.25) == 5
+  assert dispatch.expert_capacity(10, 4, 1, 1.0) == 3
+  assert dispatch.expert_capacity(1, 64, 1, 0.1) == 1
+
+
+def test_dropless_group_sizes_count_used_slots():
+  _, expert_TK, _, mask_TK, _ = _problem(11, 2, mask_prob=0.3)
+  plan = dispatch.plan_dropless(expert_TK, mask_TK, E)
+  expected = np.bincount(np.asarray(expert_TK)[np.asarray(mask_TK)], minlength=E)
+  np.testing.assert_array_equal(plan.group_sizes_E, expected)
+  # Sorted rows are grouped by expert in order.
+  sorted_experts = np.asarray(expert_TK).ravel()[
+      np.argsort(np.asarray(plan.inverse_TK).ravel())]
+  used = int(expected.sum())
+  assert list(sorted_experts[:used]) == sorted(sorted_experts[:used])
