@@ -12,7 +12,7 @@ from moejax.train.config import default_config
 
 def get_config():
   c = default_config()
-  c.train.steps = 600
+  c.train.steps = 500
   c.train.batch_size = 16
   c.train.log_every = 20
   c.train.eval_every = 100

@@ -4,6 +4,7 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -16,6 +17,8 @@ def _main(argv) -> None:
   del argv
   from moejax.errors import MoejaxError  # pylint: disable=g-import-not-at-top
   from moejax.train import parse, train_and_evaluate  # pylint: disable=g-import-not-at-top
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
   if _CONFIG.value is None or _WORKDIR.value is None:
     sys.exit("moejax: error: --config and --workdir are required, e.g. "
              "moejax-train --config configs/quickstart.py --workdir /tmp/run")
@@ -29,10 +32,7 @@ def _main(argv) -> None:
 
 def main() -> None:
   """Console entry point."""
-  try:
-    app.run(_main)
-  except config_flags.UnparsedFlagError as e:  # pragma: no cover
-    sys.exit(f"moejax: error: {e}")
+  app.run(_main)
 
 
 if __name__ == "__main__":

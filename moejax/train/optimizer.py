@@ -56,9 +56,13 @@ def decay_mask(params):
 
 def make_optimizer(cfg: OptimizerConfig, total_steps: int
                    ) -> optax.GradientTransformation:
-  """clip_by_global_norm -> AdamW(schedule, weight decay on matrices)."""
+  """clip_by_global_norm -> AdamW(schedule, weight decay on matrices).
+
+  The state has the same structure with clipping on or off, so a run can resume
+  with a different `grad_clip`.
+  """
   adamw = optax.adamw(learning_rate_schedule(cfg, total_steps), b1=cfg.b1,
                       b2=cfg.b2, weight_decay=cfg.weight_decay, mask=decay_mask)
-  if cfg.grad_clip > 0:
-    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw)
-  return adamw
+  clip = (optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip > 0
+          else optax.identity())
+  return optax.chain(clip, adamw)

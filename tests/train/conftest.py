@@ -16,7 +16,7 @@ def tiny_config(**overrides):
   c.model.moe_layers = "every_other"
   c.data.source = "embedded"
   c.data.max_bytes = 150_000
-  c.data.vocab_size = 256
+  c.data.vocab_size = 512
   c.data.seq_len = 32
   c.data.eval_batches = 2
   c.train.batch_size = 8

@@ -1,0 +1,157 @@
+"""The data pipeline: `load_datasets(cfg, workdir=..., batch_size=...) -> Datasets`.
+
+Shapes: B batch, L = `cfg.seq_len`. A batch is a dict of int32[B, L]: `inputs`,
+`targets` (inputs shifted by one: both come from one packed window of L+1 tokens)
+and `domains` (the domain id of each input token, an index into `domain_names`).
+
+Training batch i is `ds.train[i]`, a pure function of (corpus, tokenizer, seed, i):
+sequences are shuffled per epoch (each epoch a new permutation of all of them) and
+batches are cut from the endless shuffled stream, so a batch may span two epochs.
+A trainer that stores only i in its checkpoints resumes exactly where it left off.
+
+Workdir layout (nothing existing is ever overwritten or deleted):
+  <workdir>/tokenizer.model          SentencePiece model, reused whenever present
+  <workdir>/data/tfds/<key>/...      the `moejax_text` TFDS dataset (embedded, text:)
+  <workdir>/data/packed/<key>/...    packed windows and domain names (.npy, .json)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from moejax.data import packing, sources, tokenizer
+from moejax.data.config import DataConfig
+from moejax.errors import DataError
+
+if TYPE_CHECKING:
+  import grain
+  import sentencepiece as spm
+
+Batch = dict[str, np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Datasets:
+  """Training batches by index, fixed held-out batches, and what describes them."""
+  train: grain.MapDataset  # ds.train[i]: batch i, endless.
+  eval_batches: tuple[Batch, ...]  # In order; each of min(B, eval_sequences) rows.
+  tokenizer: spm.SentencePieceProcessor
+  vocab_size: int
+  domain_names: tuple[str, ...]
+  train_sequences: int  # Packed training windows (one epoch).
+  eval_sequences: int  # Packed held-out windows (eval_batches use a spread subset).
+  train_tokens: int  # Tokens in the packed training windows: sequences * (L + 1).
+  seq_len: int
+  batch_size: int
+  source: str
+  cache_dir: str
+
+  @property
+  def steps_per_epoch(self) -> int:
+    """Training batches per pass over all sequences (rounded down)."""
+    return self.train_sequences // self.batch_size
+
+  def describe(self) -> str:
+    """One line for logs."""
+    eval_b = len(self.eval_batches[0]["inputs"])
+    return (f"data {self.source}: {len(self.domain_names)} domains "
+            f"({', '.join(self.domain_names)}), vocab {self.vocab_size}, "
+            f"L={self.seq_len}; train {self.train_sequences:,} sequences "
+            f"({self.train_tokens:,} tokens, {self.steps_per_epoch:,} batches of "
+            f"{self.batch_size}/epoch); eval {len(self.eval_batches)} batches of "
+            f"{eval_b} from {self.eval_sequences:,} held-out sequences; "
+            f"cache {self.cache_dir}")
+
+
+def _positive_int(name: str, value) -> None:
+  if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    raise DataError(f"{name} must be a positive integer, got {value!r}; fix it in "
+                    "the config")
+
+
+def validate(cfg: DataConfig) -> None:
+  """Checks every field of `cfg` that can be checked without reading data."""
+  sources.parse_source(cfg.source)
+  for name in ("seq_len", "vocab_size", "eval_batches", "tokenizer_max_sentences"):
+    _positive_int(f"data.{name}", getattr(cfg, name))
+  if cfg.vocab_size <= tokenizer.RESERVED_PIECES:
+    raise DataError(
+        f"data.vocab_size={cfg.vocab_size} leaves no room for text pieces beside the "
+        f"{tokenizer.RESERVED_PIECES} special and byte pieces; use at least 384 "
+        "(260 + the corpus's distinct characters)")
+  if cfg.max_bytes is not None:
+    _positive_int("data.max_bytes", cfg.max_bytes)
+  if (isinstance(cfg.eval_fraction, bool)
+      or not isinstance(cfg.eval_fraction, (int, float))
+      or not 0 < cfg.eval_fraction <= 0.5):
+    raise DataError(f"data.eval_fraction must be in (0, 0.5], got "
+                    f"{cfg.eval_fraction!r}; e.g. data.eval_fraction=0.05")
+
+
+def make_eval_batches(tokens_NxL1: np.ndarray, domains_NxL1: np.ndarray,
+                      batch_size: int, max_batches: int) -> tuple[Batch, ...]:
+  """Up to `max_batches` fixed batches of min(batch_size, N) rows, spread over N.
+
+  The rows are evenly spaced over the held-out windows (kept in order), so a small
+  evaluation still sees every part (and domain) of the held-out split.
+  """
+  n = len(tokens_NxL1)
+  rows = min(batch_size, n)
+  count = min(max_batches, n // rows)
+  idx = (np.arange(count * rows) * n // (count * rows)).reshape(count, rows)
+  return tuple(
+      packing.window_batch(np.array(tokens_NxL1[i]), np.array(domains_NxL1[i]))
+      for i in idx)
+
+
+def load_datasets(cfg: DataConfig, *, workdir: str | os.PathLike,
+                  batch_size: int) -> Datasets:
+  """Builds (or reuses from `workdir`) the corpus, tokenizer and packed batches."""
+  import grain  # pylint: disable=g-import-not-at-top
+  validate(cfg)
+  _positive_int("batch_size", batch_size)
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  corpus = sources.open_corpus(cfg, workdir)
+  sp, is_new = tokenizer.get_tokenizer(workdir, corpus.train, cfg.vocab_size,
+                                       cfg.tokenizer_max_sentences)
+  packed = packing.load_or_pack(corpus.train, corpus.validation, sp, cfg.seq_len,
+                                corpus_key=corpus.key, cache_root=workdir / "data")
+  n_train, n_eval = len(packed.train_tokens), len(packed.validation_tokens)
+  L = cfg.seq_len  # pylint: disable=invalid-name
+  if n_train < batch_size:
+    raise DataError(
+        f"the corpus is too small for one training batch: its training split yields "
+        f"{n_train} sequences of length {L} but train.batch_size is {batch_size}; "
+        "lower train.batch_size or data.seq_len, or add text")
+  if n_eval == 0:
+    raise DataError(
+        f"the held-out split yields 0 sequences of length {L}; lower data.seq_len, "
+        "raise data.eval_fraction, or add text")
+  if is_new:  # Saved only once the data is known to work, so a bad run leaves none.
+    tokenizer.save_tokenizer(sp, workdir / tokenizer.TOKENIZER_FILE)
+  sequences = packing.PackedSequences(packed.train_tokens, packed.train_domains)
+  # Shuffle before repeat: each epoch is a new permutation (seed + epoch).
+  train = (grain.MapDataset.source(sequences).shuffle(seed=cfg.seed).repeat(None)
+           .batch(batch_size, drop_remainder=True))
+  return Datasets(
+      train=train,
+      eval_batches=make_eval_batches(packed.validation_tokens,
+                                     packed.validation_domains, batch_size,
+                                     cfg.eval_batches),
+      tokenizer=sp,
+      vocab_size=sp.vocab_size(),
+      domain_names=packed.domain_names,
+      train_sequences=n_train,
+      eval_sequences=n_eval,
+      train_tokens=int(packed.train_tokens.size),
+      seq_len=L,
+      batch_size=batch_size,
+      source=cfg.source,
+      cache_dir=os.fspath(workdir / "data"),
+  )

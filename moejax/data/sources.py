@@ -1,0 +1,214 @@
+"""Where the text comes from: `data.source` parsed, read, and opened as a Corpus.
+
+Forms of `data.source`:
+- `embedded`: the Python stdlib sources and docs (`moejax.data.embedded`);
+- `text:<path or glob>[,<path or glob>...]`: local UTF-8 files, each file's stem its
+  domain (files with the same stem share a domain);
+- `tfds:<name>[:split]`: a prepared TFDS dataset (array_record) in `data.tfds_data_dir`.
+`embedded` and `text:` are written once as the TFDS dataset `moejax_text` under
+`<workdir>/data/tfds/<key>/`, where `key` hashes the file list, sizes and mtimes,
+`max_bytes` and `eval_fraction`; a changed corpus gets a new key, an unchanged one is
+reused without reading the files again.
+"""
+
+import dataclasses
+import glob
+import hashlib
+import os
+import pathlib
+import re
+from collections.abc import Callable, Iterator, Sequence
+
+from moejax.data import documents as docs_lib
+from moejax.data.config import DataConfig
+from moejax.data.documents import Document
+from moejax.errors import DataError
+
+SOURCE_FORMS = ("embedded", "text:<path or glob>[,<path or glob>...]",
+                "tfds:<name>[:split]")
+# A TFDS name may carry a version (`lm1b:1.1.0`); the split follows it after a colon.
+_TFDS_RE = re.compile(
+    r"^(?P<name>[^:\[\]]+(?::\d+\.[\d*]+\.[\d*]+)?)(?::(?P<split>.+))?$")
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceSpec:
+  """A parsed `data.source`: its kind and what it names."""
+  kind: str  # "embedded", "text" or "tfds".
+  patterns: tuple[str, ...] = ()
+  name: str = ""
+  split: str = "train"
+
+
+@dataclasses.dataclass(frozen=True)
+class Corpus:
+  """Train and held-out documents of a source, and the key that identifies them."""
+  source: str
+  key: str
+  train: Sequence[Document]
+  validation: Sequence[Document]
+
+
+def parse_source(source: str) -> SourceSpec:
+  """Parses `data.source`; a DataError lists the valid forms."""
+  forms = ", ".join(SOURCE_FORMS)
+  if source == "embedded":
+    return SourceSpec("embedded")
+  if source.startswith("text:"):
+    patterns = tuple(p.strip() for p in source[5:].split(",") if p.strip())
+    if not patterns:
+      raise DataError(f"data.source {source!r} names no files; use {SOURCE_FORMS[1]}")
+    return SourceSpec("text", patterns=patterns)
+  if source.startswith("tfds:"):
+    m = _TFDS_RE.match(source[5:])
+    if m is None:
+      raise DataError(
+          f"data.source {source!r} is not a TFDS name; use {SOURCE_FORMS[2]}")
+    return SourceSpec("tfds", name=m["name"], split=m["split"] or "train")
+  raise DataError(f"unknown data.source {source!r}; valid forms: {forms}")
+
+
+def text_files(patterns: Sequence[str]) -> list[pathlib.Path]:
+  """The files that paths/globs name, in order (each glob sorted), without repeats."""
+  out: dict[pathlib.Path, None] = {}
+  for pattern in patterns:
+    path = os.path.expanduser(pattern)
+    if any(c in path for c in "*?["):
+      matches = sorted(glob.glob(path, recursive=True))
+      files = [m for m in matches if os.path.isfile(m)]
+      if not matches:
+        raise DataError(f"text source {pattern!r} matches no file (cwd {os.getcwd()}); "
+                        "fix the path or glob in data.source")
+      if not files:
+        raise DataError(f"text source {pattern!r} matches only directories "
+                        f"({matches[0]}, ...); give files, e.g. {matches[0]}/*.txt")
+    elif os.path.isdir(path):
+      raise DataError(f"text source {pattern!r} is a directory; give its files, "
+                      f"e.g. text:{os.path.join(pattern, '*.txt')}")
+    elif not os.path.isfile(path):
+      raise DataError(f"text source {pattern!r} does not exist (cwd {os.getcwd()}); "
+                      "fix the path in data.source")
+    else:
+      files = [path]
+    out.update((pathlib.Path(f).resolve(), None) for f in files)
+  return list(out)
+
+
+def _decode(path: pathlib.Path, data: bytes, complete: bool) -> str:
+  """UTF-8 text of `data` (a whole file or a prefix cut at a line end)."""
+  nul = data.find(b"\0")
+  if nul >= 0:
+    raise DataError(f"{path} is binary (NUL byte at offset {nul}); "
+                    "give only UTF-8 text files in data.source")
+  try:
+    text = data.decode("utf-8") if complete else docs_lib.utf8_prefix(data)
+  except UnicodeDecodeError as e:
+    raise DataError(f"{path} is not UTF-8 (byte 0x{data[e.start]:02x} at offset "
+                    f"{e.start}); convert it to UTF-8 or leave it out of data.source"
+                    ) from None
+  return text.removeprefix("\ufeff")
+
+
+def read_text_files(files: Sequence[pathlib.Path], max_bytes: int | None
+                    ) -> list[Document]:
+  """One document per non-empty file, domains sharing `max_bytes` evenly (by stem)."""
+  domains = list(dict.fromkeys(f.stem for f in files))
+  sizes = {d: sum(f.stat().st_size for f in files if f.stem == d) for d in domains}
+  budget = dict(zip(domains, docs_lib.share_bytes([sizes[d] for d in domains],
+                                                  max_bytes)))
+  out = []
+  for f in files:
+    size = f.stat().st_size
+    take = min(size, budget[f.stem])
+    with open(f, "rb") as fh:
+      data = fh.read(take)
+    text = _decode(f, data, complete=take >= size)
+    budget[f.stem] = budget[f.stem] - len(data) if take >= size else 0  # Cut: done.
+    if text.strip():
+      out.append(Document(text, f.stem))
+  if not out:
+    raise DataError(f"the text corpus is empty ({len(files)} file(s), all empty or "
+                    "whitespace); give files with text in data.source")
+  return out
+
+
+def corpus_key(*parts) -> str:
+  """A short stable hash of `parts` (their repr)."""
+  return hashlib.sha256(repr(parts).encode("utf-8")).hexdigest()[:16]
+
+
+class RecordDocuments(Sequence[Document]):
+  """Documents read lazily from TFDS records (dicts of bytes/ints)."""
+
+  def __init__(self, records: Sequence[dict], text_key: str,
+               domain_of: Callable[[dict], str], name: str):
+    self._records, self._text_key = records, text_key
+    self._domain_of, self._name = domain_of, name
+
+  def __len__(self) -> int:
+    return len(self._records)
+
+  def __getitem__(self, i):
+    if isinstance(i, slice):
+      return [self[j] for j in range(*i.indices(len(self)))]
+    if not -len(self) <= i < len(self):
+      raise IndexError(f"document {i} out of range [0, {len(self)})")
+    record = self._records[i % len(self)]
+    value = record[self._text_key]
+    try:
+      text = value.decode("utf-8") if isinstance(value, bytes) else str(value)
+    except UnicodeDecodeError as e:
+      raise DataError(f"{self._name} record {i} field {self._text_key!r} is not UTF-8 "
+                      f"(offset {e.start}); pick a dataset with UTF-8 text") from None
+    return Document(text, self._domain_of(record))
+
+  def __iter__(self) -> Iterator[Document]:
+    return (self[i] for i in range(len(self)))
+
+
+def _carved(read: Callable[[], list[Document]], eval_fraction: float):
+  """Reads documents and carves them; a DataError when nothing can be held out."""
+  def documents_fn():
+    docs = read()
+    train, valid = docs_lib.carve(docs, eval_fraction)
+    if not valid:
+      n = sum(len(docs_lib.chunk_text(d.text)) for d in docs)
+      raise DataError(
+          f"the corpus is too small to hold out validation text ({n} chunk(s) of "
+          f"~{docs_lib.CHUNK_BYTES // 1024} KiB, at least 2 per domain needed); "
+          "add text")
+    return train, valid
+  return documents_fn
+
+
+def _built_corpus(source: str, key: str, read: Callable[[], list[Document]],
+                  cfg: DataConfig, workdir: pathlib.Path) -> Corpus:
+  """Writes (once) and opens the `moejax_text` dataset of an embedded/text: source."""
+  from moejax.data import text_builder  # pylint: disable=g-import-not-at-top
+  builder = text_builder.prepare(_carved(read, cfg.eval_fraction),
+                                 workdir / "data" / "tfds" / key)
+  splits = text_builder.data_sources(builder)
+  domain_of = lambda r: r["domain"].decode("utf-8")
+  return Corpus(source, key,
+                RecordDocuments(splits["train"], "text", domain_of, source),
+                RecordDocuments(splits["validation"], "text", domain_of, source))
+
+
+def open_corpus(cfg: DataConfig, workdir: str | os.PathLike) -> Corpus:
+  """The train and held-out documents of `cfg.source`."""
+  spec = parse_source(cfg.source)
+  workdir = pathlib.Path(workdir)
+  carve = (cfg.max_bytes, cfg.eval_fraction, docs_lib.CHUNK_BYTES, "v1")
+  if spec.kind == "embedded":
+    from moejax.data import embedded  # pylint: disable=g-import-not-at-top
+    key = corpus_key(embedded.fingerprint(), carve)
+    return _built_corpus(cfg.source, key, lambda: embedded.documents(cfg.max_bytes),
+                         cfg, workdir)
+  if spec.kind == "text":
+    files = text_files(spec.patterns)
+    stats = [(os.fspath(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    key = corpus_key("text", stats, carve)
+    return _built_corpus(cfg.source, key,
+                         lambda: read_text_files(files, cfg.max_bytes), cfg, workdir)
+  from moejax.data import tfds_source  # pylint: disable=g-import-not-at-top
+  return tfds_source.open_tfds(spec.name, spec.split, cfg)

@@ -1,0 +1,78 @@
+"""A TFDS dataset of text documents, written as array_record, read without TensorFlow.
+
+`embedded` and `text:` corpora become a real TFDS dataset, `moejax_text`, with features
+`{"text": Text, "domain": Text}` and splits `train` and `validation` (carved as
+described in `moejax.data.documents`), in file order (`disable_shuffling=True`). Once
+prepared it is read back with `builder.as_data_source(split)`, or by name with
+`tfds.data_source("moejax_text", data_dir=...)`.
+"""
+
+import contextlib
+import io
+import os
+from collections.abc import Callable, Sequence
+
+import tensorflow_datasets as tfds
+
+from moejax.data.documents import Document
+from moejax.errors import DataError
+
+NAME = "moejax_text"
+SPLITS = ("train", "validation")
+
+DocumentsFn = Callable[[], tuple[Sequence[Document], Sequence[Document]]]
+
+
+class MoejaxText(tfds.core.GeneratorBasedBuilder):
+  """Text documents with their domain; `documents_fn` gives (train, validation)."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Text and domain per document; train and validation."}
+  # Nothing is downloaded, so there is no checksums file beside the code to find
+  # (looking for one needs `importlib_resources`, which is not always installed).
+  code_path = None
+
+  def __init__(self, *, documents_fn: DocumentsFn | None = None, **kwargs):
+    self._documents_fn = documents_fn
+    super().__init__(file_format="array_record", **kwargs)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description="Documents of a moejax text corpus, tagged with their domain.",
+        features=tfds.features.FeaturesDict({
+            "text": tfds.features.Text(),
+            "domain": tfds.features.Text(),
+        }),
+        disable_shuffling=True,
+    )
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # Everything is local.
+    if self._documents_fn is None:
+      raise DataError(
+          f"{NAME} in {self.data_dir} is not prepared and has no documents to write; "
+          "load it through moejax.data.load_datasets with a text: or embedded source")
+    train, validation = self._documents_fn()
+    return {"train": self._generate_examples(train),
+            "validation": self._generate_examples(validation)}
+
+  def _generate_examples(self, docs: Sequence[Document]):
+    for i, doc in enumerate(docs):
+      yield i, {"text": doc.text, "domain": doc.domain}
+
+
+def prepare(documents_fn: DocumentsFn, data_dir: str | os.PathLike) -> MoejaxText:
+  """Writes the dataset under `data_dir` (once: a prepared one is reused), quietly."""
+  builder = MoejaxText(documents_fn=documents_fn, data_dir=os.fspath(data_dir))
+  tfds.display_progress_bar(False)
+  # TFDS prints "Downloading and preparing ..." to stdout on every build.
+  with contextlib.redirect_stdout(io.StringIO()):
+    builder.download_and_prepare(
+        download_dir=os.path.join(os.fspath(data_dir), "downloads"))
+  return builder
+
+
+def data_sources(builder: MoejaxText) -> dict[str, Sequence[dict]]:
+  """Random-access array_record readers of both splits (records hold bytes)."""
+  return {split: builder.as_data_source(split) for split in SPLITS}

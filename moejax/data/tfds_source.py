@@ -1,0 +1,102 @@
+"""`tfds:<name>[:split]`: a prepared TFDS dataset, read as array_record (no TensorFlow).
+
+- text: the feature named `text`, else the first string feature (Text or string Tensor);
+- domain: a feature named `domain` (Text, string or ClassLabel), else the dataset name;
+- held out: the `validation` split, else `test`, else carved from the training split
+  by the chunk-stride rule of `moejax.data.documents`;
+- `data.max_bytes` caps the training split; a held-out split is capped at
+  `max_bytes * eval_fraction`.
+"""
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from moejax.data import documents as docs_lib
+from moejax.data.config import DataConfig
+from moejax.data.sources import Corpus, RecordDocuments, corpus_key
+from moejax.errors import DataError
+
+_HELD_OUT_SPLITS = ("validation", "test")
+
+
+def _is_string(feature) -> bool:
+  if isinstance(feature, tfds.features.Text):
+    return True
+  return (isinstance(feature, tfds.features.Tensor) and feature.shape == ()
+          and np.dtype(feature.np_dtype) == np.dtype(object))
+
+
+def text_feature(features: tfds.features.FeaturesDict, name: str) -> str:
+  """The name of the text feature: `text`, else the first string feature."""
+  if "text" in features and _is_string(features["text"]):
+    return "text"
+  for key, feature in features.items():
+    if _is_string(feature):
+      return key
+  raise DataError(f"TFDS dataset {name!r} has no text feature (features: "
+                  f"{', '.join(features.keys())}); use a dataset with a Text feature")
+
+
+def domain_getter(features: tfds.features.FeaturesDict,
+                  default: str) -> Callable[[dict], str]:
+  """Maps a record to its domain name: the `domain` feature, else `default`."""
+  if "domain" not in features:
+    return lambda record: default
+  feature = features["domain"]
+  if isinstance(feature, tfds.features.ClassLabel):
+    return lambda record: feature.int2str(int(record["domain"]))
+  return lambda record: (record["domain"].decode("utf-8")
+                         if isinstance(record["domain"], bytes)
+                         else str(record["domain"]))
+
+
+def _data_source(name: str, split: str, data_dir: str | None):
+  try:
+    return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+  except (ValueError, NotImplementedError, KeyError) as e:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise DataError(f"cannot read split {split!r} of TFDS dataset {name!r} as "
+                    f"array_record ({first}); prepare it with file_format=array_record"
+                    ) from None
+
+
+def open_tfds(name: str, split: str, cfg: DataConfig) -> Corpus:
+  """The documents of a prepared TFDS dataset `name`, `split` for training."""
+  where = cfg.tfds_data_dir or "the TFDS default data_dir"
+  try:
+    builder = tfds.builder(name, data_dir=cfg.tfds_data_dir)
+  except tfds.core.DatasetNotFoundError:
+    raise DataError(f"TFDS dataset {name!r} not found in {where}; check the name or "
+                    "set data.tfds_data_dir to where it was prepared") from None
+  if not builder.is_prepared():
+    raise DataError(f"TFDS dataset {name!r} is not prepared in {where}; run `tfds "
+                    f"build {name} --file_format=array_record` or set "
+                    "data.tfds_data_dir")
+  info = builder.info
+  text_key = text_feature(info.features, name)
+  domain_of = domain_getter(info.features, builder.name)
+  source = f"tfds:{name}:{split}"
+  train = RecordDocuments(_data_source(name, split, cfg.tfds_data_dir), text_key,
+                          domain_of, source)
+  held_out = next((s for s in _HELD_OUT_SPLITS if s in info.splits and s != split),
+                  None)
+  train_docs = docs_lib.cap_documents(train, cfg.max_bytes)
+  if held_out is None:
+    train_docs, valid_docs = docs_lib.carve(train_docs, cfg.eval_fraction)
+  else:
+    valid = RecordDocuments(_data_source(name, held_out, cfg.tfds_data_dir), text_key,
+                            domain_of, f"tfds:{name}:{held_out}")
+    cap = (None if cfg.max_bytes is None
+           else math.ceil(cfg.max_bytes * cfg.eval_fraction))
+    valid_docs = docs_lib.cap_documents(valid, cap)
+  if not train_docs:
+    raise DataError(f"TFDS dataset {name!r} split {split!r} has no text; "
+                    "pick another split or dataset in data.source")
+  splits = {s: info.splits[s].num_examples for s in info.splits}
+  key = corpus_key("tfds", name, split, held_out, str(builder.data_dir),
+                   str(builder.version), splits, text_key, cfg.max_bytes,
+                   cfg.eval_fraction, docs_lib.CHUNK_BYTES)
+  return Corpus(cfg.source, key, train_docs, valid_docs)

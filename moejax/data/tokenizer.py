@@ -1,0 +1,136 @@
+"""SentencePiece BPE tokenizer, trained offline on the training split, cached.
+
+Fixed special ids, so the model and the loss can rely on them:
+  PAD_ID = 0  `<pad>`  never produced by packing (every position is a real token)
+  UNK_ID = 1  `<unk>`  practically unused: byte fallback encodes any character
+  BOS_ID = 2  `<s>`    not inserted by packing
+  EOS_ID = 3  `</s>`   appended after every document by packing
+Ids 4..259 are the 256 byte pieces `<0x00>`..`<0xFF>`; learned pieces follow.
+Normalisation is the identity and whitespace is kept, so code indentation survives;
+newlines and tabs encode as byte pieces, and `decode(encode(text)) == text`.
+
+SentencePiece is imported on first use, so these ids import anywhere.
+The model is cached as `<workdir>/tokenizer.model`; an existing file is always reused
+(never retrained or overwritten), even if the corpus changed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import pathlib
+import re
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
+
+from moejax.data.documents import Document
+from moejax.errors import DataError
+
+if TYPE_CHECKING:
+  import sentencepiece as spm
+
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+RESERVED_PIECES = 4 + 256  # Special and byte pieces: a vocabulary needs more.
+TOKENIZER_FILE = "tokenizer.model"
+
+
+def _lines(docs: Sequence[Document]) -> Iterator[str]:
+  for doc in docs:
+    for line in doc.text.splitlines():
+      if line.strip():
+        yield line
+
+
+def sample_lines(docs: Sequence[Document], max_lines: int) -> list[str]:
+  """At most `max_lines` non-blank lines of `docs`, evenly spaced, in order."""
+  total = sum(1 for _ in _lines(docs))
+  if total <= max_lines:
+    return list(_lines(docs))
+  keep = {i * total // max_lines for i in range(max_lines)}
+  return [line for i, line in enumerate(_lines(docs)) if i in keep]
+
+
+def _training_error(e: RuntimeError, vocab_size: int) -> DataError:
+  """A one-line DataError for SentencePiece's vocabulary-size failures."""
+  msg = str(e)
+  if m := re.search(r"smaller than required_chars\. \d+ vs (\d+)", msg):
+    return DataError(f"data.vocab_size={vocab_size} is below the {m[1]} pieces this "
+                     f"corpus needs (4 special + 256 bytes + its characters); raise "
+                     f"data.vocab_size to at least {m[1]}")
+  if m := re.search(r"Vocabulary size too high .*<= (\d+)", msg):
+    return DataError(f"the training text is too small for data.vocab_size="
+                     f"{vocab_size} (SentencePiece reaches at most {m[1]}); lower "
+                     f"data.vocab_size to <= {m[1]} or add text")
+  first = msg.strip().splitlines()[0] if msg.strip() else "unknown error"
+  return DataError(f"SentencePiece training failed ({first}); check data.vocab_size "
+                   "and the corpus")
+
+
+def train_tokenizer(docs: Sequence[Document], vocab_size: int,
+                    max_sentences: int) -> spm.SentencePieceProcessor:
+  """Trains a byte-fallback BPE model on a deterministic sample of lines, in memory."""
+  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+  lines = sample_lines(docs, max_sentences)
+  if not lines:
+    raise DataError("the training split has no text to train the tokenizer on; "
+                    "add text to data.source")
+  model = io.BytesIO()
+  try:
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size,
+        model_type="bpe", byte_fallback=True, character_coverage=0.9995,
+        pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+        normalization_rule_name="identity", remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True, split_digits=True,
+        max_sentence_length=1 << 16, num_threads=min(16, os.cpu_count() or 1),
+        minloglevel=2)
+  except RuntimeError as e:
+    raise _training_error(e, vocab_size) from None
+  return spm.SentencePieceProcessor(model_proto=model.getvalue())
+
+
+def load_tokenizer(path: str | os.PathLike,
+                   vocab_size: int | None = None) -> spm.SentencePieceProcessor:
+  """Loads a cached model; a DataError if unreadable or its vocab size differs."""
+  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+  try:
+    sp = spm.SentencePieceProcessor(model_file=os.fspath(path))
+  except (OSError, RuntimeError):
+    raise DataError(f"{path} is not a SentencePiece model; move it away or use a "
+                    "fresh workdir") from None
+  if vocab_size is not None and sp.vocab_size() != vocab_size:
+    raise DataError(f"{path} has vocab size {sp.vocab_size()} but data.vocab_size is "
+                    f"{vocab_size}; set data.vocab_size={sp.vocab_size()} or use a "
+                    "fresh workdir")
+  if (sp.pad_id(), sp.eos_id()) != (PAD_ID, EOS_ID):
+    raise DataError(f"{path} has pad/eos ids {sp.pad_id()}/{sp.eos_id()}, not "
+                    f"{PAD_ID}/{EOS_ID}; use a fresh workdir to train a new tokenizer")
+  return sp
+
+
+def save_tokenizer(sp: spm.SentencePieceProcessor, path: str | os.PathLike) -> None:
+  """Writes the model to `path` unless a file is already there (never overwrites)."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+  tmp.write_bytes(sp.serialized_model_proto())
+  try:
+    os.link(tmp, path)  # Atomic, and fails rather than replace an existing file.
+  except FileExistsError:
+    pass  # Another process saved one first: keep theirs.
+  except OSError:  # No hard links here: exclusive create instead.
+    with contextlib.suppress(FileExistsError), open(path, "xb") as f:
+      f.write(sp.serialized_model_proto())
+  finally:
+    tmp.unlink()
+
+
+def get_tokenizer(workdir: str | os.PathLike, train_docs: Sequence[Document],
+                  vocab_size: int, max_sentences: int
+                  ) -> tuple[spm.SentencePieceProcessor, bool]:
+  """(tokenizer, is_new): the workdir's cached model, else a new one (not yet saved)."""
+  path = pathlib.Path(workdir) / TOKENIZER_FILE
+  if path.exists():
+    return load_tokenizer(path, vocab_size), False
+  return train_tokenizer(train_docs, vocab_size, max_sentences), True
