@@ -24,7 +24,7 @@ from moejax.train.optimizer import learning_rate_schedule, make_optimizer
 from moejax.train.state import TrainState
 from moejax.train.step import make_eval_step, make_train_step
 from moejax.train.progress import Progress
-from moejax.train.workdir import prepare_workdir
+from moejax.train.workdir import check_workdir, record_config
 
 
 def init_state(model: nn.Module, tx: optax.GradientTransformation,
@@ -80,11 +80,12 @@ def train_and_evaluate(config: RunConfig, workdir: str | pathlib.Path,
 
   workdir = pathlib.Path(workdir)
   validate(config.data)
-  prepare_workdir(workdir, config.to_json())
+  check_workdir(workdir, config.to_json())
   is_main = jax.process_index() == 0
   progress_enabled = verbose and is_main
   data = load_datasets(config.data, workdir=workdir,
                        batch_size=config.train.batch_size)
+  record_config(workdir, config.to_json())
   if progress_enabled:
     print(data.describe(), flush=True)
 

@@ -30,30 +30,42 @@ def _first_difference(old: Any, new: Any, prefix: str) -> str | None:
   return None if old == new else f"{prefix}: {old!r} in the workdir, {new!r} now"
 
 
-def prepare_workdir(workdir: pathlib.Path, resolved: dict[str, Any]) -> None:
-  """Creates `workdir`, or checks that the run already there used this config.
-
-  Writes `config.json` on a first run. On a later run, the keys in `_MUST_MATCH`
-  must be unchanged (else CheckpointError, nothing written); other changes (say a
-  longer `train.steps`) are recorded in `config.<n>.json` next to the original.
-  """
+def saved_config(workdir: pathlib.Path) -> dict[str, Any] | None:
+  """The resolved config of the run in `workdir`, None for a new workdir."""
   path = workdir / CONFIG_FILE
   if not path.exists():
-    workdir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(resolved, indent=2) + "\n")
-    return
+    return None
   try:
-    saved = json.loads(path.read_text())
+    return json.loads(path.read_text())
   except json.JSONDecodeError:
     raise CheckpointError(f"{path} is not valid JSON; point --workdir at a new "
                           "directory") from None
+
+
+def check_workdir(workdir: pathlib.Path, resolved: dict[str, Any]) -> None:
+  """Raises CheckpointError if `workdir` holds a run whose `_MUST_MATCH` keys
+  differ from `resolved`. Reads only."""
+  if workdir.exists() and not workdir.is_dir():
+    raise CheckpointError(f"--workdir {workdir} is a file; point it at a directory")
+  saved = saved_config(workdir)
+  if saved is None:
+    return
   for key in _MUST_MATCH:
     diff = _first_difference(_get(saved, key), _get(resolved, key), key)
     if diff:
       raise CheckpointError(
           f"workdir {workdir} holds a run with a different config ({diff}); use "
           "a new --workdir or the config that wrote it")
-  if saved != resolved:
+
+
+def record_config(workdir: pathlib.Path, resolved: dict[str, Any]) -> None:
+  """Writes `config.json` on a first run; a later run whose other keys changed
+  (say a longer `train.steps`) is recorded in `config.<n>.json` beside it."""
+  saved = saved_config(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  if saved is None:
+    (workdir / CONFIG_FILE).write_text(json.dumps(resolved, indent=2) + "\n")
+  elif saved != resolved:
     n = 1
     while (workdir / f"config.{n}.json").exists():
       n += 1
