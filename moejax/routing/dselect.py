@@ -1,0 +1,152 @@
+"""DSelect-k (Hazimeh et al. 2021): k differentiable binary-coded expert selectors.
+
+Shapes: T tokens, D model width, E experts, I = top_k selectors, M = ceil(log2 E)
+code bits (at least 1), J = 2^M codes, K = E routing slots (slot e is expert e).
+
+Selector i reads M smooth-step units S(z_ib), z_i = W_i h_t + b_i, as a soft
+binary code: its weight on code j is prod_b (S(z_ib) if bit b of j is 1 else
+1 - S(z_ib)). S is exactly 0 or 1 outside |z| < gamma/2, so once the codes
+saturate each selector puts all its weight on one expert and at most k experts
+are active per token. Early in training every expert is active (dense).
+"""
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moejax.errors import ConfigError
+from moejax.routing import losses
+from moejax.routing.contract import Router, Routing
+
+
+def smooth_step(z: jax.Array, gamma: float = 1.0) -> jax.Array:
+  """S(z): 0 for z <= -g/2, 1 for z >= g/2, -2z^3/g^3 + 3z/(2g) + 1/2 between.
+
+  S is C^1: S(+-g/2) matches the constants and S'(+-g/2) = 0.
+  """
+  cubic = -2.0 * z**3 / gamma**3 + 3.0 * z / (2.0 * gamma) + 0.5
+  return jnp.where(z <= -gamma / 2, 0.0, jnp.where(z >= gamma / 2, 1.0, cubic))
+
+
+def code_bits(num_experts: int) -> np.ndarray:
+  """bool[J, M]: bit b of code j (M = max(1, ceil(log2 E)), J = 2^M)."""
+  num_bits = max(1, math.ceil(math.log2(num_experts)))
+  codes_J = np.arange(2**num_bits)
+  return ((codes_J[:, None] >> np.arange(num_bits)) & 1).astype(bool)
+
+
+def code_to_expert(num_experts: int) -> np.ndarray:
+  """float32[J, E]: 1 where code j means expert e.
+
+  When E is not a power of 2, codes j >= E name no expert; they mean expert
+  j - 2^(M-1) (their top bit is ignored). So a selector's weights over the E
+  experts always sum to 1 and a saturated code always names a real expert
+  (the reference instead adds a 1/sum(reachable weight) penalty). Experts with
+  two codes start with twice the weight of the others.
+  """
+  num_codes = code_bits(num_experts).shape[0]
+  codes_J = np.arange(num_codes)
+  expert_J = np.where(codes_J < num_experts, codes_J, codes_J - num_codes // 2)
+  return np.eye(num_experts, dtype=np.float32)[expert_J]
+
+
+def selector_weights(z_TIM: jax.Array, num_experts: int,
+                     gamma: float) -> jax.Array:
+  """float32[T, I, E]: each selector's distribution over experts (sums to 1)."""
+  s_TIM = smooth_step(z_TIM, gamma)
+  bits_JM = jnp.asarray(code_bits(num_experts))
+  per_bit_TIJM = jnp.where(bits_JM, s_TIM[:, :, None, :],
+                           1.0 - s_TIM[:, :, None, :])
+  codes_TIJ = jnp.prod(per_bit_TIJM, axis=-1)
+  return jnp.einsum("tij,je->tie", codes_TIJ,
+                    jnp.asarray(code_to_expert(num_experts)))
+
+
+def selector_entropy(sel_TIE: jax.Array) -> jax.Array:
+  """Mean over tokens of the summed selector entropies (the reference's form).
+
+  The 1e-6 inside the log keeps the gradient finite where a weight is exactly 0.
+  """
+  return -jnp.mean(jnp.sum(sel_TIE * jnp.log(sel_TIE + 1e-6), axis=(1, 2)))
+
+
+class DSelectKRouter(Router):
+  """Per-token DSelect-k: weight_e = sum_i softmax(a)_i * selector_i(e).
+
+  z = W h + b (I x M code logits) and a = A h + c (I mixing logits) in
+  float32, initialised as the reference code: uniform in +-gamma/100 (every
+  S(z) starts in its cubic region, all experts active) and +-0.05. The
+  entropy regulariser (weight `entropy_reg`) drives every selector to one
+  expert; it is the whole aux loss. Routing has K = E slots, slot e used iff
+  weight_e > 0. It fixes Routing.capacity = T, so the capacity path drops
+  nothing even in the dense early phase (it then costs E*T rows, like dropless).
+
+  Attributes:
+    gamma: width of the smooth step's cubic region (the paper's default 1).
+    entropy_reg: weight of the selector-entropy regulariser (our default; the
+      public code leaves it to the user).
+  """
+
+  gamma: float = 1.0
+  entropy_reg: float = 1e-2
+
+  @classmethod
+  def check(cls, num_experts: int, top_k: int) -> None:
+    if num_experts < 1:
+      raise ConfigError(f"model.num_experts must be positive, got {num_experts}")
+    if not 1 <= top_k <= num_experts:
+      raise ConfigError(
+          f"router 'dselect_k' has model.top_k={top_k} selectors; it must be "
+          f"between 1 and model.num_experts={num_experts}")
+
+  def __post_init__(self):
+    if not (self.gamma > 0 and self.entropy_reg >= 0):
+      raise ConfigError(
+          "router 'dselect_k' needs gamma > 0 and entropy_reg >= 0, got "
+          f"gamma={self.gamma}, entropy_reg={self.entropy_reg}")
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, x_TD: jax.Array, *, token_ids_T: jax.Array | None = None,
+               deterministic: bool = True) -> Routing:
+    del token_ids_T, deterministic  # Same rule in training and evaluation.
+    num_tokens = x_TD.shape[0]
+    num_selectors = self.top_k
+    num_bits = code_bits(self.num_experts).shape[1]
+
+    def uniform(limit):
+      def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -limit, limit)
+      return init
+
+    def dense(features, limit, name):
+      # The reference gives both Dense layers a bias drawn like the kernel.
+      return nn.Dense(
+          features, dtype=jnp.float32, param_dtype=jnp.float32, name=name,
+          kernel_init=nn.with_logical_partitioning(uniform(limit),
+                                                   ("embed", None)),
+          bias_init=nn.with_logical_partitioning(uniform(limit), (None,)))
+
+    x_TD = x_TD.astype(jnp.float32)
+    z_TIM = dense(num_selectors * num_bits, self.gamma / 100.0, "code")(
+        x_TD).reshape(num_tokens, num_selectors, num_bits)
+    alpha_TI = jax.nn.softmax(dense(num_selectors, 0.05, "mix")(x_TD), axis=-1)
+    sel_TIE = selector_weights(z_TIM, self.num_experts, self.gamma)
+    weight_TE = jnp.einsum("ti,tie->te", alpha_TI, sel_TIE)
+    entropy = selector_entropy(sel_TIE)
+    mask_TE = weight_TE > 0
+    return Routing(
+        expert_TK=jnp.broadcast_to(
+            jnp.arange(self.num_experts, dtype=jnp.int32), weight_TE.shape),
+        weight_TK=weight_TE,
+        mask_TK=mask_TE,
+        aux_loss=self.entropy_reg * entropy,
+        metrics={"selector_entropy": entropy,
+                 "entropy": losses.mean_entropy(weight_TE),
+                 # Experts per token: E while dense, <= top_k once converged.
+                 "active_experts": jnp.mean(jnp.sum(mask_TE, axis=-1).astype(
+                     jnp.float32))},
+        capacity=num_tokens)
