@@ -2,15 +2,22 @@
 
 The dense reference pushes T*k tokens through one FFN of the same D and F, i.e.
 the same active FLOPs; ratio = dense time / MoE time (1.0 is the upper limit).
+Paths: `capacity`, and `dropless/<impl>` for each grouped matmul impl given by
+`--matmul` (default: every impl available here, see `moejax.kernels`).
 
   python benchmarks/moe_layer.py            # T=16384 D=1024 F=4096, bf16
   python benchmarks/moe_layer.py --small    # seconds on a CPU
+  python benchmarks/moe_layer.py --paths dropless --matmul xla pallas
 
 Each configuration is checked against the naive per-token loop on a sample of
-tokens before it is timed.
+tokens before it is timed. On CPU, pallas and megablox run in the Pallas
+interpreter: their rows show that the kernels run, not how fast they are.
 """
 
 import argparse
+import contextlib
+import dataclasses
+import functools
 import itertools
 import statistics
 import time
@@ -20,10 +27,48 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moejax.kernels import (MATMUL_IMPLS, available_impls, grouped_matmul,
+                            resolve_impl)
 from moejax.models.transformer import DenseFFN
-from moejax.moe import MoELayer, expert_capacity
+from moejax.moe import MoELayer, dispatch, expert_capacity
+from moejax.moe.experts import Experts, grouped_ffn
 from moejax.moe.reference import capacity_keep_loop, moe_loop
 from moejax.routing import make_router
+
+_LAYER_HAS_MATMUL = "matmul" in {f.name for f in dataclasses.fields(MoELayer)}
+
+
+def _use_matmul(impl: str):
+  """Context in which MoE layers use grouped matmul `impl` on the dropless path.
+
+  Stopgap while MoELayer has no `matmul` field: intercepts `Experts.grouped`
+  and runs the same `grouped_ffn` with `grouped_matmul(impl=...)`.
+  """
+  if _LAYER_HAS_MATMUL or impl == "xla":
+    return contextlib.nullcontext()
+  ragged_dot = functools.partial(grouped_matmul, impl=impl)
+
+  def intercept(next_fun, args, kwargs, context):
+    if not (isinstance(context.module, Experts)
+            and context.method_name == "grouped"):
+      return next_fun(*args, **kwargs)
+    experts = context.module
+    x_MD, group_sizes_E = args
+    return grouped_ffn(x_MD, *experts.weights(), group_sizes_E,
+                       experts.activation, ragged_dot=ragged_dot)
+
+  return nn.intercept_methods(intercept)
+
+
+def _layer(router, num_experts, d_ff, path, capacity_factor, dtype):
+  """The MoE layer for `path` (`capacity` or `dropless/<impl>`) and the context
+  to build, check and trace it in."""
+  dispatch_path, _, matmul = path.partition("/")
+  extra = {"matmul": matmul} if matmul and _LAYER_HAS_MATMUL else {}
+  layer = MoELayer(router, num_experts=num_experts, d_ff=d_ff,
+                   dispatch=dispatch_path, capacity_factor=capacity_factor,
+                   dtype=dtype, **extra)
+  return layer, _use_matmul(matmul or "xla")
 
 
 def _time(fn, *args, iters: int) -> float:
@@ -47,7 +92,7 @@ def _fwd_bwd(apply_fn):
 def _check(layer, params, x_TD, top_k, path, capacity_factor, sample=16):
   """The layer's output on `sample` tokens equals the naive per-token loop."""
   num_experts = layer.num_experts
-  y_TD = layer.apply({"params": params}, x_TD[None])[0][0]
+  y_TD = jax.jit(layer.apply)({"params": params}, x_TD[None])[0][0]
   routing = layer.router.clone().apply({"params": params["router"]}, x_TD)
   capacity = (expert_capacity(x_TD.shape[0], num_experts, top_k, capacity_factor)
               if path == "capacity" else None)
@@ -78,13 +123,14 @@ def run(tokens, d_model, d_ff, experts, top_ks, dtype, capacity_factor, iters,
                      tflops=flops / dense_s / 1e12, ratio=1.0))
     for path in paths:
       router = make_router("topk", num_experts=num_experts, top_k=top_k)
-      layer = MoELayer(router, num_experts=num_experts, d_ff=d_ff, dispatch=path,
-                       capacity_factor=capacity_factor, dtype=dtype)
-      params = nn.unbox(layer.init(key, x_TD[None]))["params"]
-      _check(layer, params, x_TD, top_k, path, capacity_factor)
-      step = _fwd_bwd(lambda p, x, layer=layer: layer.apply({"params": p}, x)[0])
-      ct = jax.random.normal(key, (1, tokens, d_model), jnp.float32)
-      moe_s = _time(step, params, x_TD[None], ct, iters=iters)
+      layer, context = _layer(router, num_experts, d_ff, path,
+                              capacity_factor, dtype)
+      with context:  # Tracing happens on the first (untimed) call.
+        params = nn.unbox(jax.jit(layer.init)(key, x_TD[None]))["params"]
+        _check(layer, params, x_TD, top_k, path, capacity_factor)
+        step = _fwd_bwd(lambda p, x, layer=layer: layer.apply({"params": p}, x)[0])
+        ct = jax.random.normal(key, (1, tokens, d_model), jnp.float32)
+        moe_s = _time(step, params, x_TD[None], ct, iters=iters)
       rows.append(dict(E=num_experts, k=top_k, path=path, ms=moe_s * 1e3,
                        tflops=flops / moe_s / 1e12, ratio=dense_s / moe_s))
   return rows
@@ -101,17 +147,28 @@ def main():
   parser.add_argument("--top-k", type=int, nargs="+", default=[1, 2])
   parser.add_argument("--dtype", default="bfloat16")
   parser.add_argument("--capacity-factor", type=float, default=1.25)
-  parser.add_argument("--paths", nargs="+", default=["capacity", "dropless"])
+  parser.add_argument("--paths", nargs="+", default=["capacity", "dropless"],
+                      choices=list(dispatch.DISPATCH_PATHS))
+  parser.add_argument("--matmul", nargs="+", choices=MATMUL_IMPLS,
+                      help="grouped matmul impls for the dropless path "
+                           "(default: all available here)")
   parser.add_argument("--iters", type=int, default=20)
   args = parser.parse_args()
   if args.small:
     args.tokens, args.d_model, args.d_ff = 1024, 64, 256
     args.experts, args.dtype, args.iters = [4, 8], "float32", 5
+  impls = dict.fromkeys(resolve_impl(m) for m in
+                        (args.matmul or available_impls()))
+  paths = [p for path in args.paths for p in
+           ([f"dropless/{m}" for m in impls] if path == "dropless" else [path])]
   print(f"# device: {jax.devices()[0].device_kind} ({jax.default_backend()}), "
         f"jax {jax.__version__}; T={args.tokens} D={args.d_model} "
         f"F={args.d_ff} {args.dtype} cf={args.capacity_factor}")
+  if jax.default_backend() == "cpu" and {"pallas", "megablox"} & set(impls):
+    print("# note: pallas/megablox run in the Pallas interpreter on CPU; their "
+          "times are not kernel performance")
   rows = run(args.tokens, args.d_model, args.d_ff, args.experts, args.top_k,
-             jnp.dtype(args.dtype), args.capacity_factor, args.iters, args.paths)
+             jnp.dtype(args.dtype), args.capacity_factor, args.iters, paths)
   print("| E | k | path | ms | TFLOP/s | dense/MoE |")
   print("|---|---|---|---|---|---|")
   for r in rows:

@@ -1,0 +1,117 @@
+"""Grouped matmul: rows grouped contiguously, each group times its own matrix.
+
+Shapes (kernels/ only: K is a contraction width, not top-k): M rows, K
+contraction, N output width, G groups.
+
+  out[m] = lhs[m] @ rhs[g(m)]  for m < sum(group_sizes);  0 for later rows.
+
+Implementations, by name (`MATMUL_IMPLS`):
+  xla       jax.lax.ragged_dot. On CPU and GPU it computes a dense product, so its
+            cost grows with G; differentiated by jax's own rules.
+  pallas    pad each group to a tile multiple (waste <= G * tm rows), look each
+            tile's group up in a block->group table, Pallas kernels: Triton on
+            GPU, Mosaic on TPU, the interpreter on CPU. Custom VJP: dX is the
+            same kernel with rhs read transposed, dW a ragged-contracting
+            kernel (see `pallas_impl`).
+  megablox  jax's TPU kernel `megablox.gmm` (interpreted on CPU).
+  auto      pallas on GPU, megablox on TPU, xla elsewhere.
+"""
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from moejax.errors import ConfigError
+from moejax.kernels import megablox, pallas_impl
+
+Tiles = tuple[int, int, int]
+GroupedMatmul = Callable[..., jax.Array]
+
+MATMUL_IMPLS: tuple[str, ...] = ("auto", "xla", "pallas", "megablox")
+_AUTO = {"gpu": "pallas", "tpu": "megablox"}
+
+
+def check_impl(name: str) -> str:
+  """Returns `name` if it is a known impl; a ConfigError listing them otherwise."""
+  if name not in MATMUL_IMPLS:
+    raise ConfigError(
+        f"unknown grouped matmul impl {name!r}; valid: {', '.join(MATMUL_IMPLS)}")
+  return name
+
+
+def resolve_impl(name: str, platform: str | None = None) -> str:
+  """The concrete impl `name` runs as on `platform` (default: jax's backend)."""
+  check_impl(name)
+  if name != "auto":
+    return name
+  return _AUTO.get(platform or jax.default_backend(), "xla")
+
+
+def available_impls(platform: str | None = None) -> tuple[str, ...]:
+  """Concrete impls worth running on `platform`: xla, pallas (interpreted on
+  CPU), and megablox on TPU where importable (tests interpret it on CPU)."""
+  platform = platform or jax.default_backend()
+  names = ["xla", "pallas"]
+  if platform == "tpu" and megablox.is_available():
+    names.append("megablox")
+  return tuple(names)
+
+
+def _xla(lhs_MK, rhs_GKN, group_sizes_G, *, tiles, interpret):
+  del tiles, interpret
+  return jax.lax.ragged_dot(lhs_MK, rhs_GKN, group_sizes_G)
+
+
+def _pallas(lhs_MK, rhs_GKN, group_sizes_G, *, tiles, interpret):
+  platform = jax.default_backend()
+  target = "tpu" if platform == "tpu" else "gpu"
+  if interpret is None:
+    interpret = platform not in ("gpu", "tpu")
+  return pallas_impl.pallas_grouped_matmul(
+      lhs_MK, rhs_GKN, group_sizes_G, target=target, tiles=tiles,
+      interpret=interpret)
+
+
+def _megablox(lhs_MK, rhs_GKN, group_sizes_G, *, tiles, interpret):
+  platform = jax.default_backend()
+  if interpret is None:
+    if platform == "gpu":
+      raise ConfigError(
+          "matmul='megablox' is a TPU kernel; on GPU use 'pallas' or 'auto'")
+    interpret = platform != "tpu"
+  return megablox.megablox_grouped_matmul(
+      lhs_MK, rhs_GKN, group_sizes_G, tiles=tiles, interpret=interpret)
+
+
+_IMPLS: dict[str, GroupedMatmul] = {
+    "xla": _xla, "pallas": _pallas, "megablox": _megablox}
+
+
+def grouped_matmul(lhs_MK: jax.Array, rhs_GKN: jax.Array,
+                   group_sizes_G: jax.Array, *, impl: str = "xla",
+                   tiles: Tiles | None = None,
+                   interpret: bool | None = None) -> jax.Array:
+  """[M, K] rows grouped by `group_sizes_G` times [G, K, N] -> [M, N].
+
+  Rows must be sorted by group with sum(group_sizes) <= M; rows past the sum
+  come out 0. Differentiable w.r.t. lhs and rhs. lhs and rhs are promoted to a
+  common dtype, which is the output's (and the gradients'); the Pallas kernels
+  accumulate in float32.
+
+  Args:
+    impl: one of MATMUL_IMPLS (see the module docstring).
+    tiles: (tm, tk, tn) for pallas/megablox (None: the backend's default,
+      shrunk for small dimensions). Each group pads to a multiple of tm rows,
+      so the padding waste is at most G * tm rows; tk, tn are register/VMEM
+      tiles and must be powers of two on GPU.
+    interpret: run Pallas kernels in the interpreter; None = only where no
+      GPU/TPU backend can compile them (CPU), so CI runs the real kernel code.
+  """
+  fn = _IMPLS[resolve_impl(impl)]
+  dtype = jnp.result_type(lhs_MK, rhs_GKN)
+  lhs_MK, rhs_GKN = lhs_MK.astype(dtype), rhs_GKN.astype(dtype)
+  num_rows, num_groups = lhs_MK.shape[0], rhs_GKN.shape[0]
+  if num_rows == 0 or num_groups == 0:
+    return jnp.zeros((num_rows, rhs_GKN.shape[2]), dtype)
+  return fn(lhs_MK, rhs_GKN, group_sizes_G, tiles=tiles, interpret=interpret)
