@@ -46,6 +46,7 @@ class Datasets:
   train_sequences: int  # Packed training windows (one epoch).
   eval_sequences: int  # Packed held-out windows (eval_batches use a spread subset).
   train_tokens: int  # Tokens in the packed training windows: sequences * (L + 1).
+  token_counts: np.ndarray  # int64[V]: occurrences of each id in the training split.
   seq_len: int
   batch_size: int
   source: str
@@ -150,6 +151,8 @@ def load_datasets(cfg: DataConfig, *, workdir: str | os.PathLike,
       train_sequences=n_train,
       eval_sequences=n_eval,
       train_tokens=int(packed.train_tokens.size),
+      token_counts=np.bincount(np.asarray(packed.train_tokens).reshape(-1),
+                               minlength=sp.vocab_size()),
       seq_len=L,
       batch_size=batch_size,
       source=cfg.source,

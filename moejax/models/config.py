@@ -83,3 +83,11 @@ def resolve_moe_layers(spec: Any, num_layers: int) -> tuple[int, ...]:
         f"model.moe_layers has indices {bad} outside 0..{num_layers - 1}; "
         "use block indices of the model")
   return layers
+
+
+def transformer_config_from_json(d: dict[str, Any]) -> TransformerConfig:
+  """Inverse of `dataclasses.asdict` for a TransformerConfig (config.json)."""
+  moe = dict(d["moe"])
+  moe["router_options"] = tuple(tuple(kv) for kv in moe["router_options"])
+  return TransformerConfig(**{**d, "moe": MoEConfig(**moe),
+                              "moe_layers": tuple(d["moe_layers"])})

@@ -67,7 +67,7 @@ class Block(nn.Module):
   is_moe: bool
 
   @nn.compact
-  def __call__(self, x_BLD, token_ids_BL, deterministic: bool):
+  def __call__(self, x_BLD, token_ids_BL, deterministic: bool, step=None):
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     x_BLD = x_BLD + CausalSelfAttention(cfg.num_heads, dtype, name="attn")(
@@ -82,7 +82,8 @@ class Block(nn.Module):
     y_BLD, aux = MoELayer(
         router=router, num_experts=moe.num_experts, d_ff=moe.d_ff or cfg.d_ff,
         dispatch=moe.dispatch, capacity_factor=moe.capacity_factor, dtype=dtype,
-        name="moe")(h_BLD, token_ids_BL=token_ids_BL, deterministic=deterministic)
+        name="moe")(h_BLD, token_ids_BL=token_ids_BL, step=step,
+                    deterministic=deterministic)
     return x_BLD + y_BLD, aux
 
 
@@ -90,14 +91,17 @@ class TransformerLM(nn.Module):
   """Token ids [B, L] -> float32 logits [B, L, V] and per-MoE-layer aux outputs.
 
   `__call__` returns `(logits_BLV, aux)` where `aux = {"aux_loss": float32[] sum
-  over MoE layers, "layers": {"layer_<i>": metrics dict}}`. Training passes
-  `deterministic=False` and an rng stream named `router`.
+  over MoE layers, "layers": {"layer_<i>": metrics dict}, "routes": {"layer_<i>":
+  int32[B*L] top expert per token}}`. Training passes `deterministic=False`, an rng
+  stream named `router`, and `step` (steps into the current stage) for routers
+  with schedules.
   """
 
   config: TransformerConfig
 
   @nn.compact
-  def __call__(self, tokens_BL: jax.Array, *, deterministic: bool = True):
+  def __call__(self, tokens_BL: jax.Array, *, deterministic: bool = True,
+               step: jax.Array | None = None):
     cfg = self.config
     if cfg.dtype not in DTYPES:
       raise ConfigError(f"model.dtype={cfg.dtype!r}; valid: {', '.join(DTYPES)}")
@@ -117,13 +121,14 @@ class TransformerLM(nn.Module):
     length = tokens_BL.shape[1]
     x_BLD = (embed[tokens_BL] + pos[:length]).astype(dtype)
     aux_loss = jnp.zeros((), jnp.float32)
-    layers = {}
+    layers, routes = {}, {}
     for i in range(cfg.num_layers):
       x_BLD, aux = Block(cfg, i in cfg.moe_layers, name=f"block_{i}")(
-          x_BLD, tokens_BL, deterministic)
+          x_BLD, tokens_BL, deterministic, step)
       if aux is not None:
         aux_loss = aux_loss + aux.aux_loss
         layers[f"layer_{i}"] = aux.metrics
+        routes[f"layer_{i}"] = aux.top_expert_T
     x_BLD = _norm("final_norm", dtype)(x_BLD)
     logits_BLV = jnp.einsum("bld,vd->blv", x_BLD.astype(jnp.float32), embed)
-    return logits_BLV, {"aux_loss": aux_loss, "layers": layers}
+    return logits_BLV, {"aux_loss": aux_loss, "layers": layers, "routes": routes}

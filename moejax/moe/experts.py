@@ -3,17 +3,44 @@
 Shapes: E experts, C capacity, D model width, F hidden width, M sorted rows.
 """
 
+import functools
 from typing import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from moejax.kernels import check_impl, grouped_matmul
+
 Dtype = jnp.dtype | str
 
 EXPERT_INIT = nn.initializers.variance_scaling(
     1.0, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1,
     batch_axis=(0,))
+
+
+def capacity_ffn(x_ECD: jax.Array, w_in_EDF: jax.Array, w_out_EFD: jax.Array,
+                 activation: Callable[[jax.Array], jax.Array] = nn.gelu
+                 ) -> jax.Array:
+  """Capacity buffers through their experts: [E, C, D] -> [E, C, D], in w's dtype.
+
+  A pure function of the weights, so the expert-parallel layer can apply it to
+  the local experts inside `shard_map`.
+  """
+  h_ECF = activation(jnp.einsum("ecd,edf->ecf", x_ECD.astype(w_in_EDF.dtype),
+                                w_in_EDF))
+  return jnp.einsum("ecf,efd->ecd", h_ECF, w_out_EFD)
+
+
+def grouped_ffn(x_MD: jax.Array, w_in_EDF: jax.Array, w_out_EFD: jax.Array,
+                group_sizes_E: jax.Array,
+                activation: Callable[[jax.Array], jax.Array] = nn.gelu,
+                ragged_dot: Callable[..., jax.Array] = jax.lax.ragged_dot
+                ) -> jax.Array:
+  """Rows sorted by expert through their experts: [M, D] -> [M, D] (unused rows 0)."""
+  h_MF = activation(ragged_dot(x_MD.astype(w_in_EDF.dtype), w_in_EDF,
+                               group_sizes_E))
+  return ragged_dot(h_MF, w_out_EFD, group_sizes_E)
 
 
 class Experts(nn.Module):
@@ -26,6 +53,8 @@ class Experts(nn.Module):
     dtype: compute dtype (params stay `param_dtype`).
     param_dtype: storage dtype of the weights.
     activation: the nonlinearity between the two matmuls.
+    matmul: grouped matmul impl of the dropless path, one of
+      `moejax.kernels.MATMUL_IMPLS` (`xla`, `pallas`, `megablox`, `auto`).
   """
 
   num_experts: int
@@ -34,8 +63,10 @@ class Experts(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   activation: Callable[[jax.Array], jax.Array] = nn.gelu
+  matmul: str = "xla"
 
   def setup(self):
+    check_impl(self.matmul)  # Fails loudly on a typo, whichever path runs.
     shape_in = (self.num_experts, self.d_model, self.d_ff)
     shape_out = (self.num_experts, self.d_ff, self.d_model)
     self.w_in = self.param(
@@ -48,16 +79,16 @@ class Experts(nn.Module):
   def _weights(self):
     return self.w_in.astype(self.dtype), self.w_out.astype(self.dtype)
 
+  def weights(self) -> tuple[jax.Array, jax.Array]:
+    """(w_in [E, D, F], w_out [E, F, D]) in the compute dtype."""
+    return self._weights()
+
   def __call__(self, x_ECD: jax.Array) -> jax.Array:
     """Capacity path: [E, C, D] -> [E, C, D]."""
-    w_in_EDF, w_out_EFD = self._weights()
-    h_ECF = self.activation(jnp.einsum("ecd,edf->ecf", x_ECD.astype(self.dtype),
-                                       w_in_EDF))
-    return jnp.einsum("ecf,efd->ecd", h_ECF, w_out_EFD)
+    return capacity_ffn(x_ECD, *self._weights(), self.activation)
 
   def grouped(self, x_MD: jax.Array, group_sizes_E: jax.Array) -> jax.Array:
     """Dropless path: rows sorted by expert, [M, D] -> [M, D] (unused rows 0)."""
-    w_in_EDF, w_out_EFD = self._weights()
-    h_MF = self.activation(jax.lax.ragged_dot(x_MD.astype(self.dtype), w_in_EDF,
-                                              group_sizes_E))
-    return jax.lax.ragged_dot(h_MF, w_out_EFD, group_sizes_E)
+    return grouped_ffn(x_MD, *self._weights(), group_sizes_E, self.activation,
+                       ragged_dot=functools.partial(grouped_matmul,
+                                                    impl=self.matmul))

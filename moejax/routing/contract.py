@@ -60,6 +60,18 @@ class Router(nn.Module):
   dispatch_paths: ClassVar[tuple[str, ...]] = ("capacity", "dropless")
   # Whether the router reads token ids (hash, distilled routers).
   needs_token_ids: ClassVar[bool] = False
+  # Whether `__call__` takes `step=` (steps into the current training stage),
+  # for routers with schedules (the DTS gate's temperature).
+  needs_step: ClassVar[bool] = False
+
+  @classmethod
+  def prepare_state(cls, model_state: dict, *, num_experts: int, options: dict,
+                    token_counts_V) -> dict:
+    """Called by the trainer after init with the training corpus's token counts
+    (int[V]); returns `model_state` with corpus-dependent constants set. Most
+    routers have none."""
+    del num_experts, options, token_counts_V
+    return model_state
 
   @classmethod
   def check(cls, num_experts: int, top_k: int) -> None:

@@ -4,12 +4,24 @@ import dataclasses
 from typing import Any
 
 from moejax.errors import ConfigError
+from moejax.routing.base_layer import BaseLayerRouter
 from moejax.routing.contract import Router
+from moejax.routing.dselect import DSelectKRouter
+from moejax.routing.dts import DTSRouter
+from moejax.routing.expert_choice import ExpertChoiceRouter
+from moejax.routing.hashing import HashRouter
+from moejax.routing.stablemoe import StableMoERouter
 from moejax.routing.topk import SwitchRouter, TopKRouter
 
 ROUTERS: dict[str, type[Router]] = {
     "switch": SwitchRouter,
     "topk": TopKRouter,
+    "expert_choice": ExpertChoiceRouter,
+    "base": BaseLayerRouter,
+    "hash": HashRouter,
+    "dselect_k": DSelectKRouter,
+    "stablemoe": StableMoERouter,
+    "dts": DTSRouter,
 }
 
 _COMMON_FIELDS = ("num_experts", "top_k", "vocab_size", "parent", "name")

@@ -62,3 +62,55 @@ def abstract_like(tree):
   return jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
                                      sharding=getattr(x, "sharding", None)), tree)
+
+
+class StageCheckpoints:
+  """One `Checkpointer` per stage, at `<root>/stage_<i>`: a transform may change
+  the tree between stages, and orbax never changes shapes on restore."""
+
+  def __init__(self, root: str | os.PathLike, num_stages: int, *,
+               max_to_keep: int | None = 3):
+    self.root = os.fspath(root)
+    self.num_stages = num_stages
+    self._max_to_keep = max_to_keep
+    self._open: dict[int, Checkpointer] = {}
+
+  def stage(self, index: int) -> Checkpointer:
+    if index not in self._open:
+      self._open[index] = Checkpointer(os.path.join(self.root, f"stage_{index}"),
+                                       max_to_keep=self._max_to_keep)
+    return self._open[index]
+
+  def latest(self) -> tuple[int, int] | None:
+    """(stage, step) of the newest checkpoint, None when there is none."""
+    for index in reversed(range(self.num_stages)):
+      if os.path.isdir(os.path.join(self.root, f"stage_{index}")):
+        step = self.stage(index).latest_step()
+        if step is not None:
+          return index, step
+    return None
+
+  def close(self) -> None:
+    for checkpointer in self._open.values():
+      checkpointer.close()
+
+
+def restore_params(directory: str | os.PathLike) -> tuple[dict, dict]:
+  """(params, model_state) of the newest checkpoint of the last stage under
+  `directory` (a run's `checkpoints/`), as saved, for `train.init_from`."""
+  stages = sorted((d for d in os.listdir(directory) if d.startswith("stage_")),
+                  key=lambda d: int(d.split("_")[1])) if os.path.isdir(
+                      directory) else []
+  for name in reversed(stages):
+    manager = ocp.CheckpointManager(os.path.join(directory, name),
+                                    item_names=("state", "data"))
+    step = manager.latest_step()
+    if step is not None:
+      restored = manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(), data=ocp.args.JsonRestore()))
+      manager.close()
+      state = restored["state"]
+      return state["params"], state.get("model_state", {})
+    manager.close()
+  raise CheckpointError(f"no checkpoint under {directory}; point train.init_from "
+                        "at the workdir of a finished run")

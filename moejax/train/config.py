@@ -3,10 +3,18 @@
 `default_config()` lists every key with its default; `configs/*.py` start from it
 and override. `parse(config)` checks every value and returns a `RunConfig` of
 frozen dataclasses: the ConfigDict stops here and never reaches the library.
+
+Stages: `config.stages` is a list of `stage_config(...)` entries; each trains the
+base `config.model` with its own overrides for a number of steps (or a fraction
+of `train.steps`; one stage may take the remainder), optionally applying a
+registered transform on entry and freezing params by path rules. An empty list
+is one stage, `train`, of `train.steps` steps.
 """
 
+import copy
 import dataclasses
 import math
+import re
 from typing import Any
 
 import ml_collections
@@ -18,12 +26,20 @@ from moejax.models.config import (DTYPES, MoEConfig, TransformerConfig,
                                   resolve_moe_layers)
 from moejax.moe.dispatch import DISPATCH_PATHS
 from moejax.routing.registry import check_router
+from moejax.stages.stage import Stage
+from moejax.stages.transforms import get_transition
 from moejax.train.optimizer import SCHEDULES, OptimizerConfig
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-  """Loop settings: length, batch, and how often to log, evaluate and save."""
+  """Loop settings: length, batch, and how often to log, evaluate and save.
+
+  Attributes:
+    probe_every: steps between routing-fluctuation probes (0: off).
+    init_from: workdir of a finished run whose params the first stage starts
+      from (its transform, e.g. `upcycle`, maps them to the new model).
+  """
 
   steps: int = 400
   batch_size: int = 16
@@ -32,6 +48,8 @@ class TrainConfig:
   checkpoint_every: int = 200
   keep_checkpoints: int = 3
   seed: int = 0
+  probe_every: int = 50
+  init_from: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,9 +60,23 @@ class RunConfig:
   data: DataConfig
   train: TrainConfig
   optim: OptimizerConfig
+  stages: tuple[Stage, ...] = ()
 
   def to_json(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
+
+
+def stage_config(name: str, *, steps: int = 0, fraction: float = 0.0,
+                 model: dict | None = None, frozen: tuple[str, ...] = (),
+                 transform: str = "", transform_options: dict | None = None
+                 ) -> ml_collections.ConfigDict:
+  """One entry of `config.stages` (every key present, so each can be overridden
+  on the command line as `--config.stages[i].<key>=...`)."""
+  return ml_collections.ConfigDict(dict(
+      name=name, steps=steps, fraction=fraction,
+      model=ml_collections.ConfigDict(model or {}), frozen=list(frozen),
+      transform=transform,
+      transform_options=ml_collections.ConfigDict(transform_options or {})))
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -59,6 +91,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.tfds_data_dir = config_dict.placeholder(str)
   c.train = ml_collections.ConfigDict(dataclasses.asdict(TrainConfig()))
   c.optim = ml_collections.ConfigDict(dataclasses.asdict(OptimizerConfig()))
+  c.stages = []
   c.lock()
   c.model.router_options.unlock()  # Options differ per router.
   return c
@@ -107,6 +140,73 @@ def _model(m: dict[str, Any], data: DataConfig) -> TransformerConfig:
       moe_layers=moe_layers, moe=moe, dtype=m["dtype"])
 
 
+def _stage_lengths(entries: list[dict], total: int) -> list[int]:
+  lengths, open_slots = [], []
+  for i, e in enumerate(entries):
+    if e["steps"] and e["fraction"]:
+      raise ConfigError(f"stages[{i}] ({e['name']}) sets both steps and fraction; "
+                        "keep one")
+    if e["steps"] < 0 or not 0 <= e["fraction"] <= 1:
+      raise ConfigError(f"stages[{i}] ({e['name']}) has a negative length")
+    length = e["steps"] or round(e["fraction"] * total)
+    if not (e["steps"] or e["fraction"]):
+      open_slots.append(i)
+    lengths.append(length)
+  if len(open_slots) > 1:
+    raise ConfigError("only one stage may leave steps and fraction unset (it "
+                      "takes the remaining steps)")
+  if open_slots:
+    lengths[open_slots[0]] = total - sum(lengths)
+  if sum(lengths) != total or any(n <= 0 for n in lengths):
+    raise ConfigError(f"stages cover {lengths} steps but train.steps={total}; "
+                      "make every stage positive and the total match")
+  return lengths
+
+
+def _stages(c: dict[str, Any], data: DataConfig) -> tuple[Stage, ...]:
+  entries = c["stages"]
+  if not entries:
+    return (Stage(name="train", steps=c["train"]["steps"],
+                  model=_model(c["model"], data)),)
+  lengths = _stage_lengths(entries, c["train"]["steps"])
+  stages = []
+  for i, (e, length) in enumerate(zip(entries, lengths)):
+    overrides = dict(e["model"])
+    unknown = set(overrides) - set(c["model"])
+    if unknown:
+      raise ConfigError(f"stages[{i}].model has unknown keys {sorted(unknown)}; "
+                        f"valid: {', '.join(sorted(c['model']))}")
+    merged = copy.deepcopy(c["model"])
+    if "router" in overrides and overrides["router"] != merged["router"]:
+      merged["router_options"] = {}  # Options belong to the base router.
+    options = {**merged["router_options"], **overrides.pop("router_options", {})}
+    merged.update(overrides, router_options=options)
+    frozen = tuple(e["frozen"])
+    if e["transform"]:
+      transition, options = get_transition(e["transform"],
+                                           dict(e["transform_options"]))
+      frozen += transition.frozen
+    else:
+      options = {}
+    for pattern in frozen:
+      try:
+        re.compile(pattern)
+      except re.error as err:
+        raise ConfigError(f"stages[{i}].frozen rule {pattern!r} is not a valid "
+                          f"regex ({err})") from None
+    stages.append(Stage(
+        name=e["name"], steps=length, model=_model(merged, data), frozen=frozen,
+        transform=e["transform"], transform_options=tuple(sorted(options.items()))))
+  if stages[0].transform and not c["train"]["init_from"]:
+    raise ConfigError(f"stages[0] applies {stages[0].transform!r} on entry but "
+                      "nothing precedes it; set train.init_from to a finished run "
+                      "or add a stage before it")
+  names = [st.name for st in stages]
+  if len(set(names)) != len(names):
+    raise ConfigError(f"stage names must differ, got {names}")
+  return tuple(stages)
+
+
 def parse(config: ml_collections.ConfigDict) -> RunConfig:
   """Validates `config` and returns its typed form; ConfigError names the key."""
   c = config.to_dict()
@@ -117,6 +217,9 @@ def parse(config: ml_collections.ConfigDict) -> RunConfig:
   _positive("train", c["train"], ("steps", "batch_size", "log_every",
                                   "eval_every", "checkpoint_every",
                                   "keep_checkpoints"))
+  if c["train"]["probe_every"] < 0:
+    raise ConfigError("train.probe_every must be >= 0 (0: no probes), got "
+                      f"{c['train']['probe_every']}")
   _positive("data", c["data"], ("seq_len", "vocab_size", "eval_batches"))
   o = c["optim"]
   _choice("optim.schedule", o["schedule"], SCHEDULES)
@@ -131,5 +234,6 @@ def parse(config: ml_collections.ConfigDict) -> RunConfig:
     optim = OptimizerConfig(**c["optim"])
   except TypeError as e:
     raise ConfigError(f"unknown config key: {e}") from None
-  return RunConfig(model=_model(c["model"], data), data=data, train=train,
-                   optim=optim)
+  stages = _stages(c, data)
+  return RunConfig(model=stages[-1].model, data=data, train=train, optim=optim,
+                   stages=stages)

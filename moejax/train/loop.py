@@ -1,30 +1,39 @@
-"""The training loop: data -> jitted steps -> metrics, evaluation, checkpoints.
+"""The training loop: stages of jitted steps, evaluation, probes, checkpoints.
 
-`train_and_evaluate(config, workdir)` is everything `moejax-train` does; it
-resumes automatically from the latest checkpoint in `workdir`.
+`train_and_evaluate(config, workdir)` is everything `moejax-train` does. A run is
+a sequence of stages (one, `train`, unless the config lists several); entering a
+stage applies its transform to the previous stage's state. Checkpoints live in a
+directory per stage and the run resumes automatically from the newest one, in
+the right stage at the right step, with the data position it had.
 """
 
+import dataclasses
 import math
 import pathlib
+import shutil
 import time
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from moejax.errors import TrainingDiverged
+from moejax.errors import CheckpointError, TrainingDiverged
+from moejax.metrics.fluctuation import FluctuationProbe, write_curve
 from moejax.metrics.writers import MetricWriter
+from moejax.models.config import TransformerConfig, transformer_config_from_json
 from moejax.models.transformer import TransformerLM
-from moejax.train.checkpoint import Checkpointer
+from moejax.routing.registry import router_class
+from moejax.stages.machine import check_frozen, enter_stage, transition_key
+from moejax.stages.stage import Stage, boundaries
+from moejax.train.checkpoint import StageCheckpoints, restore_params
 from moejax.train.config import RunConfig
 from moejax.train.optimizer import learning_rate_schedule, make_optimizer
-from moejax.train.state import TrainState
-from moejax.train.step import make_eval_step, make_train_step
 from moejax.train.progress import Progress
-from moejax.train.workdir import check_workdir, record_config
+from moejax.train.state import TrainState
+from moejax.train.step import make_eval_step, make_probe_step, make_train_step
+from moejax.train.workdir import check_workdir, record_config, saved_config
 
 
 def init_state(model: nn.Module, tx: optax.GradientTransformation,
@@ -47,13 +56,57 @@ class Evaluator:
   def __call__(self, variables) -> dict[str, float]:
     totals = None
     for batch in self._batches:
-      out = self._step(variables, {"inputs": batch["inputs"],
-                                "targets": batch["targets"]})
+      out = self._step(variables, _model_inputs(batch))
       totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
     totals = jax.device_get(totals)
     loss = float(totals["loss_sum"] / totals["tokens"])
     return {"eval/loss": loss,
             "eval/ppl": math.exp(loss) if loss < 700 else float("inf")}
+
+
+@dataclasses.dataclass
+class StageProgram:
+  """The jitted functions of one stage and the global steps it covers."""
+
+  index: int
+  stage: Stage
+  start: int
+  end: int
+  init: Callable[[], TrainState]
+  train_step: Callable
+  evaluate: Evaluator
+  probe: Callable | None
+
+
+def build_program(config: RunConfig, index: int, data, init_rng: jax.Array,
+                  step_rng: jax.Array) -> StageProgram:
+  """The model, optimizer and jitted functions of stage `index`."""
+  stage = config.stages[index]
+  bounds = boundaries(config.stages)
+  model = TransformerLM(stage.model)
+  tx = make_optimizer(config.optim, config.train.steps, stage.frozen)
+  jit_init = jax.jit(lambda: init_state(model, tx, init_rng, config.data.seq_len))
+  moe = stage.model.moe
+
+  def init() -> TrainState:
+    state = jit_init()
+    if not stage.model.moe_layers:
+      return state
+    model_state = router_class(moe.router).prepare_state(
+        state.model_state, num_experts=moe.num_experts,
+        options=dict(moe.router_options), token_counts_V=data.token_counts)
+    return state.replace(model_state=model_state)
+
+  step = jax.jit(make_train_step(model, tx, step_rng, stage_start=bounds[index]),
+                 donate_argnums=0)
+  probe = jax.jit(make_probe_step(model)) if stage.model.moe_layers else None
+  return StageProgram(index=index, stage=stage, start=bounds[index],
+                      end=bounds[index + 1], init=init, train_step=step,
+                      evaluate=Evaluator(model, data.eval_batches), probe=probe)
+
+
+def _model_inputs(batch):
+  return {"inputs": batch["inputs"], "targets": batch["targets"]}
 
 
 def _check_finite(step: int, metrics: dict[str, Any], last_saved: int | None):
@@ -66,13 +119,163 @@ def _check_finite(step: int, metrics: dict[str, Any], last_saved: int | None):
           f"set optim.grad_clip; {kept}")
 
 
-def _model_inputs(batch):
-  return {"inputs": batch["inputs"], "targets": batch["targets"]}
+def _init_source(config: RunConfig) -> tuple[pathlib.Path, TransformerConfig] | None:
+  """The run `train.init_from` points at, checked against this run's data."""
+  if not config.train.init_from:
+    return None
+  source = pathlib.Path(config.train.init_from)
+  saved = saved_config(source) if source.is_dir() else None
+  if saved is None:
+    raise CheckpointError(f"train.init_from={source} is not a moejax workdir (no "
+                          "config.json); point it at a finished run")
+  for key in ("source", "seq_len", "vocab_size", "max_bytes", "eval_fraction"):
+    if saved["data"].get(key) != getattr(config.data, key):
+      raise CheckpointError(
+          f"train.init_from run used data.{key}={saved['data'].get(key)!r}, this "
+          f"run {getattr(config.data, key)!r}; the tokenizer must be shared")
+  return source, transformer_config_from_json(saved["model"])
+
+
+class _Run:
+  """The state of one `train_and_evaluate` call: writers, checkpoints, probes."""
+
+  def __init__(self, config: RunConfig, workdir: pathlib.Path, data, verbose: bool):
+    self.config, self.workdir, self.data = config, workdir, data
+    is_main = jax.process_index() == 0
+    tc = config.train
+    self.checkpoints = StageCheckpoints(workdir / "checkpoints",
+                                        len(config.stages),
+                                        max_to_keep=tc.keep_checkpoints)
+    self.writer = MetricWriter(workdir, enabled=is_main)
+    self.probe = FluctuationProbe(workdir, enabled=is_main)
+    self.probe_inputs = data.eval_batches[0]["inputs"]
+    self.progress_enabled = verbose and is_main
+    self.progress: Progress | None = None
+    self.schedule = learning_rate_schedule(config.optim, tc.steps)
+    self.init_rng, self.step_rng = jax.random.split(jax.random.key(tc.seed))
+    self.last_saved: int | None = None
+    self.summary: dict[str, Any] = {}
+
+  def program(self, index: int) -> StageProgram:
+    return build_program(self.config, index, self.data, self.init_rng,
+                         self.step_rng)
+
+  def write(self, program: StageProgram, step: int, row: dict[str, Any]) -> None:
+    self.writer.write(step, {"stage": program.index,
+                             "stage_name": program.stage.name, **row})
+
+  def save(self, program: StageProgram, state: TrainState, next_batch: int):
+    step = int(state.step)
+    self.checkpoints.stage(program.index).save(step, state, next_batch=next_batch)
+    self.last_saved = step
+
+  def run(self, init_source) -> dict[str, Any]:
+    stages = self.config.stages
+    state, next_batch, state_stage, prev_model = None, 0, -1, None
+    latest = self.checkpoints.latest()
+    self.progress = Progress(self.config.train.steps, latest[1] if latest else 0,
+                             enabled=self.progress_enabled)
+    if latest is not None:
+      state_stage, step = latest
+      program = self.program(state_stage)
+      state, next_batch = self.checkpoints.stage(state_stage).restore(
+          jax.eval_shape(program.init))
+      self.last_saved = step
+      self.writer.truncate_after(step)
+      self.probe.resume(step)
+      self.progress.message(f"resumed stage {state_stage} "
+                            f"({stages[state_stage].name}) at step {step}")
+      prev_model = stages[state_stage].model
+      first = state_stage if step < program.end else state_stage + 1
+    else:
+      first = 0
+      if init_source is not None:
+        source, prev_model = init_source
+        params, model_state = restore_params(source / "checkpoints")
+        state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                           opt_state=None, model_state=model_state)
+        self.progress.message(f"stage 0 starts from the params in {source}")
+    try:
+      for index in range(first, len(stages)):
+        program = self.program(index)
+        if state_stage != index:
+          state = self._enter(program, state, prev_model, next_batch)
+          state_stage = index
+        state, next_batch = self._loop(program, state, next_batch)
+        prev_model = program.stage.model
+      if "eval/loss" not in self.summary:  # Resumed a finished run.
+        self.summary.update(
+            self.program(len(stages) - 1).evaluate(state.variables()))
+    finally:
+      self.checkpoints.close()
+      self.writer.close()
+      self.progress.close()
+    curve = write_curve(self.workdir, self.probe)
+    if curve is not None:
+      self.summary["router/settled_share_first_probe"] = curve["settled_share"][0]
+    self.summary["step"] = boundaries(stages)[-1]
+    return self.summary
+
+  def _enter(self, program: StageProgram, prev: TrainState | None,
+             prev_model: TransformerConfig | None, next_batch: int) -> TrainState:
+    """The state `program`'s stage starts from; saved when a transform ran."""
+    fresh = program.init()
+    if prev is None:
+      return fresh
+    state = enter_stage(prev, prev_model, program.stage, fresh,
+                        transition_key(self.config.train.seed, program.index))
+    check_frozen(program.stage, state.params)
+    self.save(program, state, next_batch)
+    self.progress.message(
+        f"stage {program.index} ({program.stage.name}) from step {program.start}"
+        + (f", after {program.stage.transform}" if program.stage.transform else ""))
+    return state
+
+  def _loop(self, program: StageProgram, state: TrainState, next_batch: int):
+    tc = self.config.train
+    tokens_per_step = tc.batch_size * self.config.data.seq_len
+    timer_start, timer_steps = None, 0
+    for step in range(int(state.step) + 1, program.end + 1):
+      state, metrics = program.train_step(
+          state, _model_inputs(self.data.train[next_batch]))
+      next_batch += 1
+      timer_steps += 1
+      if timer_start is None:  # Exclude compilation from tokens/s.
+        jax.block_until_ready(metrics)
+        timer_start, timer_steps = time.perf_counter(), 0
+      last = step == program.end
+      if step % tc.log_every == 0 or last:
+        metrics = jax.device_get(metrics)
+        _check_finite(step, metrics, self.last_saved)
+        elapsed = time.perf_counter() - timer_start
+        row = {k: float(v) for k, v in metrics.items()}
+        row["perf/tokens_per_sec"] = (
+            timer_steps * tokens_per_step / elapsed if timer_steps else 0.0)
+        row["train/learning_rate"] = float(self.schedule(step - 1))
+        self.write(program, step, row)
+        self.progress.update(step, row)
+        self.summary.update(row)
+        timer_start, timer_steps = time.perf_counter(), 0
+      if tc.probe_every and program.probe and (step % tc.probe_every == 0 or last):
+        routes = jax.device_get(program.probe(state.variables(), self.probe_inputs))
+        row = self.probe.record(step, routes)
+        if row:
+          self.write(program, step, row)
+      if step % tc.eval_every == 0 or last:
+        row = program.evaluate(state.variables())
+        self.write(program, step, row)
+        self.summary.update(row)
+        self.progress.message(f"step {step:>6} | {program.stage.name} | eval loss "
+                              f"{row['eval/loss']:.4f} | ppl {row['eval/ppl']:.2f}")
+      if step % tc.checkpoint_every == 0 or last:
+        _check_finite(step, jax.device_get(metrics), self.last_saved)
+        self.save(program, state, next_batch)
+    return state, next_batch
 
 
 def train_and_evaluate(config: RunConfig, workdir: str | pathlib.Path,
-                       *, verbose: bool = True) -> dict[str, float]:
-  """Trains `config` in `workdir` (resuming if a checkpoint is there).
+                       *, verbose: bool = True) -> dict[str, Any]:
+  """Trains `config` in `workdir`, resuming if a checkpoint is there.
 
   Returns the last logged train metrics merged with the final evaluation.
   """
@@ -81,74 +284,14 @@ def train_and_evaluate(config: RunConfig, workdir: str | pathlib.Path,
   workdir = pathlib.Path(workdir)
   validate(config.data)
   check_workdir(workdir, config.to_json())
-  is_main = jax.process_index() == 0
-  progress_enabled = verbose and is_main
+  init_source = _init_source(config)
+  if init_source and not (workdir / "tokenizer.model").exists():
+    workdir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(init_source[0] / "tokenizer.model", workdir / "tokenizer.model")
   data = load_datasets(config.data, workdir=workdir,
                        batch_size=config.train.batch_size)
   record_config(workdir, config.to_json())
-  if progress_enabled:
+  run = _Run(config, workdir, data, verbose)
+  if verbose and jax.process_index() == 0:
     print(data.describe(), flush=True)
-
-  tc = config.train
-  model = TransformerLM(config.model)
-  tx = make_optimizer(config.optim, tc.steps)
-  schedule = learning_rate_schedule(config.optim, tc.steps)
-  init_rng, step_rng = jax.random.split(jax.random.key(tc.seed))
-  init = jax.jit(lambda: init_state(model, tx, init_rng, config.data.seq_len))
-  checkpointer = Checkpointer(workdir / "checkpoints",
-                              max_to_keep=tc.keep_checkpoints)
-  writer = MetricWriter(workdir, enabled=is_main)
-  last_saved = checkpointer.latest_step()
-  if last_saved is not None:
-    state, next_batch = checkpointer.restore(jax.eval_shape(init))
-    writer.truncate_after(int(state.step))
-  else:
-    state, next_batch = init(), 0
-  start = int(state.step)
-  progress = Progress(tc.steps, start, enabled=progress_enabled)
-  if start:
-    progress.message(f"resumed from step {start} in {workdir / 'checkpoints'}")
-
-  train_step = jax.jit(make_train_step(model, tx, step_rng), donate_argnums=0)
-  evaluate = Evaluator(model, data.eval_batches)
-  tokens_per_step = tc.batch_size * config.data.seq_len
-  summary: dict[str, float] = {}
-  timer_start, timer_steps = None, 0
-  try:
-    for step in range(start + 1, tc.steps + 1):
-      state, metrics = train_step(state, _model_inputs(data.train[next_batch]))
-      next_batch += 1
-      timer_steps += 1
-      if timer_start is None:  # Exclude compilation from tokens/s.
-        jax.block_until_ready(metrics)
-        timer_start, timer_steps = time.perf_counter(), 0
-      if step % tc.log_every == 0 or step == tc.steps:
-        metrics = jax.device_get(metrics)
-        _check_finite(step, metrics, last_saved)
-        elapsed = time.perf_counter() - timer_start
-        row = {k: float(v) for k, v in metrics.items()}
-        row["perf/tokens_per_sec"] = (
-            timer_steps * tokens_per_step / elapsed if timer_steps else 0.0)
-        row["train/learning_rate"] = float(schedule(step - 1))
-        writer.write(step, row)
-        progress.update(step, row)
-        summary.update(row)
-        timer_start, timer_steps = time.perf_counter(), 0
-      if step % tc.eval_every == 0 or step == tc.steps:
-        row = evaluate(state.variables())
-        writer.write(step, row)
-        summary.update(row)
-        progress.message(f"step {step:>6} | eval loss {row['eval/loss']:.4f} | "
-                         f"eval ppl {row['eval/ppl']:.2f}")
-      if step % tc.checkpoint_every == 0 or step == tc.steps:
-        _check_finite(step, jax.device_get(metrics), last_saved)
-        checkpointer.save(step, state, next_batch=next_batch)
-        last_saved = step
-  finally:
-    checkpointer.close()
-    writer.close()
-    progress.close()
-  if start >= tc.steps:
-    summary.update(evaluate(state.variables()))
-  summary["step"] = max(start, tc.steps)
-  return summary
+  return run.run(init_source)

@@ -1,9 +1,12 @@
 """AdamW with warmup and decay, gradient clipping, and decay only on matrices."""
 
 import dataclasses
+from typing import Sequence
 
 import jax
 import optax
+
+from moejax.pytree import match_rules
 
 SCHEDULES = ("cosine", "linear", "constant")
 
@@ -54,15 +57,20 @@ def decay_mask(params):
   return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def make_optimizer(cfg: OptimizerConfig, total_steps: int
-                   ) -> optax.GradientTransformation:
-  """clip_by_global_norm -> AdamW(schedule, weight decay on matrices).
+def make_optimizer(cfg: OptimizerConfig, total_steps: int,
+                   frozen: Sequence[str] = ()) -> optax.GradientTransformation:
+  """freeze -> clip_by_global_norm -> AdamW(schedule, decay on matrices) -> freeze.
 
-  The state has the same structure with clipping on or off, so a run can resume
-  with a different `grad_clip`.
+  Params whose path matches a `frozen` rule get a zero gradient (so clipping and
+  moments ignore them) and a zero update (so weight decay cannot move them): they
+  stay bit-identical. The state has the same structure whatever is frozen and
+  with clipping on or off, so stages and resumed runs can change both.
   """
+  frozen = tuple(frozen)
+  freeze = optax.masked(optax.set_to_zero(),
+                        lambda params: match_rules(params, frozen))
   adamw = optax.adamw(learning_rate_schedule(cfg, total_steps), b1=cfg.b1,
                       b2=cfg.b2, weight_decay=cfg.weight_decay, mask=decay_mask)
   clip = (optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip > 0
           else optax.identity())
-  return optax.chain(clip, adamw)
+  return optax.chain(freeze, clip, adamw, freeze)

@@ -36,24 +36,27 @@ def router_metrics(layers: dict[str, dict[str, jax.Array]]) -> Metrics:
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
-                    rng: jax.Array
+                    rng: jax.Array, *, stage_start: int = 0
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
   """Builds the step: loss = mean CE + sum of router aux losses; one update.
 
   The step's randomness is `fold_in(rng, state.step)`, so a resumed run draws the
-  same numbers as an uninterrupted one.
+  same numbers as an uninterrupted one. Routers with schedules see the steps
+  taken since `stage_start`.
   """
-  def loss_fn(params, model_state, batch, step_rng):
+
+  def loss_fn(params, model_state, batch, step_rng, stage_step):
     logits_BLV, aux = model.apply(
         {"params": params, **model_state}, batch["inputs"], deterministic=False,
-        rngs={"router": step_rng})
+        step=stage_step, rngs={"router": step_rng})
     ce = jnp.mean(cross_entropy(logits_BLV, batch["targets"]))
     return ce + aux["aux_loss"], (ce, aux)
 
   def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
     step_rng = jax.random.fold_in(rng, state.step)
     grads, (ce, aux) = jax.grad(loss_fn, has_aux=True)(
-        state.params, state.model_state, batch, step_rng)
+        state.params, state.model_state, batch, step_rng,
+        state.step - stage_start)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {
@@ -69,6 +72,16 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
     return new_state, metrics
 
   return train_step
+
+
+def make_probe_step(model: nn.Module) -> Callable[[dict, jax.Array], dict]:
+  """Builds `(variables, inputs_BL) -> {layer: int32[B*L] top expert}`
+  (deterministic routing, as at evaluation)."""
+
+  def probe_step(variables, inputs_BL):
+    return model.apply(variables, inputs_BL, deterministic=True)[1]["routes"]
+
+  return probe_step
 
 
 def make_eval_step(model: nn.Module) -> Callable[[dict, Batch], Metrics]:

@@ -8,8 +8,21 @@ from moejax.errors import CheckpointError
 
 CONFIG_FILE = "config.json"
 # Config keys that decide the shapes in a checkpoint or the data it was trained on.
-_MUST_MATCH = ("model", "data.source", "data.seq_len", "data.vocab_size",
+_MUST_MATCH = ("model", "stages", "data.source", "data.seq_len", "data.vocab_size",
                "data.eval_fraction", "data.max_bytes", "data.seed")
+
+
+def _as_json(resolved: dict[str, Any]) -> dict[str, Any]:
+  """What `resolved` reads back as from config.json (tuples become lists)."""
+  return json.loads(json.dumps(resolved))
+
+
+def _structure(resolved: dict[str, Any]) -> dict[str, Any]:
+  """`resolved` without stage lengths: a longer run may resume a shorter one."""
+  out = dict(resolved)
+  out["stages"] = [{k: v for k, v in st.items() if k != "steps"}
+                   for st in resolved.get("stages", [])]
+  return out
 
 
 def _get(tree: dict[str, Any], dotted: str) -> Any:
@@ -50,6 +63,7 @@ def check_workdir(workdir: pathlib.Path, resolved: dict[str, Any]) -> None:
   saved = saved_config(workdir)
   if saved is None:
     return
+  saved, resolved = _structure(saved), _structure(_as_json(resolved))
   for key in _MUST_MATCH:
     diff = _first_difference(_get(saved, key), _get(resolved, key), key)
     if diff:
@@ -61,7 +75,7 @@ def check_workdir(workdir: pathlib.Path, resolved: dict[str, Any]) -> None:
 def record_config(workdir: pathlib.Path, resolved: dict[str, Any]) -> None:
   """Writes `config.json` on a first run; a later run whose other keys changed
   (say a longer `train.steps`) is recorded in `config.<n>.json` beside it."""
-  saved = saved_config(workdir)
+  saved, resolved = saved_config(workdir), _as_json(resolved)
   workdir.mkdir(parents=True, exist_ok=True)
   if saved is None:
     (workdir / CONFIG_FILE).write_text(json.dumps(resolved, indent=2) + "\n")

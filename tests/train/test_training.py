@@ -35,7 +35,8 @@ def test_tiny_run_learns_and_writes_outputs(tmp_path, tiny, dispatch):
   for name in ("config.json", "tokenizer.model", "checkpoints"):
     assert (tmp_path / name).exists(), name
   assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
-  assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()
+  stage_dir = tmp_path / "checkpoints" / "stage_0"
+  assert sorted(int(p.name) for p in stage_dir.iterdir()
                 if p.name.isdigit()) == [20, 40, 60]
 
 

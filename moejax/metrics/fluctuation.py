@@ -1,0 +1,124 @@
+"""Routing fluctuation: how often probe tokens change expert during training.
+
+Shapes: N probe tokens, P probes so far.
+
+Every `probe_every` steps the trainer routes a fixed set of held-out tokens
+deterministically and records each token's (top) expert in every MoE layer.
+Live: `router/fluctuation` is the share of probe tokens whose expert changed since
+the previous probe (mean over layers). At the end, the curve of the StableMoE
+paper: for each token, the last probe step at which its expert differed from its
+final expert; the cumulative share of tokens settled by each step.
+"""
+
+import json
+import os
+import pathlib
+
+import numpy as np
+
+PROBE_DIR = "probes"
+
+
+class FluctuationProbe:
+  """Saves each probe's routes under `<workdir>/probes/` and compares them."""
+
+  def __init__(self, workdir: str | os.PathLike, *, enabled: bool = True):
+    self.dir = pathlib.Path(workdir) / PROBE_DIR
+    self.enabled = enabled
+    self._previous: dict[str, np.ndarray] | None = None
+
+  def resume(self, step: int) -> None:
+    """Starts comparing against the last probe at or before `step`."""
+    steps = [s for s in self.steps() if s <= step]
+    self._previous = self.load(steps[-1]) if steps else None
+
+  def steps(self) -> list[int]:
+    if not self.dir.exists():
+      return []
+    return sorted(int(p.stem.split("_")[1]) for p in self.dir.glob("step_*.npz"))
+
+  def load(self, step: int) -> dict[str, np.ndarray]:
+    with np.load(self.dir / f"step_{step}.npz") as f:
+      return {k: f[k] for k in f.files}
+
+  def record(self, step: int, routes: dict[str, np.ndarray]) -> dict[str, float]:
+    """Stores `routes` (layer -> int[N]) and returns the fluctuation metrics."""
+    routes = {k: np.asarray(v) for k, v in routes.items()}
+    if self.enabled:
+      self.dir.mkdir(parents=True, exist_ok=True)
+      np.savez(self.dir / f"step_{step}.npz", **routes)
+    metrics = {}
+    prev = self._previous
+    shared = [k for k in routes if prev is not None and k in prev
+              and prev[k].shape == routes[k].shape]
+    for layer in shared:
+      metrics[f"router/{layer}/fluctuation"] = float(
+          np.mean(routes[layer] != prev[layer]))
+    if shared:
+      metrics["router/fluctuation"] = float(np.mean(
+          [metrics[f"router/{k}/fluctuation"] for k in shared]))
+    self._previous = routes
+    return metrics
+
+
+def settling_curve(steps: list[int], routes: list[np.ndarray]
+                   ) -> tuple[np.ndarray, np.ndarray]:
+  """Per token the last probe step whose expert differs from the final one
+  (the first probe step if it never changed), and for each probe step the share
+  of tokens settled by then. routes: P arrays int[N]."""
+  stacked_PN = np.stack(routes)
+  differs_PN = stacked_PN != stacked_PN[-1]
+  steps_arr = np.asarray(steps)
+  # Index of the last probe that differs; -1 when none does.
+  last_diff_N = np.where(differs_PN.any(0),
+                         len(steps) - 1 - np.argmax(differs_PN[::-1], axis=0), -1)
+  # A token is settled from the probe after its last difference.
+  settled_at_N = steps_arr[np.minimum(last_diff_N + 1, len(steps) - 1)]
+  settled_at_N = np.where(last_diff_N < 0, steps_arr[0], settled_at_N)
+  share_P = np.array([np.mean(settled_at_N <= s) for s in steps_arr])
+  return settled_at_N, share_P
+
+
+def write_curve(workdir: str | os.PathLike, probe: FluctuationProbe) -> dict | None:
+  """Writes `fluctuation.json` and `fluctuation.png` from every saved probe."""
+  steps = probe.steps()
+  if len(steps) < 2:
+    return None
+  loaded = [probe.load(s) for s in steps]
+  layers = sorted(set.intersection(*(set(r) for r in loaded)))
+  # Only probes with the final layout (a stage can change which layers route).
+  final_shapes = {k: loaded[-1][k].shape for k in layers}
+  keep = [i for i, r in enumerate(loaded)
+          if all(r[k].shape == final_shapes[k] for k in layers)]
+  steps = [steps[i] for i in keep]
+  result = {"steps": steps, "layers": {}}
+  for layer in layers:
+    settled, share = settling_curve(steps, [loaded[i][layer] for i in keep])
+    result["layers"][layer] = {
+        "settled_share": share.tolist(),
+        "changed_after_first_probe": float(np.mean(settled > steps[0])),
+    }
+  shares = np.mean([result["layers"][k]["settled_share"] for k in layers], axis=0)
+  result["settled_share"] = shares.tolist()
+  path = pathlib.Path(workdir)
+  (path / "fluctuation.json").write_text(json.dumps(result, indent=1) + "\n")
+  _plot(path / "fluctuation.png", result)
+  return result
+
+
+def _plot(path: pathlib.Path, result: dict) -> None:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(5, 3.5))
+  for layer, curve in result["layers"].items():
+    ax.plot(result["steps"], np.asarray(curve["settled_share"]) * 100, label=layer)
+  ax.set_xlabel("training step")
+  ax.set_ylabel("probe tokens with their final expert (%)")
+  ax.set_title("Routing fluctuation: when tokens settle")
+  ax.set_ylim(0, 102)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)

@@ -1,0 +1,145 @@
+"""Stage transforms: pure `params -> params` changes applied between training loops.
+
+Shapes: D model width, F hidden width, E experts.
+
+- `diversify(params, num_experts, mask_ratio, key)`: EvoMoE's expert-diversify; each
+  dense FFN becomes E experts, expert e = the FFN's weights times an independent
+  per-element Bernoulli mask that zeroes a share `mask_ratio` of them (no rescale).
+- `upcycle(dense_params, num_experts, ...)`: sparse upcycling of a dense checkpoint,
+  the same code path (mask_ratio 0 by default: every expert a copy).
+- `freeze_distilled_router`: params unchanged; StableMoE's distilled router is
+  excluded from optimizer updates from this stage on.
+
+A registered `Transition` bundles what the stage machine needs: the params
+function, how optimizer moments are carried, and the params it freezes.
+"""
+
+import dataclasses
+import re
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from moejax.errors import ConfigError
+from moejax.models.config import TransformerConfig
+from moejax.routing.stablemoe import FREEZE_DISTILLED
+
+_BLOCK = re.compile(r"block_(\d+)$")
+
+
+@dataclasses.dataclass(frozen=True)
+class TransitionContext:
+  """What a transform sees: the model before and after, a key, its options."""
+
+  old: TransformerConfig
+  new: TransformerConfig
+  key: jax.Array
+  options: dict[str, Any]
+
+
+def diversify(params: dict, num_experts: int, mask_ratio: float, key: jax.Array,
+              *, layers: tuple[int, ...] | None = None) -> dict:
+  """Replaces each dense `block_<i>/ffn` (i in `layers`, default all) by
+  `block_<i>/moe/experts` with E masked copies: w_in [E, D, F], w_out [E, F, D].
+
+  Each expert's mask is drawn independently, per element, keep probability
+  1 - mask_ratio; masked weights are zero (kept ones are not rescaled). Router
+  params are not created here: the stage machine takes them from a fresh init.
+  """
+  if not 0.0 <= mask_ratio < 1.0:
+    raise ConfigError(f"diversify mask_ratio={mask_ratio} must be in [0, 1)")
+  out = dict(params)
+  for name, block in params.items():
+    m = _BLOCK.match(name)
+    if not m or "ffn" not in block or (layers is not None and
+                                       int(m.group(1)) not in layers):
+      continue
+    layer_key = jax.random.fold_in(key, int(m.group(1)))
+    k_in, k_out = jax.random.split(layer_key)
+    w_in_DF = block["ffn"]["w_in"]["kernel"]
+    w_out_FD = block["ffn"]["w_out"]["kernel"]
+
+    def masked_copies(w, k):
+      stacked = jnp.broadcast_to(w, (num_experts, *w.shape))
+      if mask_ratio == 0.0:
+        return stacked
+      keep = jax.random.bernoulli(k, 1.0 - mask_ratio, stacked.shape)
+      return jnp.where(keep, stacked, 0).astype(w.dtype)
+
+    new_block = {k: v for k, v in block.items() if k != "ffn"}
+    new_block["moe"] = {"experts": {"w_in": masked_copies(w_in_DF, k_in),
+                                    "w_out": masked_copies(w_out_FD, k_out)}}
+    out[name] = new_block
+  return out
+
+
+def upcycle(dense_params: dict, num_experts: int, *, key: jax.Array,
+            layers: tuple[int, ...] | None = None, mask_ratio: float = 0.0) -> dict:
+  """Sparse upcycling: dense FFNs at `layers` become E experts (see `diversify`)."""
+  return diversify(dense_params, num_experts, mask_ratio, key, layers=layers)
+
+
+@dataclasses.dataclass(frozen=True)
+class Transition:
+  """A stage-entry transform.
+
+  Attributes:
+    params: (old params, context) -> params of the new model (partial trees are
+      completed from a fresh init of the new model).
+    moments: (an optimizer tree shaped like the old params, context) -> the same
+      for the new params, or None to carry leaves whose path and shape match and
+      zero the rest.
+    frozen: path rules of params excluded from updates from this stage on.
+    options: the transform's options and their defaults.
+  """
+
+  params: Callable[[dict, TransitionContext], dict]
+  moments: Callable[[dict, TransitionContext], dict] | None = None
+  frozen: tuple[str, ...] = ()
+  options: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def _diversify_params(params, ctx: TransitionContext):
+  return diversify(params, ctx.new.moe.num_experts, ctx.options["mask_ratio"],
+                   ctx.key, layers=ctx.new.moe_layers)
+
+
+def _replicate_moments(tree, ctx: TransitionContext):
+  """replicate: each expert starts with the dense FFN's moments (no mask);
+  reset: the experts' moments start at zero (the dense ones are dropped)."""
+  if ctx.options["moments"] == "reset":
+    return tree
+  return diversify(tree, ctx.new.moe.num_experts, 0.0, ctx.key,
+                   layers=ctx.new.moe_layers)
+
+
+TRANSFORMS: dict[str, Transition] = {
+    "freeze_distilled_router": Transition(
+        params=lambda params, ctx: params, frozen=(FREEZE_DISTILLED,)),
+    "diversify": Transition(
+        params=_diversify_params, moments=_replicate_moments,
+        options={"mask_ratio": 0.2, "moments": "replicate"}),
+    "upcycle": Transition(
+        params=_diversify_params, moments=_replicate_moments,
+        options={"mask_ratio": 0.0, "moments": "replicate"}),
+}
+
+
+def get_transition(name: str, options: dict[str, Any] | None = None
+                   ) -> tuple[Transition, dict[str, Any]]:
+  """The transform `name` and its options with defaults filled in."""
+  if name not in TRANSFORMS:
+    raise ConfigError(f"unknown stage transform {name!r}; valid: "
+                      f"{', '.join(sorted(TRANSFORMS))}")
+  transition = TRANSFORMS[name]
+  merged = dict(transition.options)
+  for key, value in (options or {}).items():
+    if key not in merged:
+      raise ConfigError(f"stage transform {name!r} has no option {key!r}; valid: "
+                        f"{', '.join(sorted(merged)) or '(none)'}")
+    merged[key] = value
+  if "moments" in merged and merged["moments"] not in ("replicate", "reset"):
+    raise ConfigError(f"stage transform {name!r} moments={merged['moments']!r}; "
+                      "use replicate or reset")
+  return transition, merged
