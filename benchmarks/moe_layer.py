@@ -15,9 +15,6 @@ interpreter: their rows show that the kernels run, not how fast they are.
 """
 
 import argparse
-import contextlib
-import dataclasses
-import functools
 import itertools
 import statistics
 import time
@@ -27,48 +24,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moejax.kernels import (MATMUL_IMPLS, available_impls, grouped_matmul,
-                            resolve_impl)
+from moejax.kernels import MATMUL_IMPLS, available_impls, resolve_impl
 from moejax.models.transformer import DenseFFN
 from moejax.moe import MoELayer, dispatch, expert_capacity
-from moejax.moe.experts import Experts, grouped_ffn
 from moejax.moe.reference import capacity_keep_loop, moe_loop
 from moejax.routing import make_router
 
-_LAYER_HAS_MATMUL = "matmul" in {f.name for f in dataclasses.fields(MoELayer)}
-
-
-def _use_matmul(impl: str):
-  """Context in which MoE layers use grouped matmul `impl` on the dropless path.
-
-  Stopgap while MoELayer has no `matmul` field: intercepts `Experts.grouped`
-  and runs the same `grouped_ffn` with `grouped_matmul(impl=...)`.
-  """
-  if _LAYER_HAS_MATMUL or impl == "xla":
-    return contextlib.nullcontext()
-  ragged_dot = functools.partial(grouped_matmul, impl=impl)
-
-  def intercept(next_fun, args, kwargs, context):
-    if not (isinstance(context.module, Experts)
-            and context.method_name == "grouped"):
-      return next_fun(*args, **kwargs)
-    experts = context.module
-    x_MD, group_sizes_E = args
-    return grouped_ffn(x_MD, *experts.weights(), group_sizes_E,
-                       experts.activation, ragged_dot=ragged_dot)
-
-  return nn.intercept_methods(intercept)
-
-
 def _layer(router, num_experts, d_ff, path, capacity_factor, dtype):
-  """The MoE layer for `path` (`capacity` or `dropless/<impl>`) and the context
-  to build, check and trace it in."""
+  """The MoE layer for `path` (`capacity` or `dropless/<impl>`)."""
   dispatch_path, _, matmul = path.partition("/")
-  extra = {"matmul": matmul} if matmul and _LAYER_HAS_MATMUL else {}
-  layer = MoELayer(router, num_experts=num_experts, d_ff=d_ff,
-                   dispatch=dispatch_path, capacity_factor=capacity_factor,
-                   dtype=dtype, **extra)
-  return layer, _use_matmul(matmul or "xla")
+  return MoELayer(router, num_experts=num_experts, d_ff=d_ff,
+                  dispatch=dispatch_path, capacity_factor=capacity_factor,
+                  dtype=dtype, matmul=matmul or "xla")
 
 
 def _time(fn, *args, iters: int) -> float:
@@ -123,14 +90,12 @@ def run(tokens, d_model, d_ff, experts, top_ks, dtype, capacity_factor, iters,
                      tflops=flops / dense_s / 1e12, ratio=1.0))
     for path in paths:
       router = make_router("topk", num_experts=num_experts, top_k=top_k)
-      layer, context = _layer(router, num_experts, d_ff, path,
-                              capacity_factor, dtype)
-      with context:  # Tracing happens on the first (untimed) call.
-        params = nn.unbox(jax.jit(layer.init)(key, x_TD[None]))["params"]
-        _check(layer, params, x_TD, top_k, path, capacity_factor)
-        step = _fwd_bwd(lambda p, x, layer=layer: layer.apply({"params": p}, x)[0])
-        ct = jax.random.normal(key, (1, tokens, d_model), jnp.float32)
-        moe_s = _time(step, params, x_TD[None], ct, iters=iters)
+      layer = _layer(router, num_experts, d_ff, path, capacity_factor, dtype)
+      params = nn.unbox(jax.jit(layer.init)(key, x_TD[None]))["params"]
+      _check(layer, params, x_TD, top_k, path, capacity_factor)
+      step = _fwd_bwd(lambda p, x, layer=layer: layer.apply({"params": p}, x)[0])
+      ct = jax.random.normal(key, (1, tokens, d_model), jnp.float32)
+      moe_s = _time(step, params, x_TD[None], ct, iters=iters)
       rows.append(dict(E=num_experts, k=top_k, path=path, ms=moe_s * 1e3,
                        tflops=flops / moe_s / 1e12, ratio=dense_s / moe_s))
   return rows

@@ -23,22 +23,17 @@ the same dispatch path start from the same params and must agree across impls.
 """
 
 import argparse
-import contextlib
 import dataclasses
-import functools
 import statistics
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moejax.kernels import (MATMUL_IMPLS, available_impls, grouped_matmul,
-                            resolve_impl)
+from moejax.kernels import MATMUL_IMPLS, available_impls, resolve_impl
 from moejax.models import MoEConfig, TransformerConfig, TransformerLM
 from moejax.models.config import resolve_moe_layers
-from moejax.moe.experts import Experts, grouped_ffn
 from moejax.train import OptimizerConfig, init_state, make_optimizer
 from moejax.train import make_train_step
 
@@ -46,31 +41,6 @@ from moejax.train import make_train_step
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v4": 275.0,
                "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0,
                "TPU v6": 918.0}
-
-_MOE_HAS_MATMUL = "matmul" in {f.name for f in dataclasses.fields(MoEConfig)}
-
-
-def _use_matmul(impl: str):
-  """Context in which MoE layers use grouped matmul `impl` on the dropless path.
-
-  Stopgap while MoEConfig has no `matmul` field: intercepts `Experts.grouped`
-  and runs the same `grouped_ffn` with `grouped_matmul(impl=...)`.
-  """
-  if _MOE_HAS_MATMUL or impl in ("-", "xla"):
-    return contextlib.nullcontext()
-  ragged_dot = functools.partial(grouped_matmul, impl=impl)
-
-  def intercept(next_fun, args, kwargs, context):
-    if not (isinstance(context.module, Experts)
-            and context.method_name == "grouped"):
-      return next_fun(*args, **kwargs)
-    experts = context.module
-    x_MD, group_sizes_E = args
-    return grouped_ffn(x_MD, *experts.weights(), group_sizes_E,
-                       experts.activation, ragged_dot=ragged_dot)
-
-  return nn.intercept_methods(intercept)
-
 
 def flops_per_token(cfg: TransformerConfig, seq_len: int) -> float:
   """Model FLOPs of one training token (fwd + bwd), see the module docstring."""
@@ -124,17 +94,16 @@ def run(args) -> list[dict]:
   for top_k in args.top_k:
     for path in args.paths:
       for impl in (impls if path == "dropless" else ["-"]):
-        extra = {"matmul": impl} if impl != "-" and _MOE_HAS_MATMUL else {}
         moe = MoEConfig(num_experts=args.experts, top_k=top_k, router="topk",
                         dispatch=path, capacity_factor=args.capacity_factor,
-                        d_ff=args.d_ff // top_k, **extra)
+                        d_ff=args.d_ff // top_k,
+                        matmul=impl if impl != "-" else "xla")
         cfg = dataclasses.replace(base, moe_layers=moe_layers, moe=moe)
         variants.append(("moe", path, impl, top_k, cfg))
   rows = []
   tokens = args.batch * args.seq_len
   for kind, path, impl, top_k, cfg in variants:
-    with _use_matmul(impl):  # Tracing happens on the first (untimed) step.
-      r = measure(cfg, args.batch, args.seq_len, args.iters)
+    r = measure(cfg, args.batch, args.seq_len, args.iters)
     tflops = flops_per_token(cfg, args.seq_len) * tokens / r["seconds"] / 1e12
     rows.append(dict(model=kind, k=top_k or "-", path=path, matmul=impl,
                      tflops=tflops, tokens_s=tokens / r["seconds"], **r))

@@ -16,6 +16,7 @@ _WORKDIR = flags.DEFINE_string(
 def _main(argv) -> None:
   del argv
   from moejax.errors import MoejaxError  # pylint: disable=g-import-not-at-top
+  from moejax.parallel import maybe_initialize  # pylint: disable=g-import-not-at-top
   from moejax.train import parse, train_and_evaluate  # pylint: disable=g-import-not-at-top
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
@@ -23,6 +24,7 @@ def _main(argv) -> None:
     sys.exit("moejax: error: --config and --workdir are required, e.g. "
              "moejax-train --config configs/quickstart.py --workdir /tmp/run")
   try:
+    maybe_initialize()  # jax.distributed on multi-process launches.
     summary = train_and_evaluate(parse(_CONFIG.value), _WORKDIR.value)
   except MoejaxError as e:
     sys.exit(f"moejax: error: {e}")

@@ -27,6 +27,17 @@ class FluctuationProbe:
     self.enabled = enabled
     self._previous: dict[str, np.ndarray] | None = None
 
+  def save_inputs(self, tokens_BL: np.ndarray, domains_BL: np.ndarray,
+                  domain_names: tuple[str, ...]) -> None:
+    """Keeps the probe tokens beside the routes (`probes/inputs.npz`), so a
+    notebook can colour the text by expert or count experts per domain."""
+    if not self.enabled:
+      return
+    self.dir.mkdir(parents=True, exist_ok=True)
+    np.savez(self.dir / "inputs.npz", tokens=np.asarray(tokens_BL).reshape(-1),
+             domains=np.asarray(domains_BL).reshape(-1),
+             domain_names=np.asarray(domain_names))
+
   def resume(self, step: int) -> None:
     """Starts comparing against the last probe at or before `step`."""
     steps = [s for s in self.steps() if s <= step]

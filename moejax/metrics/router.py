@@ -6,19 +6,17 @@ Shapes: T tokens, E experts, K slots per token.
 import jax
 import jax.numpy as jnp
 
-from moejax.routing.losses import expert_fractions
 
-
-def load_metrics(expert_TK: jax.Array, mask_TK: jax.Array, kept_TK: jax.Array,
-                 num_experts: int) -> dict[str, jax.Array]:
-  """Balance and drop statistics of one MoE layer.
+def load_metrics(load_E: jax.Array, mask_TK: jax.Array,
+                 kept_TK: jax.Array) -> dict[str, jax.Array]:
+  """Balance and drop statistics of one MoE layer from its load fractions.
 
   Returns float32[] scalars:
     load_max_over_mean: max over experts of routed slots / mean (1.0 = balanced).
     load_cv: coefficient of variation of the routed slots per expert.
     drop_frac: share of routed slots dropped for capacity.
   """
-  load_E = expert_fractions(expert_TK, mask_TK, num_experts)
+  num_experts = load_E.shape[0]
   mean = 1.0 / num_experts
   routed = jnp.sum(mask_TK.astype(jnp.float32))
   kept = jnp.sum(kept_TK.astype(jnp.float32))

@@ -9,6 +9,7 @@ from typing import Any, Iterable
 import numpy as np
 
 METRICS_FILE = "metrics.jsonl"
+LOADS_FILE = "router_loads.jsonl"
 
 
 def _plain(value: Any) -> Any:
@@ -25,12 +26,14 @@ def _plain(value: Any) -> Any:
 class MetricWriter:
   """Appends rows to `<workdir>/metrics.jsonl` and scalars to `<workdir>/tb/`.
 
-  Only the writer with `enabled=True` (process 0) touches the files.
+  Vector metrics (per-expert loads) go to `<workdir>/router_loads.jsonl`, one row
+  per logged step. Only the writer with `enabled=True` (process 0) touches files.
   """
 
   def __init__(self, workdir: str | os.PathLike, *, enabled: bool = True,
                tensorboard: bool = True):
     self.path = pathlib.Path(workdir) / METRICS_FILE
+    self.loads_path = pathlib.Path(workdir) / LOADS_FILE
     self.enabled = enabled
     self._tb = None
     if enabled and tensorboard:
@@ -39,37 +42,53 @@ class MetricWriter:
 
   def truncate_after(self, step: int) -> None:
     """On resume: rows past `step` (written before an interruption) move to
-    `metrics.discarded.jsonl` so the log holds one row per step."""
-    if not self.enabled or not self.path.exists():
-      return
-    keep, drop = [], []
-    for line in self.path.read_text().splitlines():
-      if line.strip():
-        (keep if json.loads(line).get("step", 0) <= step else drop).append(line)
-    if drop:
-      with open(self.path.with_name("metrics.discarded.jsonl"), "a") as f:
-        f.write("\n".join(drop) + "\n")
-      self.path.write_text("".join(line + "\n" for line in keep))
-
-  def write(self, step: int, metrics: dict[str, Any]) -> None:
+    `<name>.discarded.jsonl` so each log holds one row per step."""
     if not self.enabled:
       return
-    row = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
-    with open(self.path, "a") as f:
-      f.write(json.dumps(row) + "\n")
+    for path in (self.path, self.loads_path):
+      if not path.exists():
+        continue
+      keep, drop = [], []
+      for line in path.read_text().splitlines():
+        if line.strip():
+          (keep if json.loads(line).get("step", 0) <= step else drop).append(line)
+      if drop:
+        with open(path.with_suffix(".discarded.jsonl"), "a") as f:
+          f.write("\n".join(drop) + "\n")
+        path.write_text("".join(line + "\n" for line in keep))
+
+  def write(self, step: int, metrics: dict[str, Any]) -> None:
+    """Scalars to metrics.jsonl and TensorBoard; arrays to router_loads.jsonl
+    (with the row's string fields, e.g. the stage name)."""
+    if not self.enabled:
+      return
+    scalars, vectors = {}, {}
+    for key, value in metrics.items():
+      (vectors if np.ndim(value) > 0 else scalars)[key] = value
+    self._append(self.path, step, scalars)
+    if vectors:
+      labels = {k: v for k, v in scalars.items() if isinstance(v, (str, int))
+                and not isinstance(v, bool) and k.startswith("stage")}
+      self._append(self.loads_path, step, {**labels, **vectors})
     if self._tb is not None:
-      for key, value in metrics.items():
+      for key, value in scalars.items():
         if isinstance(value, (int, float, np.generic)) and not isinstance(value, bool):
           self._tb.add_scalar(key, float(value), int(step))
+
+  def _append(self, path: pathlib.Path, step: int, values: dict[str, Any]):
+    row = {"step": int(step), **{k: _plain(v) for k, v in values.items()}}
+    with open(path, "a") as f:
+      f.write(json.dumps(row) + "\n")
 
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
 
 
-def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
-  """The rows of `<workdir>/metrics.jsonl`, in order."""
-  path = pathlib.Path(workdir) / METRICS_FILE
+def read_metrics(workdir: str | os.PathLike,
+                 name: str = METRICS_FILE) -> list[dict[str, Any]]:
+  """The rows of `<workdir>/metrics.jsonl` (or of `name`), in order."""
+  path = pathlib.Path(workdir) / name
   return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 

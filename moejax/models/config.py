@@ -20,6 +20,8 @@ class MoEConfig:
     dispatch: `capacity` or `dropless`.
     capacity_factor: C = ceil(capacity_factor * T * K / E) per MoE layer.
     d_ff: F of each expert (None: the dense FFN width).
+    matmul: grouped matmul of the dropless path (`moejax.kernels.MATMUL_IMPLS`:
+      xla, pallas, megablox, auto).
   """
 
   num_experts: int = 8
@@ -29,6 +31,7 @@ class MoEConfig:
   dispatch: str = "capacity"
   capacity_factor: float = 1.25
   d_ff: int | None = None
+  matmul: str = "xla"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -65,6 +65,7 @@ class Block(nn.Module):
 
   config: TransformerConfig
   is_moe: bool
+  mesh: jax.sharding.Mesh | None = None
 
   @nn.compact
   def __call__(self, x_BLD, token_ids_BL, deterministic: bool, step=None):
@@ -82,7 +83,7 @@ class Block(nn.Module):
     y_BLD, aux = MoELayer(
         router=router, num_experts=moe.num_experts, d_ff=moe.d_ff or cfg.d_ff,
         dispatch=moe.dispatch, capacity_factor=moe.capacity_factor, dtype=dtype,
-        name="moe")(h_BLD, token_ids_BL=token_ids_BL, step=step,
+        matmul=moe.matmul, mesh=self.mesh, name="moe")(h_BLD, token_ids_BL=token_ids_BL, step=step,
                     deterministic=deterministic)
     return x_BLD + y_BLD, aux
 
@@ -92,12 +93,16 @@ class TransformerLM(nn.Module):
 
   `__call__` returns `(logits_BLV, aux)` where `aux = {"aux_loss": float32[] sum
   over MoE layers, "layers": {"layer_<i>": metrics dict}, "routes": {"layer_<i>":
-  int32[B*L] top expert per token}}`. Training passes `deterministic=False`, an rng
+  int32[B*L] top expert per token}, "loads": {"layer_<i>": float32[E]}}`. Training passes `deterministic=False`, an rng
   stream named `router`, and `step` (steps into the current stage) for routers
   with schedules.
+
+  With a `mesh` (`moejax.parallel.make_mesh`) the MoE layers run expert-parallel:
+  dispatch, experts and combine inside `shard_map`, tokens moved by all-to-all.
   """
 
   config: TransformerConfig
+  mesh: jax.sharding.Mesh | None = None
 
   @nn.compact
   def __call__(self, tokens_BL: jax.Array, *, deterministic: bool = True,
@@ -121,14 +126,17 @@ class TransformerLM(nn.Module):
     length = tokens_BL.shape[1]
     x_BLD = (embed[tokens_BL] + pos[:length]).astype(dtype)
     aux_loss = jnp.zeros((), jnp.float32)
-    layers, routes = {}, {}
+    layers, routes, loads = {}, {}, {}
     for i in range(cfg.num_layers):
-      x_BLD, aux = Block(cfg, i in cfg.moe_layers, name=f"block_{i}")(
+      x_BLD, aux = Block(cfg, i in cfg.moe_layers, mesh=self.mesh,
+                         name=f"block_{i}")(
           x_BLD, tokens_BL, deterministic, step)
       if aux is not None:
         aux_loss = aux_loss + aux.aux_loss
         layers[f"layer_{i}"] = aux.metrics
         routes[f"layer_{i}"] = aux.top_expert_T
+        loads[f"layer_{i}"] = aux.load_E
     x_BLD = _norm("final_norm", dtype)(x_BLD)
     logits_BLV = jnp.einsum("bld,vd->blv", x_BLD.astype(jnp.float32), embed)
-    return logits_BLV, {"aux_loss": aux_loss, "layers": layers, "routes": routes}
+    return logits_BLV, {"aux_loss": aux_loss, "layers": layers, "routes": routes,
+                        "loads": loads}

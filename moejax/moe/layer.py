@@ -18,6 +18,7 @@ from moejax.moe import dispatch
 from moejax.moe.experts import Dtype, Experts
 from moejax.parallel import expert_parallel
 from moejax.routing.contract import Router
+from moejax.routing.losses import expert_fractions
 
 
 @flax.struct.dataclass
@@ -29,11 +30,13 @@ class MoEAux:
     metrics: float32[] router health scalars by name.
     top_expert_T: int32[T] each token's highest-weight used expert (-1: none),
       what routing-fluctuation probes record.
+    load_E: float32[E] share of the routed slots each expert received.
   """
 
   aux_loss: jax.Array
   metrics: dict[str, jax.Array]
   top_expert_T: jax.Array
+  load_E: jax.Array
 
 
 def top_expert(expert_TK: jax.Array, weight_TK: jax.Array,
@@ -59,6 +62,7 @@ class MoELayer(nn.Module):
       unless the router fixes its own capacity (`Routing.capacity`).
     dtype: compute dtype of the experts (the router always computes in float32).
     param_dtype: storage dtype of the expert weights.
+    matmul: grouped matmul of the dropless path (`moejax.kernels.MATMUL_IMPLS`).
     mesh: a `("data", "expert")` mesh (`moejax.parallel.make_mesh`) to run
       dispatch -> experts -> combine expert-parallel on, with capacity per
       device (`moejax.parallel.expert_parallel`); None: one program, global plan.
@@ -71,6 +75,7 @@ class MoELayer(nn.Module):
   capacity_factor: float = 1.25
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  matmul: str = "xla"
   mesh: jax.sharding.Mesh | None = None
 
   @nn.compact
@@ -89,7 +94,8 @@ class MoELayer(nn.Module):
     routing = self.router(x_TD, token_ids_T=token_ids_T,
                           deterministic=deterministic, **extra)
     experts = Experts(self.num_experts, d_model, self.d_ff, dtype=self.dtype,
-                      param_dtype=self.param_dtype, name="experts")
+                      param_dtype=self.param_dtype, matmul=self.matmul,
+                      name="experts")
     # Init needs only shapes: any token count works, however the mesh splits.
     if self.mesh is not None and not self.is_initializing():
       w_in_EDF, w_out_EFD = experts.weights()
@@ -116,11 +122,13 @@ class MoELayer(nn.Module):
                                      routing.mask_TK)
       kept_TK = routing.mask_TK
     metrics = dict(routing.metrics)
-    metrics.update(load_metrics(routing.expert_TK, routing.mask_TK, kept_TK,
-                                self.num_experts))
+    load_E = expert_fractions(routing.expert_TK, routing.mask_TK,
+                              self.num_experts)
+    metrics.update(load_metrics(load_E, routing.mask_TK, kept_TK))
     metrics["aux_loss"] = routing.aux_loss
     y_BLD = y_TD.reshape(batch, length, d_model).astype(x_BLD.dtype)
     return y_BLD, MoEAux(
         aux_loss=routing.aux_loss, metrics=metrics,
         top_expert_T=top_expert(routing.expert_TK, routing.weight_TK,
-                                routing.mask_TK))
+                                routing.mask_TK),
+        load_E=load_E)

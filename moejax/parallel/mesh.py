@@ -31,7 +31,8 @@ class MeshConfig:
   expert: int = 1
 
   def shape(self, num_devices: int) -> tuple[int, int]:
-    """(data, expert) with -1 resolved; ConfigError when it cannot fit."""
+    """(data, expert) with -1 resolved (-1 takes all remaining devices; explicit
+    sizes may use fewer than are available); ConfigError when it cannot fit."""
     sizes = {"data": self.data, "expert": self.expert}
     for name, size in sizes.items():
       if isinstance(size, bool) or not isinstance(size, (int, np.integer)):
@@ -53,11 +54,11 @@ class MeshConfig:
       fill = num_devices // known
       return (fill if self.data == -1 else self.data,
               fill if self.expert == -1 else self.expert)
-    if known != num_devices:
+    if known > num_devices:
       raise ConfigError(
           f"mesh.data={self.data} x mesh.expert={self.expert} = {known} devices, "
-          f"but {num_devices} are available; make the product {num_devices} or "
-          "set one axis to -1")
+          f"but {num_devices} are available; make the product at most "
+          f"{num_devices} or set one axis to -1")
     return self.data, self.expert
 
 
@@ -72,6 +73,7 @@ def make_mesh(cfg: MeshConfig, *, num_experts: int,
   if not devices:
     raise ConfigError("make_mesh got no devices; pass devices=None for all")
   data, expert = cfg.shape(len(devices))
+  devices = devices[:data * expert]  # Explicit sizes may use fewer devices.
   if isinstance(num_experts, bool) or num_experts < 1:
     raise ConfigError(f"num_experts={num_experts} must be positive")
   if num_experts % expert:

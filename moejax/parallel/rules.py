@@ -22,6 +22,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from moejax.errors import ConfigError
+from moejax.pytree import path_str
 
 MESH_AXES = ("data", "expert")
 EXPERT_AXIS = "expert"
@@ -48,19 +49,6 @@ def logical_spec(names: tuple[str | None, ...]) -> P:
 
 
 TOKEN_AXES: tuple[str, ...] = tuple(logical_spec(("batch",))[0])
-
-
-def path_str(path) -> str:
-  """`params/block_1/moe/experts/w_in` from a jax key path."""
-  parts = []
-  for key in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(key, attr):
-        parts.append(str(getattr(key, attr)))
-        break
-    else:
-      parts.append(str(key))
-  return "/".join(parts)
 
 
 def param_logical_axes(path: str, ndim: int) -> tuple[str | None, ...] | None:

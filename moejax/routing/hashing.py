@@ -100,7 +100,9 @@ def set_hash_tables(model_state: Mapping, table_V) -> dict:
               f"hash table has shape {tuple(table_V.shape)} but the model's has "
               f"{tuple(value.shape)}; build it with the model's vocab_size")
         found.append(key)
-        out[key] = table_V
+        # A buffer per table: a train step donates its state, and one buffer
+        # at two places of a donated tree is an error (or a crash).
+        out[key] = jnp.array(table_V, copy=True)
       else:
         out[key] = value
     return out

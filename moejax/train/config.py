@@ -22,9 +22,11 @@ from ml_collections import config_dict
 
 from moejax.data.config import DataConfig
 from moejax.errors import ConfigError
+from moejax.kernels import check_impl
 from moejax.models.config import (DTYPES, MoEConfig, TransformerConfig,
                                   resolve_moe_layers)
 from moejax.moe.dispatch import DISPATCH_PATHS
+from moejax.parallel.mesh import MeshConfig
 from moejax.routing.registry import check_router
 from moejax.stages.stage import Stage
 from moejax.stages.transforms import get_transition
@@ -61,6 +63,7 @@ class RunConfig:
   train: TrainConfig
   optim: OptimizerConfig
   stages: tuple[Stage, ...] = ()
+  mesh: MeshConfig = MeshConfig()
 
   def to_json(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -86,12 +89,14 @@ def default_config() -> ml_collections.ConfigDict:
       num_layers=4, d_model=128, num_heads=4, d_ff=512, dtype="float32",
       moe_layers="every_other", num_experts=8, top_k=1, router="switch",
       router_options=ml_collections.ConfigDict(), dispatch="capacity",
-      capacity_factor=1.25, expert_d_ff=config_dict.placeholder(int)))
+      capacity_factor=1.25, expert_d_ff=config_dict.placeholder(int),
+      matmul="xla"))
   c.data = ml_collections.ConfigDict(dataclasses.asdict(DataConfig()))
   c.data.tfds_data_dir = config_dict.placeholder(str)
   c.train = ml_collections.ConfigDict(dataclasses.asdict(TrainConfig()))
   c.optim = ml_collections.ConfigDict(dataclasses.asdict(OptimizerConfig()))
   c.stages = []
+  c.mesh = ml_collections.ConfigDict(dataclasses.asdict(MeshConfig()))
   c.lock()
   c.model.router_options.unlock()  # Options differ per router.
   return c
@@ -121,6 +126,7 @@ def _model(m: dict[str, Any], data: DataConfig) -> TransformerConfig:
     raise ConfigError(f"model.capacity_factor must be > 0, got {m['capacity_factor']}")
   if m["expert_d_ff"] is not None:
     _positive("model", m, ("expert_d_ff",))
+  check_impl(m["matmul"])
   moe_layers = resolve_moe_layers(m["moe_layers"], m["num_layers"])
   options = dict(m["router_options"])
   if moe_layers:
@@ -133,7 +139,8 @@ def _model(m: dict[str, Any], data: DataConfig) -> TransformerConfig:
   moe = MoEConfig(
       num_experts=m["num_experts"], top_k=m["top_k"], router=m["router"],
       router_options=tuple(sorted(options.items())), dispatch=m["dispatch"],
-      capacity_factor=float(m["capacity_factor"]), d_ff=m["expert_d_ff"])
+      capacity_factor=float(m["capacity_factor"]), d_ff=m["expert_d_ff"],
+      matmul=m["matmul"])
   return TransformerConfig(
       vocab_size=data.vocab_size, max_len=data.seq_len, num_layers=m["num_layers"],
       d_model=m["d_model"], num_heads=m["num_heads"], d_ff=m["d_ff"],
@@ -210,7 +217,7 @@ def _stages(c: dict[str, Any], data: DataConfig) -> tuple[Stage, ...]:
 def parse(config: ml_collections.ConfigDict) -> RunConfig:
   """Validates `config` and returns its typed form; ConfigError names the key."""
   c = config.to_dict()
-  for section in ("model", "data", "train", "optim"):
+  for section in ("model", "data", "train", "optim", "mesh"):
     if section not in c:
       raise ConfigError(f"config has no {section!r} section; start from "
                         "moejax.train.config.default_config()")
@@ -235,5 +242,7 @@ def parse(config: ml_collections.ConfigDict) -> RunConfig:
   except TypeError as e:
     raise ConfigError(f"unknown config key: {e}") from None
   stages = _stages(c, data)
+  mesh = MeshConfig(**c["mesh"])
+  mesh.shape(max(mesh.data, 1) * max(mesh.expert, 1))  # Checks the values only.
   return RunConfig(model=stages[-1].model, data=data, train=train, optim=optim,
-                   stages=stages)
+                   stages=stages, mesh=mesh)

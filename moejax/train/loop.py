@@ -24,6 +24,9 @@ from moejax.metrics.fluctuation import FluctuationProbe, write_curve
 from moejax.metrics.writers import MetricWriter
 from moejax.models.config import TransformerConfig, transformer_config_from_json
 from moejax.models.transformer import TransformerLM
+from moejax.parallel.mesh import make_mesh
+from moejax.parallel.rules import (batch_sharding, shard_batch, state_shardings,
+                                   with_shardings)
 from moejax.routing.registry import router_class
 from moejax.stages.machine import check_frozen, enter_stage, transition_key
 from moejax.stages.stage import Stage, boundaries
@@ -66,16 +69,39 @@ class Evaluator:
 
 @dataclasses.dataclass
 class StageProgram:
-  """The jitted functions of one stage and the global steps it covers."""
+  """The jitted functions of one stage, its shardings and the global steps it
+  covers."""
 
   index: int
   stage: Stage
   start: int
   end: int
+  mesh: jax.sharding.Mesh
   init: Callable[[], TrainState]
+  abstract: TrainState
+  shardings: Any
   train_step: Callable
   evaluate: Evaluator
   probe: Callable | None
+
+  def place(self, state: TrainState) -> TrainState:
+    """`state` laid out on this stage's mesh (after an eager transform)."""
+    return jax.device_put(state, self.shardings)
+
+  def batch(self, batch) -> dict:
+    """This process's rows of a global batch, as a global array on the mesh."""
+    inputs = _model_inputs(batch)
+    if jax.process_count() > 1:
+      rows = len(inputs["inputs"]) // jax.process_count()
+      lo = jax.process_index() * rows
+      inputs = {k: v[lo:lo + rows] for k, v in inputs.items()}
+    return shard_batch(inputs, self.mesh)
+
+
+def stage_mesh(config: RunConfig, index: int) -> jax.sharding.Mesh:
+  """The (data, expert) mesh of stage `index`; ConfigError when it cannot fit."""
+  return make_mesh(config.mesh,
+                   num_experts=config.stages[index].model.moe.num_experts)
 
 
 def build_program(config: RunConfig, index: int, data, init_rng: jax.Array,
@@ -83,9 +109,14 @@ def build_program(config: RunConfig, index: int, data, init_rng: jax.Array,
   """The model, optimizer and jitted functions of stage `index`."""
   stage = config.stages[index]
   bounds = boundaries(config.stages)
-  model = TransformerLM(stage.model)
+  mesh = stage_mesh(config, index)
+  # One device: the plain layer; more: expert-parallel MoE layers.
+  model = TransformerLM(stage.model, mesh=mesh if mesh.size > 1 else None)
   tx = make_optimizer(config.optim, config.train.steps, stage.frozen)
-  jit_init = jax.jit(lambda: init_state(model, tx, init_rng, config.data.seq_len))
+  init_fn = lambda: init_state(model, tx, init_rng, config.data.seq_len)  # noqa: E731
+  abstract = jax.eval_shape(init_fn)
+  shardings = state_shardings(abstract, mesh)
+  jit_init = jax.jit(init_fn, out_shardings=shardings)
   moe = stage.model.moe
 
   def init() -> TrainState:
@@ -95,13 +126,16 @@ def build_program(config: RunConfig, index: int, data, init_rng: jax.Array,
     model_state = router_class(moe.router).prepare_state(
         state.model_state, num_experts=moe.num_experts,
         options=dict(moe.router_options), token_counts_V=data.token_counts)
-    return state.replace(model_state=model_state)
+    return jax.device_put(state.replace(model_state=model_state), shardings)
 
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   step = jax.jit(make_train_step(model, tx, step_rng, stage_start=bounds[index]),
-                 donate_argnums=0)
+                 in_shardings=(shardings, batch_sharding(mesh)),
+                 out_shardings=(shardings, replicated), donate_argnums=0)
   probe = jax.jit(make_probe_step(model)) if stage.model.moe_layers else None
   return StageProgram(index=index, stage=stage, start=bounds[index],
-                      end=bounds[index + 1], init=init, train_step=step,
+                      end=bounds[index + 1], mesh=mesh, init=init,
+                      abstract=abstract, shardings=shardings, train_step=step,
                       evaluate=Evaluator(model, data.eval_batches), probe=probe)
 
 
@@ -149,6 +183,9 @@ class _Run:
     self.writer = MetricWriter(workdir, enabled=is_main)
     self.probe = FluctuationProbe(workdir, enabled=is_main)
     self.probe_inputs = data.eval_batches[0]["inputs"]
+    if tc.probe_every:
+      self.probe.save_inputs(self.probe_inputs, data.eval_batches[0]["domains"],
+                             data.domain_names)
     self.progress_enabled = verbose and is_main
     self.progress: Progress | None = None
     self.schedule = learning_rate_schedule(config.optim, tc.steps)
@@ -179,7 +216,7 @@ class _Run:
       state_stage, step = latest
       program = self.program(state_stage)
       state, next_batch = self.checkpoints.stage(state_stage).restore(
-          jax.eval_shape(program.init))
+          with_shardings(program.abstract, program.shardings))
       self.last_saved = step
       self.writer.truncate_after(step)
       self.probe.resume(step)
@@ -222,8 +259,9 @@ class _Run:
     fresh = program.init()
     if prev is None:
       return fresh
-    state = enter_stage(prev, prev_model, program.stage, fresh,
-                        transition_key(self.config.train.seed, program.index))
+    state = program.place(enter_stage(
+        prev, prev_model, program.stage, fresh,
+        transition_key(self.config.train.seed, program.index)))
     check_frozen(program.stage, state.params)
     self.save(program, state, next_batch)
     self.progress.message(
@@ -237,7 +275,7 @@ class _Run:
     timer_start, timer_steps = None, 0
     for step in range(int(state.step) + 1, program.end + 1):
       state, metrics = program.train_step(
-          state, _model_inputs(self.data.train[next_batch]))
+          state, program.batch(self.data.train[next_batch]))
       next_batch += 1
       timer_steps += 1
       if timer_start is None:  # Exclude compilation from tokens/s.
@@ -248,13 +286,13 @@ class _Run:
         metrics = jax.device_get(metrics)
         _check_finite(step, metrics, self.last_saved)
         elapsed = time.perf_counter() - timer_start
-        row = {k: float(v) for k, v in metrics.items()}
+        row = {k: float(v) if v.ndim == 0 else v for k, v in metrics.items()}
         row["perf/tokens_per_sec"] = (
             timer_steps * tokens_per_step / elapsed if timer_steps else 0.0)
         row["train/learning_rate"] = float(self.schedule(step - 1))
         self.write(program, step, row)
         self.progress.update(step, row)
-        self.summary.update(row)
+        self.summary.update({k: v for k, v in row.items() if jnp.ndim(v) == 0})
         timer_start, timer_steps = time.perf_counter(), 0
       if tc.probe_every and program.probe and (step % tc.probe_every == 0 or last):
         routes = jax.device_get(program.probe(state.variables(), self.probe_inputs))
@@ -283,6 +321,8 @@ def train_and_evaluate(config: RunConfig, workdir: str | pathlib.Path,
 
   workdir = pathlib.Path(workdir)
   validate(config.data)
+  for index in range(len(config.stages)):
+    stage_mesh(config, index)  # Mesh errors before anything is written.
   check_workdir(workdir, config.to_json())
   init_source = _init_source(config)
   if init_source and not (workdir / "tokenizer.model").exists():

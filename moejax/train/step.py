@@ -40,6 +40,9 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
   """Builds the step: loss = mean CE + sum of router aux losses; one update.
 
+  Metrics are float32[] scalars, except `router/<layer>/load`: float32[E], the
+  share of routed slots per expert.
+
   The step's randomness is `fold_in(rng, state.step)`, so a resumed run draws the
   same numbers as an uninterrupted one. Routers with schedules see the steps
   taken since `stage_start`.
@@ -66,6 +69,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
         "train/grad_norm": optax.global_norm(grads),
         "train/param_norm": optax.global_norm(params),
         **router_metrics(aux["layers"]),
+        **{f"router/{layer}/load": load_E
+           for layer, load_E in aux["loads"].items()},
     }
     new_state = state.replace(step=state.step + 1, params=params,
                               opt_state=opt_state)

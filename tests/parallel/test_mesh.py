@@ -28,7 +28,7 @@ def test_make_mesh_on_some_devices():
 
 
 @pytest.mark.parametrize("cfg,num_experts,match", [
-    (MeshConfig(data=3, expert=2), 8, r"= 6 devices, but 8 are available"),
+    (MeshConfig(data=3, expert=4), 8, r"= 12 devices, but 8 are available"),
     (MeshConfig(data=-1, expert=3), 6, r"8 devices do not split"),
     (MeshConfig(data=-1, expert=-1), 8, r"both -1"),
     (MeshConfig(data=0, expert=8), 8, r"mesh.data=0 must be positive"),
@@ -85,3 +85,9 @@ def test_single_process_does_not_initialize():
     maybe_initialize({"JAX_COORDINATOR_ADDRESS": "h:1234"})
   with pytest.raises(ConfigError, match=r"OMPI_COMM_WORLD_SIZE='x' must be"):
     detect_launcher({"OMPI_COMM_WORLD_SIZE": "x"})
+
+
+def test_explicit_sizes_may_use_fewer_devices():
+  mesh = make_mesh(MeshConfig(data=1, expert=2), num_experts=4)
+  assert mesh.shape == {"data": 1, "expert": 2}
+  assert list(mesh.devices.flat) == jax.devices()[:2]

@@ -107,6 +107,9 @@ def test_set_hash_tables_replaces_every_table_and_nothing_else():
                                 x_BLD, token_ids_BL=ids_BL)
   # ids 1..8 under arange % 4 load every expert twice.
   assert float(aux.metrics["load_max_over_mean"]) == pytest.approx(1.0)
+  # Each table its own buffer: a donated train state may not alias buffers.
+  donated = jax.jit(lambda tree: tree, donate_argnums=0)(new_state)
+  assert len(jax.tree.leaves(donated)) == 2
   with pytest.raises(ConfigError, match="hash table has shape"):
     set_hash_tables(model_state, new_table_V[:10])
   with pytest.raises(ConfigError, match="no 'constants/.../hash_table'"):
