@@ -24,4 +24,4 @@ def test_readme_example_runs(section):
   namespace = {}
   for block in blocks:
     exec(compile(block, f"README:{section}", "exec"), namespace)  # pylint: disable=exec-used
-  assert "y_BLD" in namespace
+  assert "y_BLD" in namespace and "w_in" in namespace  # Both examples ran.
