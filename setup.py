@@ -30,7 +30,8 @@ setuptools.setup(
         "absl-py",
     ],
     extras_require={
-        "dev": ["pytest>=8", "scipy>=1.11", "pytest-xdist>=3.5"],
+        "dev": ["pytest>=8", "scipy>=1.11", "pytest-xdist>=3.5", "nbclient>=0.10",
+                "nbformat>=5.9", "ipykernel>=6.29"],
         "gpu": ["jax[cuda12]"],
         "tpu": ["jax[tpu]"],
     },

@@ -9,31 +9,11 @@ unmasked), then the Dense-to-Sparse gate routes: Gumbel-softmax with temperature
 annealed exponentially from 1.0 to 0.5 over 300 steps, every expert above 0.001
 used, hard sampled top-1 from stage step 360; evaluation is deterministic top-1.
 
-Measured on a 2-core CPU: see the README section "Stages".
+Measured on a 2-core CPU: README, Stages.
 """
 
-from moejax.train.config import default_config, stage_config
+from moejax.train.presets import method_config
 
 
 def get_config():
-  c = default_config()
-  c.train.steps = 600
-  c.train.batch_size = 16
-  c.train.log_every = 20
-  c.train.eval_every = 100
-  c.train.checkpoint_every = 200
-  c.train.probe_every = 20
-  c.model.moe_layers = "every_other"
-  c.model.num_experts = 8
-  c.model.top_k = 1
-  c.model.router = "dts"
-  c.model.dispatch = "dropless"
-  c.model.router_options = {"tau_max": 1.0, "tau_min": 0.5, "anneal_steps": 300,
-                            "schedule": "exponential", "threshold": 1e-3,
-                            "hard_step": 360}
-  c.stages = [
-      stage_config("dense", fraction=0.25, model={"moe_layers": "none"}),
-      stage_config("dts", transform="diversify",
-                   transform_options={"mask_ratio": 0.2, "moments": "replicate"}),
-  ]
-  return c
+  return method_config("evomoe", steps=600)

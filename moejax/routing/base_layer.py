@@ -11,6 +11,8 @@ libbase, runs the mirrored auction in which experts bid for tokens, with the
 same eps rule.)
 """
 
+from typing import ClassVar
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -153,13 +155,7 @@ class BaseLayerRouter(Router):
   max_rounds: int = 1000
   pad_unbalanced: bool = False
 
-  @classmethod
-  def check(cls, num_experts: int, top_k: int) -> None:
-    super().check(num_experts, top_k)
-    if top_k != 1:
-      raise ConfigError(
-          f"router 'base' assigns one expert per token but model.top_k={top_k}; "
-          "set model.top_k=1")
+  top1_only: ClassVar[bool] = True
 
   def __post_init__(self):
     if not (self.eps_ratio > 0 and self.eps_floor > 0 and self.max_rounds >= 1):

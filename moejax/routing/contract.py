@@ -63,6 +63,10 @@ class Router(nn.Module):
   # Whether `__call__` takes `step=` (steps into the current training stage),
   # for routers with schedules (the DTS gate's temperature).
   needs_step: ClassVar[bool] = False
+  # Routers that send each token to one expert reject model.top_k > 1.
+  top1_only: ClassVar[bool] = False
+  # What model.top_k means for this router (said in errors).
+  top_k_means: ClassVar[str] = "experts per token"
 
   @classmethod
   def prepare_state(cls, model_state: dict, *, num_experts: int, options: dict,
@@ -75,10 +79,12 @@ class Router(nn.Module):
 
   @classmethod
   def check(cls, num_experts: int, top_k: int) -> None:
-    """Raises ConfigError when (num_experts, top_k) cannot work for this router."""
+    """Raises ConfigError when (num_experts, top_k) cannot work for this router;
+    subclasses with further constraints extend it."""
     if num_experts < 1:
       raise ConfigError(f"model.num_experts must be positive, got {num_experts}")
     if not 1 <= top_k <= num_experts:
       raise ConfigError(
           f"model.top_k={top_k} must be between 1 and model.num_experts="
-          f"{num_experts}; lower model.top_k or add experts")
+          f"{num_experts} (top_k: {cls.top_k_means}); lower model.top_k or add "
+          "experts")

@@ -12,6 +12,8 @@ are active per token. Early in training every expert is active (dense).
 
 import math
 
+from typing import ClassVar
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -93,14 +95,8 @@ class DSelectKRouter(Router):
   gamma: float = 1.0
   entropy_reg: float = 1e-2
 
-  @classmethod
-  def check(cls, num_experts: int, top_k: int) -> None:
-    if num_experts < 1:
-      raise ConfigError(f"model.num_experts must be positive, got {num_experts}")
-    if not 1 <= top_k <= num_experts:
-      raise ConfigError(
-          f"router 'dselect_k' has model.top_k={top_k} selectors; it must be "
-          f"between 1 and model.num_experts={num_experts}")
+  top_k_means: ClassVar[str] = "the number of selectors"
+
 
   def __post_init__(self):
     if not (self.gamma > 0 and self.entropy_reg >= 0):

@@ -67,14 +67,8 @@ class DTSRouter(Router):
   z_loss_coef: float = 0.0
 
   needs_step: ClassVar[bool] = True
+  top1_only: ClassVar[bool] = True  # Evaluation is top-1; training uses the gate.
 
-  @classmethod
-  def check(cls, num_experts: int, top_k: int) -> None:
-    super().check(num_experts, top_k)
-    if top_k != 1:
-      raise ConfigError(f"router 'dts' evaluates top-1 but model.top_k={top_k}; "
-                        "set model.top_k=1 (training uses every expert above "
-                        "the threshold)")
 
   @nn.compact
   def __call__(self, x_TD: jax.Array, *, token_ids_T: jax.Array | None = None,

@@ -11,6 +11,8 @@ property of expert choice, discussed in the paper); use it knowingly.
 
 import math
 
+from typing import ClassVar
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -62,15 +64,8 @@ class ExpertChoiceRouter(Router):
   capacity_factor: float = 1.0
   z_loss_coef: float = 0.0
 
-  @classmethod
-  def check(cls, num_experts: int, top_k: int) -> None:
-    if num_experts < 1:
-      raise ConfigError(f"model.num_experts must be positive, got {num_experts}")
-    if not 1 <= top_k <= num_experts:
-      raise ConfigError(
-          f"router 'expert_choice' reads model.top_k={top_k} as the average "
-          f"number of experts per token; it must be between 1 and "
-          f"model.num_experts={num_experts}")
+  top_k_means: ClassVar[str] = "the average number of experts per token"
+
 
   def __post_init__(self):
     if not self.capacity_factor > 0:

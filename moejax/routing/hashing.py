@@ -10,6 +10,7 @@ built from corpus counts after init.
 
 from collections.abc import Mapping
 import heapq
+from typing import ClassVar
 
 import flax.linen as nn
 import jax
@@ -130,7 +131,8 @@ class HashRouter(Router):
 
   balance: str = "random"
 
-  needs_token_ids = True
+  needs_token_ids: ClassVar[bool] = True
+  top1_only: ClassVar[bool] = True
 
   @classmethod
   def prepare_state(cls, model_state: dict, *, num_experts: int, options: dict,
@@ -141,13 +143,6 @@ class HashRouter(Router):
     return set_hash_tables(model_state, frequency_balanced_table(
         np.asarray(token_counts_V), num_experts))
 
-  @classmethod
-  def check(cls, num_experts: int, top_k: int) -> None:
-    super().check(num_experts, top_k)
-    if top_k != 1:
-      raise ConfigError(
-          f"router 'hash' sends each token to one expert but model.top_k={top_k};"
-          " set model.top_k=1")
 
   def __post_init__(self):
     if self.balance not in BALANCE_MODES:

@@ -49,6 +49,9 @@ def check_router(name: str, *, num_experts: int, top_k: int,
   """Validates a router name, its sizes and options without building it."""
   cls = router_class(name)
   cls.check(num_experts, top_k)
+  if cls.top1_only and top_k != 1:
+    raise ConfigError(f"router {name!r} sends each token to one expert but "
+                      f"model.top_k={top_k}; set model.top_k=1")
   valid = router_options(name)
   for key in options or {}:
     if key not in valid:

@@ -59,13 +59,8 @@ class StableMoERouter(Router):
   distill_dim: int = 50
 
   needs_token_ids: ClassVar[bool] = True
+  top1_only: ClassVar[bool] = True
 
-  @classmethod
-  def check(cls, num_experts: int, top_k: int) -> None:
-    super().check(num_experts, top_k)
-    if top_k != 1:
-      raise ConfigError(f"router 'stablemoe' is top-1 but model.top_k={top_k}; "
-                        "set model.top_k=1")
 
   @nn.compact
   def __call__(self, x_TD: jax.Array, *, token_ids_T: jax.Array | None = None,

@@ -3,11 +3,12 @@
 Shapes: T tokens, D model width, E experts, K = top_k.
 """
 
+from typing import ClassVar
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moejax.errors import ConfigError
 from moejax.routing import losses
 from moejax.routing.contract import Router, Routing
 
@@ -61,10 +62,5 @@ class TopKRouter(Router):
 class SwitchRouter(TopKRouter):
   """Switch Transformer routing: top-1 of a float32 softmax, gate = p_a."""
 
-  @classmethod
-  def check(cls, num_experts: int, top_k: int) -> None:
-    super().check(num_experts, top_k)
-    if top_k != 1:
-      raise ConfigError(
-          f"router 'switch' is top-1 but model.top_k={top_k}; set model.top_k=1 "
-          "or use model.router='topk'")
+  top1_only: ClassVar[bool] = True
+

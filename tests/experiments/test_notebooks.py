@@ -29,7 +29,6 @@ def kernel_env(tmp_path, monkeypatch):
   monkeypatch.setenv("PYTHONPATH", str(ROOT))
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
   monkeypatch.setenv("XLA_FLAGS", "")  # One device: the tiny run needs no more.
-  monkeypatch.setenv("MPLBACKEND", "Agg")
   monkeypatch.setenv("MOEJAX_WORKDIR", str(tmp_path / "run"))
   monkeypatch.setenv("MOEJAX_STEPS", "30")
   return tmp_path
@@ -52,9 +51,9 @@ def test_notebook_is_stored_without_outputs(name):
 
 def test_quickstart_runs(kernel_env):
   nb = execute("quickstart.ipynb", kernel_env)
-  printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
-                    for o in c.outputs)
-  assert "final held-out loss" in printed
+  outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+  assert "final held-out loss" in "".join(o.get("text", "") for o in outputs)
+  assert any("image/png" in o.get("data", {}) for o in outputs)  # Loss and PPL.
   assert (kernel_env / "run" / "metrics.jsonl").exists()
 
 

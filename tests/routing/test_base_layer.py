@@ -126,5 +126,5 @@ def test_capacity_path_drops_nothing_in_training():
 
 
 def test_base_is_top1():
-  with pytest.raises(ConfigError, match="router 'base' assigns one expert"):
+  with pytest.raises(ConfigError, match="router 'base' sends each token to one expert"):
     make_router("base", num_experts=4, top_k=2)

@@ -95,7 +95,8 @@ def test_layer_matches_naive_loop_on_both_paths():
 
 
 @pytest.mark.parametrize("top_k,options,match", [
-    (5, None, "reads model.top_k=5 as the average number of experts per token"),
+    (5, None, r"model.top_k=5 must be between 1 and model.num_experts=4 "
+     r"\(top_k: the average number of experts per token\)"),
     (1, {"capacity_factor": 0.0}, "needs capacity_factor > 0"),
 ])
 def test_bad_settings_are_clear_errors(top_k, options, match):

@@ -73,7 +73,7 @@ def test_unknown_router_lists_valid_names():
 @pytest.mark.parametrize("name,top_k,options,match", [
     ("topk", 5, None, "model.top_k=5 must be between 1 and model.num_experts=4"),
     ("topk", 0, None, "model.top_k=0"),
-    ("switch", 2, None, "router 'switch' is top-1"),
+    ("switch", 2, None, "router 'switch' sends each token to one expert"),
     ("topk", 2, {"gamma": 1.0}, "router 'topk' has no option 'gamma'"),
 ])
 def test_bad_router_settings_are_clear_errors(name, top_k, options, match):
