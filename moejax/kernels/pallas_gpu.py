@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from moejax.kernels.tiling import TilePlan
+from moejax.kernels.tiling import TilePlan, gmm_dims
 
 # (tm, tk, tn), a common Triton bf16 matmul shape, not yet tuned on hardware:
 # a 128x128 float32 accumulator over 4 warps, and (128x64 + 64x128) bf16 = 32 KiB
@@ -79,10 +79,7 @@ def gmm(x_RK: jax.Array, w_GKN: jax.Array, plan: TilePlan, *,
   K and N must be multiples of tk and tn; R is P * tm by construction.
   """
   tm, tk, tn = tiles
-  num_rows, k_dim = x_RK.shape
-  n_dim = w_GKN.shape[1] if transpose_rhs else w_GKN.shape[2]
-  assert tm == plan.tm and num_rows == plan.num_padded_rows
-  assert k_dim % tk == 0 and n_dim % tn == 0, (k_dim, tk, n_dim, tn)
+  num_rows, k_dim, n_dim = gmm_dims(x_RK, w_GKN, plan, tiles, transpose_rhs)
   kernel = functools.partial(_gmm_kernel, tm=tm, tk=tk, tn=tn,
                              num_k=k_dim // tk, transpose_rhs=transpose_rhs)
   return pl.pallas_call(

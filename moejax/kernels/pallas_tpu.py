@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from moejax.kernels.tiling import TilePlan
+from moejax.kernels.tiling import TilePlan, gmm_dims
 
 TILES = (128, 128, 128)  # (tm, tk, tn); MXU-sized, not yet tuned on hardware.
 
@@ -62,10 +62,7 @@ def gmm(x_RK: jax.Array, w_GKN: jax.Array, plan: TilePlan, *,
   K and N must be multiples of tk and tn; R is P * tm by construction.
   """
   tm, tk, tn = tiles
-  num_rows, k_dim = x_RK.shape
-  n_dim = w_GKN.shape[1] if transpose_rhs else w_GKN.shape[2]
-  assert tm == plan.tm and num_rows == plan.num_padded_rows
-  assert k_dim % tk == 0 and n_dim % tn == 0, (k_dim, tk, n_dim, tn)
+  num_rows, k_dim, n_dim = gmm_dims(x_RK, w_GKN, plan, tiles, transpose_rhs)
 
   def live(t, used_ref):  # An unused tile re-reads the last used tile's blocks.
     return jnp.maximum(jnp.minimum(t, used_ref[0] - 1), 0)

@@ -139,3 +139,17 @@ def fit_tile(dim: int, tile: int) -> int:
   explicitly requested tile below 16 (tests) is kept as is.
   """
   return min(tile, max(16, 1 << (max(dim, 1) - 1).bit_length()))
+
+
+def gmm_dims(x_RK, w_GKN, plan: TilePlan, tiles: tuple[int, int, int],
+             transpose_rhs: bool) -> tuple[int, int, int]:
+  """(R, K, N) of a padded grouped matmul, checked against the plan and tiles.
+
+  With transpose_rhs, w is [G, N, K] (the dX product).
+  """
+  tm, tk, tn = tiles
+  num_rows, k_dim = x_RK.shape
+  n_dim = w_GKN.shape[1] if transpose_rhs else w_GKN.shape[2]
+  assert tm == plan.tm and num_rows == plan.num_padded_rows
+  assert k_dim % tk == 0 and n_dim % tn == 0, (k_dim, tk, n_dim, tn)
+  return num_rows, k_dim, n_dim
