@@ -12,7 +12,7 @@ import pathlib  # noqa: E402
 
 import pytest  # noqa: E402
 
-from moejax.train.config import default_config  # noqa: E402
+from moejax.train.config import default_config, stage_config  # noqa: E402
 
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -55,3 +55,17 @@ def tiny_config(**overrides):
 @pytest.fixture
 def tiny():
   return tiny_config
+
+
+def tiny_stablemoe(**overrides):
+  """The tiny model as StableMoE: MoE block 1, stage `distill` of 10 steps then
+  `frozen` (freeze_distilled_router) for the rest of `train.steps` (default 30)."""
+  overrides = {"train__steps": 30, **overrides}
+  c = tiny_config(**overrides)
+  c.model.moe_layers = "1"
+  c.model.router = "stablemoe"
+  c.model.router_options = {"distill_dim": 8}
+  c.stages = [stage_config("distill", steps=10),
+              stage_config("frozen", transform="freeze_distilled_router",
+                           model={"router_options": {"stage": 2}})]
+  return c

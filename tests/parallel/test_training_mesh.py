@@ -9,17 +9,13 @@ from moejax.metrics.writers import read_metrics, series
 from moejax.train import parse, train_and_evaluate
 from moejax.train.config import stage_config
 from moejax.train.presets import ROUTERS
+from tests.conftest import tiny_stablemoe
 
 
 def _stablemoe(tiny, data, expert):
-  c = tiny(train__steps=30, train__checkpoint_every=30, train__eval_every=30,
-           model__num_experts=8, model__capacity_factor=8.0)  # No drops anywhere.
-  c.model.moe_layers = "1"
-  c.model.router = "stablemoe"
-  c.model.router_options = {"distill_dim": 8}
-  c.stages = [stage_config("distill", steps=10),
-              stage_config("frozen", transform="freeze_distilled_router",
-                           model={"router_options": {"stage": 2}})]
+  c = tiny_stablemoe(train__checkpoint_every=30, train__eval_every=30,
+                     model__num_experts=8,
+                     model__capacity_factor=8.0)  # No drops anywhere.
   c.mesh.data, c.mesh.expert = data, expert
   return c
 

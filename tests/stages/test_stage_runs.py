@@ -10,17 +10,7 @@ from moejax.metrics.writers import read_metrics, series
 from moejax.train import parse, train_and_evaluate
 from moejax.train.config import stage_config
 from moejax.train import loop
-
-
-def stablemoe(tiny):
-  c = tiny(train__steps=30, train__probe_every=5, train__checkpoint_every=10)
-  c.model.moe_layers = "1"
-  c.model.router = "stablemoe"
-  c.model.router_options = {"distill_dim": 8}
-  c.stages = [stage_config("distill", steps=10),
-              stage_config("frozen", transform="freeze_distilled_router",
-                           model={"router_options": {"stage": 2}})]
-  return c
+from tests.conftest import tiny_stablemoe
 
 
 def evomoe(tiny, **train):
@@ -47,7 +37,8 @@ def _params_at(workdir, stage, step):
 
 
 def test_stablemoe_freezes_the_distilled_router(tmp_path, tiny):
-  train_and_evaluate(parse(stablemoe(tiny)), tmp_path, verbose=False)
+  config = tiny_stablemoe(train__probe_every=5, train__checkpoint_every=10)
+  train_and_evaluate(parse(config), tmp_path, verbose=False)
   rows = read_metrics(tmp_path)
   assert all("stage" in r and "stage_name" in r for r in rows)
   assert {(r["stage"], r["stage_name"]) for r in rows} == {(0, "distill"),
