@@ -69,3 +69,14 @@ def tiny_stablemoe(**overrides):
               stage_config("frozen", transform="freeze_distilled_router",
                            model={"router_options": {"stage": 2}})]
   return c
+
+
+def checkpoint_params(workdir, stage: int, step: int) -> dict:
+  """The params saved at `step` in `<workdir>/checkpoints/stage_<stage>`."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  manager = ocp.CheckpointManager(pathlib.Path(workdir) / "checkpoints" /
+                                  f"stage_{stage}", item_names=("state", "data"))
+  state = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(), data=ocp.args.JsonRestore()))["state"]
+  manager.close()
+  return state["params"]

@@ -3,14 +3,13 @@
 import json
 
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from moejax.metrics.writers import read_metrics, series
 from moejax.train import parse, train_and_evaluate
 from moejax.train.config import stage_config
 from moejax.train import loop
-from tests.conftest import tiny_stablemoe
+from tests.conftest import checkpoint_params, tiny_stablemoe
 
 
 def evomoe(tiny, **train):
@@ -27,15 +26,6 @@ def evomoe(tiny, **train):
   return c
 
 
-def _params_at(workdir, stage, step):
-  manager = ocp.CheckpointManager(workdir / "checkpoints" / f"stage_{stage}",
-                                  item_names=("state", "data"))
-  state = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(), data=ocp.args.JsonRestore()))["state"]
-  manager.close()
-  return state["params"]
-
-
 def test_stablemoe_freezes_the_distilled_router(tmp_path, tiny):
   config = tiny_stablemoe(train__probe_every=5, train__checkpoint_every=10)
   train_and_evaluate(parse(config), tmp_path, verbose=False)
@@ -45,8 +35,8 @@ def test_stablemoe_freezes_the_distilled_router(tmp_path, tiny):
                                                            (1, "frozen")}
   # Entering stage 1 saved a checkpoint at the boundary; 20 steps later the
   # distilled router is bit-identical while the rest of the model moved.
-  before = _params_at(tmp_path, 1, 10)["block_1"]["moe"]
-  after = _params_at(tmp_path, 1, 30)["block_1"]["moe"]
+  before = checkpoint_params(tmp_path, 1, 10)["block_1"]["moe"]
+  after = checkpoint_params(tmp_path, 1, 30)["block_1"]["moe"]
   for name in ("distill_embedding", "distill_centroids"):
     np.testing.assert_array_equal(after["router"][name], before["router"][name])
   assert not np.array_equal(after["router"]["centroids"],
@@ -73,7 +63,7 @@ def test_evomoe_goes_from_dense_to_one_expert(tmp_path, tiny):
   steps, k = series(rows, "router/experts_per_token")
   # Global step 15 is stage step 4 (soft); from stage step 5 on, sampled top-1.
   assert steps == [15, 20, 25, 30] and k[0] > 1.0 and k[1:] == [1.0, 1.0, 1.0]
-  first = _params_at(tmp_path, 1, 10)["block_1"]["moe"]["experts"]["w_in"]
+  first = checkpoint_params(tmp_path, 1, 10)["block_1"]["moe"]["experts"]["w_in"]
   assert first.shape[0] == 4
   zero = (np.asarray(first) == 0).mean()
   assert 0.05 < zero < 0.15  # mask_ratio 0.1.
