@@ -98,13 +98,14 @@ def make_eval_batches(tokens_NxL1: np.ndarray, domains_NxL1: np.ndarray,
                       batch_size: int, max_batches: int) -> tuple[Batch, ...]:
   """Up to `max_batches` fixed batches of min(batch_size, N) rows, spread over N.
 
-  The rows are evenly spaced over the held-out windows (kept in order), so a small
-  evaluation still sees every part (and domain) of the held-out split.
+  The rows are evenly spaced over the held-out windows, and batch j takes every
+  `count`-th of them from the j-th, so each batch (the first is also the routing
+  probe set) spans the whole held-out split and every domain in it.
   """
   n = len(tokens_NxL1)
   rows = min(batch_size, n)
   count = min(max_batches, n // rows)
-  idx = (np.arange(count * rows) * n // (count * rows)).reshape(count, rows)
+  idx = (np.arange(count * rows) * n // (count * rows)).reshape(rows, count).T
   return tuple(
       packing.window_batch(np.array(tokens_NxL1[i]), np.array(domains_NxL1[i]))
       for i in idx)

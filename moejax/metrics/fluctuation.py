@@ -118,10 +118,10 @@ def write_curve(workdir: str | os.PathLike, probe: FluctuationProbe) -> dict | N
 
 
 def _plot(path: pathlib.Path, result: dict) -> None:
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, ax = plt.subplots(figsize=(5, 3.5))
+  # A bare Figure: no pyplot state, so a notebook's backend is left alone.
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  fig = Figure(figsize=(5, 3.5))
+  ax = fig.subplots()
   for layer, curve in result["layers"].items():
     ax.plot(result["steps"], np.asarray(curve["settled_share"]) * 100, label=layer)
   ax.set_xlabel("training step")
@@ -132,4 +132,3 @@ def _plot(path: pathlib.Path, result: dict) -> None:
   ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
-  plt.close(fig)

@@ -66,9 +66,14 @@ def test_eval_batches_are_fixed_spread_held_out_windows(text_config, tmp_path):
   held = np.load(next((tmp_path / "w/data/packed").glob("*/validation_tokens.npy")))
   assert len(held) == ds.eval_sequences
   index = {r.tobytes(): i for i, r in enumerate(held)}
-  rows = [index[np.append(i, t[-1]).astype(np.int32).tobytes()]
-          for b in ds.eval_batches for i, t in zip(b["inputs"], b["targets"])]
-  assert rows == sorted(rows) and rows[-1] >= ds.eval_sequences // 2
+  rows = [[index[np.append(i, t[-1]).astype(np.int32).tobytes()]
+           for i, t in zip(b["inputs"], b["targets"])] for b in ds.eval_batches]
+  # Distinct windows, in order within a batch, each batch spanning the split:
+  # batch j holds every 2nd of the evenly spaced rows, starting at the j-th.
+  flat = sorted(r for batch in rows for r in batch)
+  assert len(set(flat)) == len(flat) and flat[-1] >= ds.eval_sequences // 2
+  assert rows[0] == flat[0::2] and rows[1] == flat[1::2]
+  assert rows[0][-1] >= ds.eval_sequences // 2  # The first batch reaches the end.
   # A batch larger than the held-out split: one batch of every held-out window.
   assert ds.train_sequences > ds.eval_sequences
   big = load_datasets(text_config, workdir=tmp_path / "w",
