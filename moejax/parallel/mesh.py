@@ -30,11 +30,9 @@ class MeshConfig:
   data: int = -1
   expert: int = 1
 
-  def shape(self, num_devices: int) -> tuple[int, int]:
-    """(data, expert) with -1 resolved (-1 takes all remaining devices; explicit
-    sizes may use fewer than are available); ConfigError when it cannot fit."""
-    sizes = {"data": self.data, "expert": self.expert}
-    for name, size in sizes.items():
+  def validate(self) -> None:
+    """ConfigError for sizes that fit no device count (checked without devices)."""
+    for name, size in (("data", self.data), ("expert", self.expert)):
       if isinstance(size, bool) or not isinstance(size, (int, np.integer)):
         raise ConfigError(
             f"mesh.{name}={size!r} must be an integer (a device count, or -1 for "
@@ -45,6 +43,12 @@ class MeshConfig:
     if self.data == -1 and self.expert == -1:
       raise ConfigError(
           "mesh.data and mesh.expert are both -1; give one of them a size")
+
+  def shape(self, num_devices: int) -> tuple[int, int]:
+    """(data, expert) with -1 resolved (-1 takes all remaining devices; explicit
+    sizes may use fewer than are available); ConfigError when it cannot fit."""
+    self.validate()
+    sizes = {"data": self.data, "expert": self.expert}
     known = int(np.prod([s for s in sizes.values() if s != -1]))
     if -1 in sizes.values():
       if num_devices % known:

@@ -243,6 +243,6 @@ def parse(config: ml_collections.ConfigDict) -> RunConfig:
     raise ConfigError(f"unknown config key: {e}") from None
   stages = _stages(c, data)
   mesh = MeshConfig(**c["mesh"])
-  mesh.shape(max(mesh.data, 1) * max(mesh.expert, 1))  # Checks the values only.
+  mesh.validate()
   return RunConfig(model=stages[-1].model, data=data, train=train, optim=optim,
                    stages=stages, mesh=mesh)

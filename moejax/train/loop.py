@@ -192,10 +192,14 @@ class _Run:
     self.init_rng, self.step_rng = jax.random.split(jax.random.key(tc.seed))
     self.last_saved: int | None = None
     self.summary: dict[str, Any] = {}
+    self._programs: dict[int, StageProgram] = {}
 
   def program(self, index: int) -> StageProgram:
-    return build_program(self.config, index, self.data, self.init_rng,
-                         self.step_rng)
+    """Stage `index`'s program, built once (a rebuilt one would recompile)."""
+    if index not in self._programs:
+      self._programs[index] = build_program(self.config, index, self.data,
+                                            self.init_rng, self.step_rng)
+    return self._programs[index]
 
   def write(self, program: StageProgram, step: int, row: dict[str, Any]) -> None:
     self.writer.write(step, {"stage": program.index,
