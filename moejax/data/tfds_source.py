@@ -16,7 +16,7 @@ import tensorflow_datasets as tfds
 
 from moejax.data import documents as docs_lib
 from moejax.data.config import DataConfig
-from moejax.data.sources import Corpus, RecordDocuments, corpus_key
+from moejax.data.corpus import Corpus, RecordDocuments, corpus_key
 from moejax.errors import DataError
 
 _HELD_OUT_SPLITS = ("validation", "test")
