@@ -16,7 +16,7 @@ _WORKDIR = flags.DEFINE_string(
 def _main(argv) -> None:
   del argv
   from moejax.errors import MoejaxError  # pylint: disable=g-import-not-at-top
-  from moejax.parallel import maybe_initialize  # pylint: disable=g-import-not-at-top
+  from moejax.parallel import hosts, maybe_initialize  # pylint: disable=g-import-not-at-top
   from moejax.train import parse, train_and_evaluate  # pylint: disable=g-import-not-at-top
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
@@ -29,7 +29,9 @@ def _main(argv) -> None:
   except MoejaxError as e:
     sys.exit(f"moejax: error: {e}")
   keys = ("step", "train/loss", "eval/loss", "eval/ppl")
-  print("done: " + ", ".join(f"{k}={summary[k]:.4g}" for k in keys if k in summary))
+  if hosts.is_writer():  # One summary line per run, not one per process.
+      print("done: " + ", ".join(f"{k}={summary[k]:.4g}" for k in keys
+                               if k in summary))
 
 
 def main() -> None:

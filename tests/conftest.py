@@ -1,12 +1,20 @@
-"""Simulate 8 CPU devices before jax is imported anywhere in the test session."""
+"""Simulate 8 CPU devices before jax is imported anywhere in the test session,
+and keep the data cache of every run in a temporary directory."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# Runs that leave data.cache_dir unset share this session's cache (so the tiny
+# corpus is prepared once per test process), never the user's ~/.cache/moejax.
+os.environ["MOEJAX_CACHE_DIR"] = tempfile.mkdtemp(prefix="moejax-test-cache-")
+atexit.register(shutil.rmtree, os.environ["MOEJAX_CACHE_DIR"], True)
 
 import pathlib  # noqa: E402
 

@@ -20,6 +20,9 @@ class DataConfig:
     tfds_data_dir: data_dir for `tfds:` sources (None: the TFDS default).
     tokenizer_max_sentences: lines sampled from the training split to train
       SentencePiece.
+    cache_dir: where prepared datasets, tokenizers and packed windows are kept
+      for every run on the same corpus (None: the user cache dir, see
+      `moejax.data.cache`; "": `<workdir>/data`, a cache per workdir).
   """
 
   source: str = "embedded"
@@ -31,3 +34,4 @@ class DataConfig:
   seed: int = 0
   tfds_data_dir: str | None = None
   tokenizer_max_sentences: int = 200_000
+  cache_dir: str | None = None

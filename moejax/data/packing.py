@@ -6,23 +6,24 @@ order; the stream is cut into N = T // (L+1) non-overlapping windows (the tail i
 dropped). A window gives `inputs = w[:-1]` and `targets = w[1:]`; `domains` is the
 domain id of each input token (an EOS belongs to the document it ends).
 
-The packed arrays are cached under `<workdir>/data/packed/<key>/` (key: corpus key,
+The packed arrays are cached under `<cache>/packed/<key>/` (key: corpus key,
 tokenizer hash, L): `{train,validation}_{tokens,domains}.npy` int32[N, L+1] and
-`domains.json` (the domain names, index = id).
+`domains.json` (the domain names, index = id), written last: a directory with it
+is complete. Local caches are memory-mapped; others are read whole.
 """
 
 import dataclasses
 import hashlib
 import json
 import os
-import pathlib
-import shutil
 from collections.abc import Sequence
 
 import numpy as np
+from etils import epath
 
 from moejax.data.documents import Document
 from moejax.data.tokenizer import EOS_ID
+from moejax.paths import as_path, is_local
 
 SPLITS = ("train", "validation")
 _ENCODE_GROUP = 256  # Documents per SentencePiece call: bounds memory, uses threads.
@@ -72,26 +73,38 @@ def tokenizer_hash(sp) -> str:
   return hashlib.sha256(sp.serialized_model_proto()).hexdigest()[:16]
 
 
-def _load(cache: pathlib.Path) -> Packed:
-  arrays = {f"{s}_{k}": np.load(cache / f"{s}_{k}.npy", mmap_mode="r")
+def _load_array(path: epath.Path) -> np.ndarray:
+  if is_local(path):
+    return np.load(path, mmap_mode="r")
+  with path.open("rb") as f:
+    return np.load(f)
+
+
+def _load(cache: epath.Path) -> Packed:
+  arrays = {f"{s}_{k}": _load_array(cache / f"{s}_{k}.npy")
             for s in SPLITS for k in ("tokens", "domains")}
   names = tuple(json.loads((cache / "domains.json").read_text()))
   return Packed(**arrays, domain_names=names, cache_dir=os.fspath(cache))
 
 
-def _save(cache: pathlib.Path, arrays: dict[str, np.ndarray],
+def _save(cache: epath.Path, arrays: dict[str, np.ndarray],
           names: Sequence[str]) -> None:
-  """Writes a new cache dir atomically; an existing one (from a racing process) wins."""
+  """Writes a new cache dir (a temporary one renamed into place, where renames
+  exist); an existing one (from a racing process) wins."""
   cache.parent.mkdir(parents=True, exist_ok=True)
-  tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
-  tmp.mkdir()
+  tmp = (cache.parent / f".{cache.name}.{os.getpid()}.tmp" if is_local(cache)
+         else cache)  # Object stores: objects are written whole, marker last.
+  tmp.mkdir(parents=True, exist_ok=True)
   for name, array in arrays.items():
-    np.save(tmp / f"{name}.npy", array)
+    with (tmp / f"{name}.npy").open("wb") as f:
+      np.save(f, array)
   (tmp / "domains.json").write_text(json.dumps(list(names)))
+  if tmp == cache:
+    return
   try:
     tmp.rename(cache)
   except OSError:
-    shutil.rmtree(tmp)  # Only the temporary dir this call created.
+    tmp.rmtree()  # Only the temporary dir this call created.
 
 
 def load_or_pack(train: Sequence[Document], validation: Sequence[Document], sp,
@@ -100,7 +113,7 @@ def load_or_pack(train: Sequence[Document], validation: Sequence[Document], sp,
   """Packs both splits with one domain numbering (train first), cached on disk."""
   key = hashlib.sha256(
       f"{corpus_key}/{tokenizer_hash(sp)}/{seq_len}".encode()).hexdigest()[:16]
-  cache = pathlib.Path(cache_root) / "packed" / key
+  cache = as_path(cache_root) / "packed" / key
   if (cache / "domains.json").exists():
     return _load(cache)
   domain_ids: dict[str, int] = {}

@@ -9,24 +9,30 @@ sequences are shuffled per epoch (each epoch a new permutation of all of them) a
 batches are cut from the endless shuffled stream, so a batch may span two epochs.
 A trainer that stores only i in its checkpoints resumes exactly where it left off.
 
-Workdir layout (nothing existing is ever overwritten or deleted):
-  <workdir>/tokenizer.model          SentencePiece model, reused whenever present
-  <workdir>/data/tfds/<key>/...      the `moejax_text` TFDS dataset (embedded, text:)
-  <workdir>/data/packed/<key>/...    packed windows and domain names (.npy, .json)
+What is written (nothing existing is ever overwritten or deleted):
+  <workdir>/tokenizer.model        SentencePiece model, reused whenever present
+  <cache>/tfds/<key>/...           the `moejax_text` TFDS dataset (embedded, text:)
+  <cache>/tokenizers/<key>.model   the tokenizer, kept for other workdirs
+  <cache>/packed/<key>/...         packed windows and domain names (.npy, .json)
+where <cache> is `data.cache_dir` (`moejax.data.cache`: by default the user cache
+dir; `""` is `<workdir>/data`). In a multi-process run process 0 prepares and
+writes the workdir; the others wait for it, then open what it built.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
-import pathlib
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from moejax.data import cache as cache_lib
 from moejax.data import packing, sources, tokenizer
 from moejax.data.config import DataConfig
 from moejax.errors import DataError
+from moejax.paths import as_path
 
 if TYPE_CHECKING:
   import grain
@@ -113,17 +119,35 @@ def make_eval_batches(tokens_NxL1: np.ndarray, domains_NxL1: np.ndarray,
 
 def load_datasets(cfg: DataConfig, *, workdir: str | os.PathLike,
                   batch_size: int) -> Datasets:
-  """Builds (or reuses from `workdir`) the corpus, tokenizer and packed batches."""
-  import grain  # pylint: disable=g-import-not-at-top
+  """Builds (or reuses from the cache and `workdir`) the corpus, tokenizer and
+  packed batches. Process 0 prepares first; the others then open what it wrote."""
+  from moejax.parallel import hosts  # pylint: disable=g-import-not-at-top
   validate(cfg)
   _positive_int("batch_size", batch_size)
-  workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  corpus = sources.open_corpus(cfg, workdir)
-  sp, is_new = tokenizer.get_tokenizer(workdir, corpus.train, cfg.vocab_size,
-                                       cfg.tokenizer_max_sentences)
-  packed = packing.load_or_pack(corpus.train, corpus.validation, sp, cfg.seq_len,
-                                corpus_key=corpus.key, cache_root=workdir / "data")
+  return hosts.main_first(
+      lambda: _load(cfg, as_path(workdir), batch_size, writer=hosts.is_writer()),
+      name="data preparation")
+
+
+def _load(cfg: DataConfig, workdir, batch_size: int, *, writer: bool) -> Datasets:
+  """`load_datasets` on one process; only the `writer` trains a tokenizer or
+  writes the workdir."""
+  import grain  # pylint: disable=g-import-not-at-top
+  root = cache_lib.cache_root(cfg.cache_dir, workdir)
+  shared = cache_lib.is_shared(cfg.cache_dir)
+  lock = (cache_lib.preparation_lock(root, cfg.source) if shared
+          else contextlib.nullcontext())
+  with lock:
+    corpus = sources.open_corpus(cfg, root)
+    key = tokenizer.tokenizer_key(corpus.key, cfg.vocab_size,
+                                  cfg.tokenizer_max_sentences)
+    cache_file = root / "tokenizers" / f"{key}.model" if shared else None
+    sp, is_new = tokenizer.get_tokenizer(workdir, corpus.train, cfg.vocab_size,
+                                         cfg.tokenizer_max_sentences,
+                                         cache_file=cache_file, may_train=writer)
+    packed = packing.load_or_pack(corpus.train, corpus.validation, sp,
+                                  cfg.seq_len, corpus_key=corpus.key,
+                                  cache_root=root)
   n_train, n_eval = len(packed.train_tokens), len(packed.validation_tokens)
   L = cfg.seq_len  # pylint: disable=invalid-name
   if n_train < batch_size:
@@ -135,7 +159,7 @@ def load_datasets(cfg: DataConfig, *, workdir: str | os.PathLike,
     raise DataError(
         f"the held-out split yields 0 sequences of length {L}; lower data.seq_len, "
         "raise data.eval_fraction, or add text")
-  if is_new:  # Saved only once the data is known to work, so a bad run leaves none.
+  if is_new and writer:  # Only once the data is known to work: a bad run leaves none.
     tokenizer.save_tokenizer(sp, workdir / tokenizer.TOKENIZER_FILE)
   sequences = packing.PackedSequences(packed.train_tokens, packed.train_domains)
   # Shuffle before repeat: each epoch is a new permutation (seed + epoch).
@@ -157,5 +181,5 @@ def load_datasets(cfg: DataConfig, *, workdir: str | os.PathLike,
       seq_len=L,
       batch_size=batch_size,
       source=cfg.source,
-      cache_dir=os.fspath(workdir / "data"),
+      cache_dir=os.fspath(root),
   )

@@ -6,21 +6,21 @@ Forms of `data.source`:
   domain (files with the same stem share a domain);
 - `tfds:<name>[:split]`: a prepared TFDS dataset (array_record) in `data.tfds_data_dir`.
 `embedded` and `text:` are written once as the TFDS dataset `moejax_text` under
-`<workdir>/data/tfds/<key>/`, where `key` hashes the file list, sizes and mtimes,
-`max_bytes` and `eval_fraction`; a changed corpus gets a new key, an unchanged one is
-reused without reading the files again.
+`<cache>/tfds/<key>/` (`moejax.data.cache`), where `key` hashes the file list,
+sizes and mtimes, `max_bytes` and `eval_fraction`; a changed corpus gets a new key,
+an unchanged one is reused without reading the files again.
 """
 
 import dataclasses
 import glob
-import hashlib
 import os
 import pathlib
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 from moejax.data import documents as docs_lib
 from moejax.data.config import DataConfig
+from moejax.data.corpus import Corpus, RecordDocuments, corpus_key
 from moejax.data.documents import Document
 from moejax.errors import DataError
 
@@ -38,15 +38,6 @@ class SourceSpec:
   patterns: tuple[str, ...] = ()
   name: str = ""
   split: str = "train"
-
-
-@dataclasses.dataclass(frozen=True)
-class Corpus:
-  """Train and held-out documents of a source, and the key that identifies them."""
-  source: str
-  key: str
-  train: Sequence[Document]
-  validation: Sequence[Document]
 
 
 def parse_source(source: str) -> SourceSpec:
@@ -132,40 +123,6 @@ def read_text_files(files: Sequence[pathlib.Path], max_bytes: int | None
   return out
 
 
-def corpus_key(*parts) -> str:
-  """A short stable hash of `parts` (their repr)."""
-  return hashlib.sha256(repr(parts).encode("utf-8")).hexdigest()[:16]
-
-
-class RecordDocuments(Sequence[Document]):
-  """Documents read lazily from TFDS records (dicts of bytes/ints)."""
-
-  def __init__(self, records: Sequence[dict], text_key: str,
-               domain_of: Callable[[dict], str], name: str):
-    self._records, self._text_key = records, text_key
-    self._domain_of, self._name = domain_of, name
-
-  def __len__(self) -> int:
-    return len(self._records)
-
-  def __getitem__(self, i):
-    if isinstance(i, slice):
-      return [self[j] for j in range(*i.indices(len(self)))]
-    if not -len(self) <= i < len(self):
-      raise IndexError(f"document {i} out of range [0, {len(self)})")
-    record = self._records[i % len(self)]
-    value = record[self._text_key]
-    try:
-      text = value.decode("utf-8") if isinstance(value, bytes) else str(value)
-    except UnicodeDecodeError as e:
-      raise DataError(f"{self._name} record {i} field {self._text_key!r} is not UTF-8 "
-                      f"(offset {e.start}); pick a dataset with UTF-8 text") from None
-    return Document(text, self._domain_of(record))
-
-  def __iter__(self) -> Iterator[Document]:
-    return (self[i] for i in range(len(self)))
-
-
 def _carved(read: Callable[[], list[Document]], eval_fraction: float):
   """Reads documents and carves them; a DataError when nothing can be held out."""
   def documents_fn():
@@ -182,11 +139,11 @@ def _carved(read: Callable[[], list[Document]], eval_fraction: float):
 
 
 def _built_corpus(source: str, key: str, read: Callable[[], list[Document]],
-                  cfg: DataConfig, workdir: pathlib.Path) -> Corpus:
+                  cfg: DataConfig, cache: os.PathLike) -> Corpus:
   """Writes (once) and opens the `moejax_text` dataset of an embedded/text: source."""
   from moejax.data import text_builder  # pylint: disable=g-import-not-at-top
   builder = text_builder.prepare(_carved(read, cfg.eval_fraction),
-                                 workdir / "data" / "tfds" / key)
+                                 os.path.join(os.fspath(cache), "tfds", key))
   splits = text_builder.data_sources(builder)
   domain_of = lambda r: r["domain"].decode("utf-8")
   return Corpus(source, key,
@@ -194,21 +151,21 @@ def _built_corpus(source: str, key: str, read: Callable[[], list[Document]],
                 RecordDocuments(splits["validation"], "text", domain_of, source))
 
 
-def open_corpus(cfg: DataConfig, workdir: str | os.PathLike) -> Corpus:
-  """The train and held-out documents of `cfg.source`."""
+def open_corpus(cfg: DataConfig, cache: str | os.PathLike) -> Corpus:
+  """The train and held-out documents of `cfg.source` (embedded and text:
+  datasets built under `<cache>/tfds/` when absent)."""
   spec = parse_source(cfg.source)
-  workdir = pathlib.Path(workdir)
   carve = (cfg.max_bytes, cfg.eval_fraction, docs_lib.CHUNK_BYTES, "v1")
   if spec.kind == "embedded":
     from moejax.data import embedded  # pylint: disable=g-import-not-at-top
     key = corpus_key(embedded.fingerprint(), carve)
     return _built_corpus(cfg.source, key, lambda: embedded.documents(cfg.max_bytes),
-                         cfg, workdir)
+                         cfg, cache)
   if spec.kind == "text":
     files = text_files(spec.patterns)
     stats = [(os.fspath(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
     key = corpus_key("text", stats, carve)
     return _built_corpus(cfg.source, key,
-                         lambda: read_text_files(files, cfg.max_bytes), cfg, workdir)
+                         lambda: read_text_files(files, cfg.max_bytes), cfg, cache)
   from moejax.data import tfds_source  # pylint: disable=g-import-not-at-top
   return tfds_source.open_tfds(spec.name, spec.split, cfg)

@@ -10,22 +10,24 @@ Normalisation is the identity and whitespace is kept, so code indentation surviv
 newlines and tabs encode as byte pieces, and `decode(encode(text)) == text`.
 
 SentencePiece is imported on first use, so these ids import anywhere.
-The model is cached as `<workdir>/tokenizer.model`; an existing file is always reused
-(never retrained or overwritten), even if the corpus changed.
+The model is kept as `<workdir>/tokenizer.model`; an existing file is always reused
+(never retrained or overwritten), even if the corpus changed. A shared data cache
+also keeps it by corpus (`tokenizer_key`), so another workdir on the same corpus
+copies it instead of training again.
 """
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
-import pathlib
 import re
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
+from moejax.data.corpus import corpus_key
 from moejax.data.documents import Document
 from moejax.errors import DataError
+from moejax.paths import as_path, write_new
 
 if TYPE_CHECKING:
   import sentencepiece as spm
@@ -90,12 +92,17 @@ def train_tokenizer(docs: Sequence[Document], vocab_size: int,
   return spm.SentencePieceProcessor(model_proto=model.getvalue())
 
 
+def tokenizer_key(corpus: str, vocab_size: int, max_sentences: int) -> str:
+  """The cache key of the model `train_tokenizer` makes from corpus `corpus`."""
+  return corpus_key("spm-bpe-v1", corpus, vocab_size, max_sentences)
+
+
 def load_tokenizer(path: str | os.PathLike,
                    vocab_size: int | None = None) -> spm.SentencePieceProcessor:
   """Loads a cached model; a DataError if unreadable or its vocab size differs."""
   import sentencepiece as spm  # pylint: disable=g-import-not-at-top
   try:
-    sp = spm.SentencePieceProcessor(model_file=os.fspath(path))
+    sp = spm.SentencePieceProcessor(model_proto=as_path(path).read_bytes())
   except (OSError, RuntimeError):
     raise DataError(f"{path} is not a SentencePiece model; move it away or use a "
                     "fresh workdir") from None
@@ -109,28 +116,34 @@ def load_tokenizer(path: str | os.PathLike,
   return sp
 
 
-def save_tokenizer(sp: spm.SentencePieceProcessor, path: str | os.PathLike) -> None:
-  """Writes the model to `path` unless a file is already there (never overwrites)."""
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-  tmp.write_bytes(sp.serialized_model_proto())
-  try:
-    os.link(tmp, path)  # Atomic, and fails rather than replace an existing file.
-  except FileExistsError:
-    pass  # Another process saved one first: keep theirs.
-  except OSError:  # No hard links here: exclusive create instead.
-    with contextlib.suppress(FileExistsError), open(path, "xb") as f:
-      f.write(sp.serialized_model_proto())
-  finally:
-    tmp.unlink()
+def save_tokenizer(sp: spm.SentencePieceProcessor, path: str | os.PathLike) -> bool:
+  """Writes the model to `path` unless a file is already there (never
+  overwrites); False when one was (a racing process saved first: keep theirs)."""
+  return write_new(as_path(path), sp.serialized_model_proto())
 
 
 def get_tokenizer(workdir: str | os.PathLike, train_docs: Sequence[Document],
-                  vocab_size: int, max_sentences: int
+                  vocab_size: int, max_sentences: int, *,
+                  cache_file: str | os.PathLike | None = None,
+                  may_train: bool = True
                   ) -> tuple[spm.SentencePieceProcessor, bool]:
-  """(tokenizer, is_new): the workdir's cached model, else a new one (not yet saved)."""
-  path = pathlib.Path(workdir) / TOKENIZER_FILE
+  """(tokenizer, is_new): the workdir's model, else the cache's, else a new one.
+
+  `is_new` says the workdir has none yet (it is saved there only once the data
+  is known to work). A new model goes to `cache_file` at once, if given.
+  `may_train=False` (processes other than 0) turns a missing model into a
+  DataError instead of a second, different tokenizer.
+  """
+  path = as_path(workdir) / TOKENIZER_FILE
   if path.exists():
     return load_tokenizer(path, vocab_size), False
-  return train_tokenizer(train_docs, vocab_size, max_sentences), True
+  if cache_file is not None and as_path(cache_file).exists():
+    return load_tokenizer(cache_file, vocab_size), True
+  if not may_train:
+    raise DataError(
+        f"{path} is missing after process 0 prepared the data; the workdir must "
+        "be on storage every process sees (a shared file system or gs://)")
+  sp = train_tokenizer(train_docs, vocab_size, max_sentences)
+  if cache_file is not None and not save_tokenizer(sp, cache_file):
+    sp = load_tokenizer(cache_file, vocab_size)  # Another run saved one first.
+  return sp, True

@@ -12,9 +12,11 @@ final expert; the cumulative share of tokens settled by each step.
 
 import json
 import os
-import pathlib
 
 import numpy as np
+from etils import epath
+
+from moejax.paths import as_path
 
 PROBE_DIR = "probes"
 
@@ -23,7 +25,7 @@ class FluctuationProbe:
   """Saves each probe's routes under `<workdir>/probes/` and compares them."""
 
   def __init__(self, workdir: str | os.PathLike, *, enabled: bool = True):
-    self.dir = pathlib.Path(workdir) / PROBE_DIR
+    self.dir = as_path(workdir) / PROBE_DIR
     self.enabled = enabled
     self._previous: dict[str, np.ndarray] | None = None
 
@@ -34,9 +36,10 @@ class FluctuationProbe:
     if not self.enabled:
       return
     self.dir.mkdir(parents=True, exist_ok=True)
-    np.savez(self.dir / "inputs.npz", tokens=np.asarray(tokens_BL).reshape(-1),
-             domains=np.asarray(domains_BL).reshape(-1),
-             domain_names=np.asarray(domain_names))
+    with (self.dir / "inputs.npz").open("wb") as f:
+      np.savez(f, tokens=np.asarray(tokens_BL).reshape(-1),
+               domains=np.asarray(domains_BL).reshape(-1),
+               domain_names=np.asarray(domain_names))
 
   def resume(self, step: int) -> None:
     """Starts comparing against the last probe at or before `step`."""
@@ -49,7 +52,7 @@ class FluctuationProbe:
     return sorted(int(p.stem.split("_")[1]) for p in self.dir.glob("step_*.npz"))
 
   def load(self, step: int) -> dict[str, np.ndarray]:
-    with np.load(self.dir / f"step_{step}.npz") as f:
+    with (self.dir / f"step_{step}.npz").open("rb") as fh, np.load(fh) as f:
       return {k: f[k] for k in f.files}
 
   def record(self, step: int, routes: dict[str, np.ndarray]) -> dict[str, float]:
@@ -57,7 +60,8 @@ class FluctuationProbe:
     routes = {k: np.asarray(v) for k, v in routes.items()}
     if self.enabled:
       self.dir.mkdir(parents=True, exist_ok=True)
-      np.savez(self.dir / f"step_{step}.npz", **routes)
+      with (self.dir / f"step_{step}.npz").open("wb") as f:
+        np.savez(f, **routes)
     metrics = {}
     prev = self._previous
     shared = [k for k in routes if prev is not None and k in prev
@@ -111,13 +115,13 @@ def write_curve(workdir: str | os.PathLike, probe: FluctuationProbe) -> dict | N
     }
   shares = np.mean([result["layers"][k]["settled_share"] for k in layers], axis=0)
   result["settled_share"] = shares.tolist()
-  path = pathlib.Path(workdir)
+  path = as_path(workdir)
   (path / "fluctuation.json").write_text(json.dumps(result, indent=1) + "\n")
   _plot(path / "fluctuation.png", result)
   return result
 
 
-def _plot(path: pathlib.Path, result: dict) -> None:
+def _plot(path: epath.Path, result: dict) -> None:
   # A bare Figure: no pyplot state, so a notebook's backend is left alone.
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
   fig = Figure(figsize=(5, 3.5))
@@ -131,4 +135,5 @@ def _plot(path: pathlib.Path, result: dict) -> None:
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  with path.open("wb") as f:
+    fig.savefig(f, format="png", dpi=120)

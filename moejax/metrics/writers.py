@@ -3,10 +3,12 @@
 import json
 import math
 import os
-import pathlib
 from typing import Any, Iterable
 
 import numpy as np
+from etils import epath
+
+from moejax.paths import append_text, as_path
 
 METRICS_FILE = "metrics.jsonl"
 LOADS_FILE = "router_loads.jsonl"
@@ -28,17 +30,18 @@ class MetricWriter:
 
   Vector metrics (per-expert loads) go to `<workdir>/router_loads.jsonl`, one row
   per logged step. Only the writer with `enabled=True` (process 0) touches files.
+  `workdir` is local or a URI epath supports (gs://...).
   """
 
   def __init__(self, workdir: str | os.PathLike, *, enabled: bool = True,
                tensorboard: bool = True):
-    self.path = pathlib.Path(workdir) / METRICS_FILE
-    self.loads_path = pathlib.Path(workdir) / LOADS_FILE
+    self.path = as_path(workdir) / METRICS_FILE
+    self.loads_path = as_path(workdir) / LOADS_FILE
     self.enabled = enabled
     self._tb = None
     if enabled and tensorboard:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._tb = SummaryWriter(os.fspath(pathlib.Path(workdir) / "tb"))
+      self._tb = SummaryWriter(os.fspath(as_path(workdir) / "tb"))
 
   def truncate_after(self, step: int) -> None:
     """On resume: rows past `step` (written before an interruption) move to
@@ -53,8 +56,7 @@ class MetricWriter:
         if line.strip():
           (keep if json.loads(line).get("step", 0) <= step else drop).append(line)
       if drop:
-        with open(path.with_suffix(".discarded.jsonl"), "a") as f:
-          f.write("\n".join(drop) + "\n")
+        append_text(path.with_suffix(".discarded.jsonl"), "\n".join(drop) + "\n")
         path.write_text("".join(line + "\n" for line in keep))
 
   def write(self, step: int, metrics: dict[str, Any]) -> None:
@@ -75,10 +77,9 @@ class MetricWriter:
         if isinstance(value, (int, float, np.generic)) and not isinstance(value, bool):
           self._tb.add_scalar(key, float(value), int(step))
 
-  def _append(self, path: pathlib.Path, step: int, values: dict[str, Any]):
+  def _append(self, path: epath.Path, step: int, values: dict[str, Any]):
     row = {"step": int(step), **{k: _plain(v) for k, v in values.items()}}
-    with open(path, "a") as f:
-      f.write(json.dumps(row) + "\n")
+    append_text(path, json.dumps(row) + "\n")
 
   def close(self) -> None:
     if self._tb is not None:
@@ -88,7 +89,7 @@ class MetricWriter:
 def read_metrics(workdir: str | os.PathLike,
                  name: str = METRICS_FILE) -> list[dict[str, Any]]:
   """The rows of `<workdir>/metrics.jsonl` (or of `name`), in order."""
-  path = pathlib.Path(workdir) / name
+  path = as_path(workdir) / name
   return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 

@@ -15,6 +15,7 @@ import jax
 import numpy as np
 
 from moejax.errors import ConfigError
+from moejax.parallel.hosts import check_mesh_processes
 from moejax.parallel.rules import MESH_AXES
 
 
@@ -71,13 +72,15 @@ def make_mesh(cfg: MeshConfig, *, num_experts: int,
   """A `("data", "expert")` mesh with Auto axes over `devices` (default: all).
 
   Auto axes let `jax.jit` reshard freely and Flax logical constraints work; the
-  expert-parallel layer's `shard_map` is explicit about its own layout.
+  expert-parallel layer's `shard_map` is explicit about its own layout. In a
+  multi-process run every process must own devices in the mesh (ConfigError).
   """
   devices = list(jax.devices() if devices is None else devices)
   if not devices:
     raise ConfigError("make_mesh got no devices; pass devices=None for all")
   data, expert = cfg.shape(len(devices))
   devices = devices[:data * expert]  # Explicit sizes may use fewer devices.
+  check_mesh_processes(devices, data=data, expert=expert)
   if isinstance(num_experts, bool) or num_experts < 1:
     raise ConfigError(f"num_experts={num_experts} must be positive")
   if num_experts % expert:

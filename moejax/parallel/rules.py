@@ -2,18 +2,14 @@
 
 Shapes: B batch, E experts, D model width, F hidden width.
 
-Two short tables:
-- `LOGICAL_AXIS_RULES`: logical axis name (as the model annotates its params with
-  `nn.with_logical_partitioning`, plus "batch" for activations) -> mesh axes.
-- `PARAM_RULES`: regex over a param's `/`-joined path -> its logical axis names.
-  The train state holds plain (unboxed) dicts, so paths are what `state_shardings`
-  can see; a test checks these agree with the model's own annotations. The same
-  regexes match the optimizer state, whose moments mirror the params' paths.
-
-Everything not named here is replicated.
+`LOGICAL_AXIS_RULES` maps logical axis names to mesh axes. The model names the
+axes of each param where it creates it (`nn.with_logical_partitioning`, e.g.
+`("expert", "embed", "mlp")` for stacked expert weights); activations use
+"batch". `logical_shardings` turns a tree of logical PartitionSpecs (from
+`nn.get_partition_spec`; `moejax.train.state.state_specs` extends it to the
+optimizer state) into NamedShardings. Names that map to None are replicated.
 """
 
-import re
 from typing import Any
 
 import flax.linen as nn
@@ -37,11 +33,6 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("kv", None),
 )
 
-PARAM_RULES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
-    (r"(^|/)experts/w_in$", ("expert", "embed", "mlp")),    # [E, D, F]
-    (r"(^|/)experts/w_out$", ("expert", "mlp", "embed")),   # [E, F, D]
-)
-
 
 def logical_spec(names: tuple[str | None, ...]) -> P:
   """Mesh PartitionSpec of an array whose dimensions carry these logical names."""
@@ -51,14 +42,6 @@ def logical_spec(names: tuple[str | None, ...]) -> P:
 TOKEN_AXES: tuple[str, ...] = tuple(logical_spec(("batch",))[0])
 
 
-def param_logical_axes(path: str, ndim: int) -> tuple[str | None, ...] | None:
-  """Logical names of the first rule matching `path` with the same rank, else None."""
-  for pattern, names in PARAM_RULES:
-    if len(names) == ndim and re.search(pattern, path):
-      return names
-  return None
-
-
 def _axes_size(mesh: jax.sharding.Mesh, axes) -> int:
   if axes is None:
     return 1
@@ -66,30 +49,29 @@ def _axes_size(mesh: jax.sharding.Mesh, axes) -> int:
   return int(np.prod([mesh.shape[a] for a in axes]))
 
 
-def leaf_spec(path: str, shape: tuple[int, ...], mesh: jax.sharding.Mesh) -> P:
-  """The PartitionSpec of one state leaf; ConfigError if the mesh cannot split it."""
-  names = param_logical_axes(path, len(shape))
-  if names is None:
-    return P()
-  spec = logical_spec(names)
+def _checked_spec(path: str, logical: P | None, shape: tuple[int, ...],
+                  mesh: jax.sharding.Mesh) -> P:
+  """The mesh PartitionSpec of one leaf; ConfigError if the mesh cannot split it."""
+  names = tuple(logical) if logical is not None else ()
+  spec = logical_spec(names) if names else P()
   for dim, (size, axes) in enumerate(zip(shape, spec)):
     parts = _axes_size(mesh, axes)
     if size % parts:
       raise ConfigError(
           f"{path} has size {size} in dim {dim}, not divisible by mesh axes "
           f"{axes} of size {parts}; choose mesh sizes that divide it")
-  return spec
+  return spec if any(axes is not None for axes in spec) else P()
 
 
-def state_shardings(abstract_state, mesh: jax.sharding.Mesh):
-  """NamedShardings for a train state (or any pytree of arrays / ShapeDtypeStructs).
-
-  Expert weights and the optimizer moments that mirror them are split over the
-  `expert` axis; everything else (other params, scalars, counts) is replicated.
-  """
-  def one(path, leaf):
-    return NamedSharding(mesh, leaf_spec(path_str(path), np.shape(leaf), mesh))
-  return jax.tree_util.tree_map_with_path(one, abstract_state)
+def logical_shardings(specs, abstract, mesh: jax.sharding.Mesh):
+  """NamedShardings on `mesh` for `abstract` (arrays or ShapeDtypeStructs) whose
+  leaves carry the logical PartitionSpecs of `specs` (same tree; a None or
+  empty spec is replicated)."""
+  def one(path, spec, leaf):
+    return NamedSharding(mesh, _checked_spec(path_str(path), spec,
+                                             np.shape(leaf), mesh))
+  return jax.tree_util.tree_map_with_path(
+      one, specs, abstract, is_leaf=lambda x: x is None or isinstance(x, P))
 
 
 def with_shardings(abstract_state, shardings):
@@ -105,25 +87,21 @@ def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
 
 
 def shard_batch(batch, mesh: jax.sharding.Mesh):
-  """Global arrays from each process's rows of the batch (leading dim B_local).
+  """Global arrays split over every device from the global batch [B, ...].
 
-  On one process B_local = B; on P processes each passes its own B / P rows
-  (e.g. rows `process_index * B/P ...`), and the global batch is their stack.
+  Every process passes the same whole batch and places only the rows its own
+  devices hold, whatever devices it owns.
   """
   sharding = batch_sharding(mesh)
   shards = _axes_size(mesh, TOKEN_AXES)
 
-  def put(x):
+  def check(x):
     if np.ndim(x) == 0:
       raise ConfigError("shard_batch got a scalar; batch leaves need a batch dim")
-    rows = np.shape(x)[0] * jax.process_count()
-    if rows % shards:
+    if np.shape(x)[0] % shards:
       raise ConfigError(
-          f"global batch of {rows} rows does not split over {shards} devices "
-          f"(mesh {dict(mesh.shape)}); make train.batch_size a multiple of "
-          f"{shards}")
-    if jax.process_count() == 1 and isinstance(x, jax.Array):
-      return jax.device_put(x, sharding)
-    return jax.make_array_from_process_local_data(sharding, np.asarray(x))
-
-  return jax.tree.map(put, batch)
+          f"global batch of {np.shape(x)[0]} rows does not split over {shards} "
+          f"devices (mesh {dict(mesh.shape)}); make train.batch_size a multiple "
+          f"of {shards}")
+  jax.tree.map(check, batch)
+  return jax.device_put(batch, sharding)

@@ -1,4 +1,8 @@
-"""Orbax checkpoints of the train state and the data position, with resume."""
+"""Orbax checkpoints of the train state and the data position, with resume.
+
+Directories are epath paths (local or gs://...); orbax coordinates the writes of
+every process of a multi-process run itself.
+"""
 
 import os
 
@@ -6,6 +10,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from moejax.errors import CheckpointError
+from moejax.paths import as_path
 
 
 class Checkpointer:
@@ -17,7 +22,7 @@ class Checkpointer:
   def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = 3):
     self.directory = os.fspath(directory)
     self._manager = ocp.CheckpointManager(
-        self.directory,
+        as_path(directory),
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
         item_names=("state", "data"))
 
@@ -70,21 +75,21 @@ class StageCheckpoints:
 
   def __init__(self, root: str | os.PathLike, num_stages: int, *,
                max_to_keep: int | None = 3):
-    self.root = os.fspath(root)
+    self.root = as_path(root)
     self.num_stages = num_stages
     self._max_to_keep = max_to_keep
     self._open: dict[int, Checkpointer] = {}
 
   def stage(self, index: int) -> Checkpointer:
     if index not in self._open:
-      self._open[index] = Checkpointer(os.path.join(self.root, f"stage_{index}"),
+      self._open[index] = Checkpointer(self.root / f"stage_{index}",
                                        max_to_keep=self._max_to_keep)
     return self._open[index]
 
   def latest(self) -> tuple[int, int] | None:
     """(stage, step) of the newest checkpoint, None when there is none."""
     for index in reversed(range(self.num_stages)):
-      if os.path.isdir(os.path.join(self.root, f"stage_{index}")):
+      if (self.root / f"stage_{index}").is_dir():
         step = self.stage(index).latest_step()
         if step is not None:
           return index, step
@@ -98,11 +103,12 @@ class StageCheckpoints:
 def restore_params(directory: str | os.PathLike) -> tuple[dict, dict]:
   """(params, model_state) of the newest checkpoint of the last stage under
   `directory` (a run's `checkpoints/`), as saved, for `train.init_from`."""
-  stages = sorted((d for d in os.listdir(directory) if d.startswith("stage_")),
-                  key=lambda d: int(d.split("_")[1])) if os.path.isdir(
-                      directory) else []
+  directory = as_path(directory)
+  stages = sorted((d.name for d in directory.iterdir()
+                   if d.name.startswith("stage_")),
+                  key=lambda d: int(d.split("_")[1])) if directory.is_dir() else []
   for name in reversed(stages):
-    manager = ocp.CheckpointManager(os.path.join(directory, name),
+    manager = ocp.CheckpointManager(directory / name,
                                     item_names=("state", "data"))
     step = manager.latest_step()
     if step is not None:

@@ -93,6 +93,7 @@ def default_config() -> ml_collections.ConfigDict:
       matmul="xla"))
   c.data = ml_collections.ConfigDict(dataclasses.asdict(DataConfig()))
   c.data.tfds_data_dir = config_dict.placeholder(str)
+  c.data.cache_dir = config_dict.placeholder(str)
   c.train = ml_collections.ConfigDict(dataclasses.asdict(TrainConfig()))
   c.optim = ml_collections.ConfigDict(dataclasses.asdict(OptimizerConfig()))
   c.stages = []

@@ -9,8 +9,6 @@ the right stage at the right step, with the data position it had.
 
 import dataclasses
 import math
-import pathlib
-import shutil
 import time
 from typing import Any, Callable
 
@@ -18,15 +16,18 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from etils import epath
 
 from moejax.errors import CheckpointError, TrainingDiverged
 from moejax.metrics.fluctuation import FluctuationProbe, write_curve
 from moejax.metrics.writers import MetricWriter
 from moejax.models.config import TransformerConfig, transformer_config_from_json
 from moejax.models.transformer import TransformerLM
+from moejax.parallel import hosts
 from moejax.parallel.mesh import make_mesh
-from moejax.parallel.rules import (batch_sharding, shard_batch, state_shardings,
+from moejax.parallel.rules import (batch_sharding, logical_shardings, shard_batch,
                                    with_shardings)
+from moejax.paths import as_path
 from moejax.routing.registry import router_class
 from moejax.stages.machine import check_frozen, enter_stage, transition_key
 from moejax.stages.stage import Stage, boundaries
@@ -34,7 +35,7 @@ from moejax.train.checkpoint import StageCheckpoints, restore_params
 from moejax.train.config import RunConfig
 from moejax.train.optimizer import learning_rate_schedule, make_optimizer
 from moejax.train.progress import Progress
-from moejax.train.state import TrainState
+from moejax.train.state import TrainState, state_specs
 from moejax.train.step import make_eval_step, make_probe_step, make_train_step
 from moejax.train.workdir import check_workdir, record_config, saved_config
 
@@ -61,7 +62,7 @@ class Evaluator:
     for batch in self._batches:
       out = self._step(variables, _model_inputs(batch))
       totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
-    totals = jax.device_get(totals)
+    totals = hosts.fetch(totals)
     loss = float(totals["loss_sum"] / totals["tokens"])
     return {"eval/loss": loss,
             "eval/ppl": math.exp(loss) if loss < 700 else float("inf")}
@@ -89,13 +90,9 @@ class StageProgram:
     return jax.device_put(state, self.shardings)
 
   def batch(self, batch) -> dict:
-    """This process's rows of a global batch, as a global array on the mesh."""
-    inputs = _model_inputs(batch)
-    if jax.process_count() > 1:
-      rows = len(inputs["inputs"]) // jax.process_count()
-      lo = jax.process_index() * rows
-      inputs = {k: v[lo:lo + rows] for k, v in inputs.items()}
-    return shard_batch(inputs, self.mesh)
+    """The global batch (every process holds it whole) as a global array on the
+    mesh; each process places the rows of its own devices."""
+    return shard_batch(_model_inputs(batch), self.mesh)
 
 
 def stage_mesh(config: RunConfig, index: int) -> jax.sharding.Mesh:
@@ -115,7 +112,8 @@ def build_program(config: RunConfig, index: int, data, init_rng: jax.Array,
   tx = make_optimizer(config.optim, config.train.steps, stage.frozen)
   init_fn = lambda: init_state(model, tx, init_rng, config.data.seq_len)  # noqa: E731
   abstract = jax.eval_shape(init_fn)
-  shardings = state_shardings(abstract, mesh)
+  shardings = logical_shardings(
+      state_specs(model, tx, config.data.seq_len), abstract, mesh)
   jit_init = jax.jit(init_fn, out_shardings=shardings)
   moe = stage.model.moe
 
@@ -153,11 +151,11 @@ def _check_finite(step: int, metrics: dict[str, Any], last_saved: int | None):
           f"set optim.grad_clip; {kept}")
 
 
-def _init_source(config: RunConfig) -> tuple[pathlib.Path, TransformerConfig] | None:
+def _init_source(config: RunConfig) -> tuple[epath.Path, TransformerConfig] | None:
   """The run `train.init_from` points at, checked against this run's data."""
   if not config.train.init_from:
     return None
-  source = pathlib.Path(config.train.init_from)
+  source = as_path(config.train.init_from)
   saved = saved_config(source) if source.is_dir() else None
   if saved is None:
     raise CheckpointError(f"train.init_from={source} is not a moejax workdir (no "
@@ -173,9 +171,9 @@ def _init_source(config: RunConfig) -> tuple[pathlib.Path, TransformerConfig] | 
 class _Run:
   """The state of one `train_and_evaluate` call: writers, checkpoints, probes."""
 
-  def __init__(self, config: RunConfig, workdir: pathlib.Path, data, verbose: bool):
+  def __init__(self, config: RunConfig, workdir: epath.Path, data, verbose: bool):
     self.config, self.workdir, self.data = config, workdir, data
-    is_main = jax.process_index() == 0
+    is_main = hosts.is_writer()
     tc = config.train
     self.checkpoints = StageCheckpoints(workdir / "checkpoints",
                                         len(config.stages),
@@ -251,7 +249,7 @@ class _Run:
       self.checkpoints.close()
       self.writer.close()
       self.progress.close()
-    curve = write_curve(self.workdir, self.probe)
+    curve = write_curve(self.workdir, self.probe) if self.probe.enabled else None
     if curve is not None:
       self.summary["router/settled_share_first_probe"] = curve["settled_share"][0]
     self.summary["step"] = boundaries(stages)[-1]
@@ -287,7 +285,7 @@ class _Run:
         timer_start, timer_steps = time.perf_counter(), 0
       last = step == program.end
       if step % tc.log_every == 0 or last:
-        metrics = jax.device_get(metrics)
+        metrics = hosts.fetch(metrics)
         _check_finite(step, metrics, self.last_saved)
         elapsed = time.perf_counter() - timer_start
         row = {k: float(v) if v.ndim == 0 else v for k, v in metrics.items()}
@@ -299,7 +297,7 @@ class _Run:
         self.summary.update({k: v for k, v in row.items() if jnp.ndim(v) == 0})
         timer_start, timer_steps = time.perf_counter(), 0
       if tc.probe_every and program.probe and (step % tc.probe_every == 0 or last):
-        routes = jax.device_get(program.probe(state.variables(), self.probe_inputs))
+        routes = hosts.fetch(program.probe(state.variables(), self.probe_inputs))
         row = self.probe.record(step, routes)
         if row:
           self.write(program, step, row)
@@ -310,32 +308,36 @@ class _Run:
         self.progress.message(f"step {step:>6} | {program.stage.name} | eval loss "
                               f"{row['eval/loss']:.4f} | ppl {row['eval/ppl']:.2f}")
       if step % tc.checkpoint_every == 0 or last:
-        _check_finite(step, jax.device_get(metrics), self.last_saved)
+        _check_finite(step, hosts.fetch(metrics), self.last_saved)
         self.save(program, state, next_batch)
     return state, next_batch
 
 
-def train_and_evaluate(config: RunConfig, workdir: str | pathlib.Path,
+def train_and_evaluate(config: RunConfig, workdir: str | epath.PathLike,
                        *, verbose: bool = True) -> dict[str, Any]:
-  """Trains `config` in `workdir`, resuming if a checkpoint is there.
+  """Trains `config` in `workdir` (a local path or a URI such as gs://...),
+  resuming if a checkpoint is there. Every process of a multi-process run calls
+  it; only process 0 writes the workdir's files other than checkpoints.
 
   Returns the last logged train metrics merged with the final evaluation.
   """
   from moejax.data import load_datasets, validate  # pylint: disable=g-import-not-at-top
 
-  workdir = pathlib.Path(workdir)
+  workdir = as_path(workdir)
   validate(config.data)
   for index in range(len(config.stages)):
     stage_mesh(config, index)  # Mesh errors before anything is written.
   check_workdir(workdir, config.to_json())
   init_source = _init_source(config)
-  if init_source and not (workdir / "tokenizer.model").exists():
+  tokenizer = workdir / "tokenizer.model"
+  if init_source and hosts.is_writer() and not tokenizer.exists():
     workdir.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(init_source[0] / "tokenizer.model", workdir / "tokenizer.model")
+    (init_source[0] / "tokenizer.model").copy(tokenizer)
   data = load_datasets(config.data, workdir=workdir,
                        batch_size=config.train.batch_size)
-  record_config(workdir, config.to_json())
+  if hosts.is_writer():
+    record_config(workdir, config.to_json())
   run = _Run(config, workdir, data, verbose)
-  if verbose and jax.process_index() == 0:
+  if verbose and hosts.is_writer():
     print(data.describe(), flush=True)
   return run.run(init_source)

@@ -1,7 +1,12 @@
-"""The training state pytree: step, params, optimizer state, model state."""
+"""The training state pytree (step, params, optimizer state, model state) and
+the logical axis names of its leaves."""
 
 import flax
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import PartitionSpec as P
 
 
 @flax.struct.dataclass
@@ -25,3 +30,24 @@ class TrainState:
     """The Flax variables for `model.apply`: params plus the model state."""
     return {"params": self.params if params is None else params,
             **self.model_state}
+
+
+def state_specs(model: nn.Module, tx: optax.GradientTransformation,
+                seq_len: int) -> TrainState:
+  """The logical PartitionSpec of every leaf of the train state.
+
+  Params take the axis names the model gives them (`nn.with_logical_partitioning`);
+  the optimizer's copies of the params (Adam moments) take their param's names
+  (`optax.tree_map_params`); everything else (step, counts, the model state's
+  unnamed variables) is replicated (P()).
+  """
+  tokens_BL = jnp.zeros((1, seq_len), jnp.int32)
+  boxed = jax.eval_shape(model.init, jax.random.key(0), tokens_BL)
+  specs = dict(nn.get_partition_spec(boxed))
+  params = specs.pop("params")
+  abstract_opt = jax.eval_shape(tx.init, nn.unbox(boxed)["params"])
+  opt_state = optax.tree_map_params(
+      tx, lambda _, spec: spec, abstract_opt, params,
+      transform_non_params=lambda _: P(), is_leaf=lambda x: isinstance(x, P))
+  return TrainState(step=P(), params=params, opt_state=opt_state,
+                    model_state=specs)

@@ -1,10 +1,16 @@
-"""The run directory: the resolved config and the check that a resume matches it."""
+"""The run directory: the resolved config and the check that a resume matches it.
+
+Workdirs are epath paths (local, or a URI such as gs://...); in a multi-process
+run only process 0 calls `record_config`.
+"""
 
 import json
-import pathlib
 from typing import Any
 
+from etils import epath
+
 from moejax.errors import CheckpointError
+from moejax.paths import PathLike, as_path
 
 CONFIG_FILE = "config.json"
 # Config keys that decide the shapes in a checkpoint or the data it was trained on.
@@ -43,9 +49,9 @@ def _first_difference(old: Any, new: Any, prefix: str) -> str | None:
   return None if old == new else f"{prefix}: {old!r} in the workdir, {new!r} now"
 
 
-def saved_config(workdir: pathlib.Path) -> dict[str, Any] | None:
+def saved_config(workdir: PathLike) -> dict[str, Any] | None:
   """The resolved config of the run in `workdir`, None for a new workdir."""
-  path = workdir / CONFIG_FILE
+  path = as_path(workdir) / CONFIG_FILE
   if not path.exists():
     return None
   try:
@@ -55,9 +61,10 @@ def saved_config(workdir: pathlib.Path) -> dict[str, Any] | None:
                           "directory") from None
 
 
-def check_workdir(workdir: pathlib.Path, resolved: dict[str, Any]) -> None:
+def check_workdir(workdir: PathLike, resolved: dict[str, Any]) -> None:
   """Raises CheckpointError if `workdir` holds a run whose `_MUST_MATCH` keys
   differ from `resolved`. Reads only."""
+  workdir = as_path(workdir)
   if workdir.exists() and not workdir.is_dir():
     raise CheckpointError(f"--workdir {workdir} is a file; point it at a directory")
   saved = saved_config(workdir)
@@ -72,9 +79,10 @@ def check_workdir(workdir: pathlib.Path, resolved: dict[str, Any]) -> None:
           "a new --workdir or the config that wrote it")
 
 
-def record_config(workdir: pathlib.Path, resolved: dict[str, Any]) -> None:
+def record_config(workdir: PathLike, resolved: dict[str, Any]) -> None:
   """Writes `config.json` on a first run; a later run whose other keys changed
   (say a longer `train.steps`) is recorded in `config.<n>.json` beside it."""
+  workdir: epath.Path = as_path(workdir)
   saved, resolved = saved_config(workdir), _as_json(resolved)
   workdir.mkdir(parents=True, exist_ok=True)
   if saved is None:

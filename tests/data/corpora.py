@@ -33,10 +33,11 @@ def write_corpus(folder: pathlib.Path) -> list[pathlib.Path]:
 
 
 def small_config(source: str, **overrides) -> DataConfig:
-  """A DataConfig sized for the tiny corpora: L=32, vocab 400, 1/4 held out."""
+  """A DataConfig sized for the tiny corpora: L=32, vocab 400, 1/4 held out, the
+  data cache under the workdir (`cache_dir=""`)."""
   base = DataConfig(source=source, seq_len=32, vocab_size=400, eval_fraction=0.25,
                     max_bytes=None, eval_batches=2, seed=0,
-                    tokenizer_max_sentences=5_000)
+                    tokenizer_max_sentences=5_000, cache_dir="")
   return dataclasses.replace(base, **overrides)
 
 

@@ -13,11 +13,12 @@ from jax.sharding import PartitionSpec as P
 
 from moejax.models.config import MoEConfig, TransformerConfig
 from moejax.models.transformer import TransformerLM
-from moejax.parallel import (MeshConfig, make_mesh, shard_batch, state_shardings,
-                             with_shardings)
+from moejax.parallel import (MeshConfig, logical_shardings, make_mesh,
+                             shard_batch, with_shardings)
 from moejax.train.checkpoint import Checkpointer
 from moejax.train.loop import init_state
 from moejax.train.optimizer import OptimizerConfig, make_optimizer
+from moejax.train.state import state_specs
 from moejax.train.step import make_eval_step
 
 E, B, SEQ = 8, 8, 8
@@ -50,7 +51,8 @@ def test_checkpoint_moves_between_meshes(tmp_path):
   model8 = _model(mesh8)
   init = lambda: init_state(model8, tx, jax.random.key(0), SEQ)  # noqa: E731
   abstract = jax.eval_shape(init)
-  state = jax.jit(init, out_shardings=state_shardings(abstract, mesh8))()
+  specs = state_specs(model8, tx, SEQ)
+  state = jax.jit(init, out_shardings=logical_shardings(specs, abstract, mesh8))()
   # Non-zero Adam moments, so the round trip checks them too.
   state = state.replace(opt_state=jax.tree.map(
       lambda a: a + jnp.asarray(1, a.dtype), state.opt_state))
@@ -65,7 +67,7 @@ def test_checkpoint_moves_between_meshes(tmp_path):
 
   mesh42 = make_mesh(MeshConfig(data=4, expert=2), num_experts=E)
   restored42, next_batch = checkpointer.restore(
-      with_shardings(abstract, state_shardings(abstract, mesh42)))
+      with_shardings(abstract, logical_shardings(specs, abstract, mesh42)))
   assert next_batch == 3
   w_in42 = restored42.params["block_1"]["moe"]["experts"]["w_in"]
   assert w_in42.sharding.mesh == mesh42

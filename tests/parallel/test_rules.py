@@ -10,22 +10,29 @@ from jax.sharding import PartitionSpec as P
 from moejax.errors import ConfigError
 from moejax.models.config import MoEConfig, TransformerConfig
 from moejax.models.transformer import TransformerLM
-from moejax.parallel import (MeshConfig, batch_sharding, logical_spec, make_mesh,
-                             shard_batch, state_shardings)
-from moejax.parallel.rules import leaf_spec, path_str
+from moejax.parallel import (MeshConfig, batch_sharding, logical_shardings,
+                             make_mesh, shard_batch)
+from moejax.pytree import path_str
 from moejax.train.loop import init_state
 from moejax.train.optimizer import OptimizerConfig, make_optimizer
+from moejax.train.state import state_specs
 
 CONFIG = TransformerConfig(
     vocab_size=32, max_len=8, num_layers=2, d_model=16, num_heads=2, d_ff=32,
     moe_layers=(1,), moe=MoEConfig(num_experts=8, top_k=2, router="topk"))
 
 
-def test_state_shardings_split_expert_weights_and_their_moments():
-  mesh = make_mesh(MeshConfig(2, 4), num_experts=8)
-  model, tx = TransformerLM(CONFIG), make_optimizer(OptimizerConfig(), 10)
+def _state_shardings(mesh, frozen=()):
+  model = TransformerLM(CONFIG)
+  tx = make_optimizer(OptimizerConfig(), 10, frozen)
   abstract = jax.eval_shape(lambda: init_state(model, tx, jax.random.key(0), 8))
-  shardings = state_shardings(abstract, mesh)
+  return logical_shardings(state_specs(model, tx, 8), abstract, mesh)
+
+
+@pytest.mark.parametrize("frozen", [(), (r".*/router/.*",)])
+def test_state_shardings_split_expert_weights_and_their_moments(frozen):
+  mesh = make_mesh(MeshConfig(2, 4), num_experts=8)
+  shardings = _state_shardings(mesh, frozen)
   flat = {path_str(p): s for p, s in
           jax.tree_util.tree_leaves_with_path(shardings)}
   expert = {k for k, s in flat.items() if s.spec == P("expert", None, None)}
@@ -37,30 +44,26 @@ def test_state_shardings_split_expert_weights_and_their_moments():
   assert all(s.mesh == mesh for s in flat.values())
 
 
-def _full(spec, ndim):
-  return tuple(spec) + (None,) * (ndim - len(spec))
-
-
-def test_path_rules_agree_with_the_model_annotations():
+def test_every_param_takes_the_names_the_model_gives_it():
   mesh = make_mesh(MeshConfig(2, 4), num_experts=8)
   boxed = jax.eval_shape(TransformerLM(CONFIG).init, jax.random.key(0),
                          jnp.zeros((1, 8), jnp.int32))["params"]
-  names = nn.get_partition_spec(boxed)
-  for (path, spec), leaf in zip(
-      jax.tree_util.tree_leaves_with_path(names,
-                                          is_leaf=lambda x: isinstance(x, P)),
-      jax.tree.leaves(nn.unbox(boxed)), strict=True):
-    got = leaf_spec(path_str(path), leaf.shape, mesh)
-    want = logical_spec(tuple(spec))
-    assert _full(got, leaf.ndim) == _full(want, leaf.ndim), path_str(path)
+  names = {path_str(p): tuple(box.names) for p, box in
+           jax.tree_util.tree_leaves_with_path(
+               boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))}
+  params = _state_shardings(mesh).params
+  for path, sharding in jax.tree_util.tree_leaves_with_path(params):
+    want = tuple("expert" if n == "expert" else None for n in names[path_str(path)])
+    assert tuple(sharding.spec) + (None,) * (len(want) - len(sharding.spec)) == want
 
 
 def test_undividable_leaf_is_a_config_error():
   mesh = make_mesh(MeshConfig(2, 4), num_experts=8)
   tree = {"moe": {"experts": {"w_in": jax.ShapeDtypeStruct((6, 4, 4),
                                                            jnp.float32)}}}
+  specs = {"moe": {"experts": {"w_in": P("expert", "embed", "mlp")}}}
   with pytest.raises(ConfigError, match=r"moe/experts/w_in has size 6 in dim 0"):
-    state_shardings(tree, mesh)
+    logical_shardings(specs, tree, mesh)
 
 
 def test_shard_batch_splits_rows_over_every_device():

@@ -1,0 +1,124 @@
+"""Which process does what in a multi-process run: writes, barriers, host values.
+
+Every host runs the same program (multi-controller JAX); on one process every
+function here is the plain single-process behaviour. The rules of a run:
+- one writer: process 0 (`is_writer()`) writes every workdir file that is not an
+  orbax checkpoint (orbax coordinates its own writes across processes);
+- prepared once: `main_first(fn, name=)` runs `fn` on process 0, then, after a
+  barrier that carries its success or its error, on the other processes, which
+  find what it wrote (`fn` must write only where `is_writer()` says so);
+- host values: `fetch(tree)` gives numpy values of global arrays on every
+  process (an array that spans other processes' devices is gathered with
+  `process_allgather`; a replicated one is read from a local copy);
+- global values: every process holds the same host values (the global batch,
+  restored or transformed params); `jax.device_put(value, sharding)` then
+  places on each process the slices its own devices hold;
+- `check_mesh_processes(devices)`: every process must own devices in the mesh.
+"""
+
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import jax
+import numpy as np
+
+from moejax import errors
+from moejax.errors import ConfigError, MoejaxError
+
+T = TypeVar("T")
+_MESSAGE_BYTES = 2048  # Room for a one-line error from process 0.
+
+
+def process_count() -> int:
+  return jax.process_count()
+
+
+def is_writer() -> bool:
+  """True on process 0: the one that writes logs, metrics, configs and data."""
+  return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+  """Waits until every process reaches the barrier `name` (no-op on one)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
+
+
+def _broadcast_text(text: str) -> str:
+  """Process 0's `text` on every process (truncated to _MESSAGE_BYTES)."""
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  raw = text.encode("utf-8")[:_MESSAGE_BYTES].ljust(_MESSAGE_BYTES, b"\0")
+  out = multihost_utils.broadcast_one_to_all(np.frombuffer(raw, np.uint8))
+  return bytes(np.asarray(out, np.uint8)).rstrip(b"\0").decode("utf-8", "replace")
+
+
+def _error_class(name: str) -> type[MoejaxError]:
+  cls = getattr(errors, name, None)
+  return cls if isinstance(cls, type) and issubclass(cls, MoejaxError) else MoejaxError
+
+
+def main_first(fn: Callable[[], T], *, name: str) -> T:
+  """`fn()` on process 0, then on the others once process 0 has finished.
+
+  An error on process 0 stops every process: process 0 re-raises it and the
+  others raise the same moejax error class with the same one-line message (any
+  other exception becomes a MoejaxError naming it), so no process waits forever.
+  """
+  if jax.process_count() == 1:
+    return fn()
+  result, status = None, ""
+  if is_writer():
+    try:
+      result = fn()
+    except Exception as e:  # Every process must hear about it, then re-raise.
+      kind = type(e).__name__ if isinstance(e, MoejaxError) else "MoejaxError"
+      message = str(e) if isinstance(e, MoejaxError) else (
+          f"process 0 failed in {name}: {type(e).__name__}: {e}")
+      _broadcast_text(f"{kind}\n{message}")
+      raise
+    _broadcast_text("")
+    return result
+  status = _broadcast_text("")
+  if status:
+    kind, _, message = status.partition("\n")
+    raise _error_class(kind)(message)
+  return fn()
+
+
+def fetch(tree: Any) -> Any:
+  """Numpy values of a pytree of (possibly global) arrays, on every process.
+
+  Every process must call it with the same tree: gathering an array that spans
+  other processes' devices is a collective.
+  """
+  def one(x):
+    if (isinstance(x, jax.Array) and not x.is_fully_addressable
+        and not x.is_fully_replicated):
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+  return jax.tree.map(one, tree)
+
+
+def check_mesh_processes(devices: Sequence[Any], *, data: int, expert: int,
+                         num_processes: int | None = None,
+                         total_devices: int | None = None) -> None:
+  """ConfigError unless every process owns at least one of the mesh's `devices`.
+
+  A process without devices in the mesh would feed no rows and wait in every
+  collective while the others train on part of the batch.
+  """
+  num_processes = jax.process_count() if num_processes is None else num_processes
+  owners = {d.process_index for d in devices}
+  missing = sorted(set(range(num_processes)) - owners)
+  if not missing:
+    return
+  total = jax.device_count() if total_devices is None else total_devices
+  raise ConfigError(
+      f"mesh.data={data} x mesh.expert={expert} uses {len(devices)} of {total} "
+      f"devices, so process{'es' if len(missing) > 1 else ''} "
+      f"{', '.join(map(str, missing))} of {num_processes} "
+      f"({total // num_processes} devices each) would own none; every process "
+      f"must own devices in the mesh: make mesh.data x mesh.expert = {total} "
+      "(or set one of them to -1)")

@@ -1,0 +1,114 @@
+"""Two processes of four CPU devices each, launched as the README launches them.
+
+Every run here is the real CLI in real subprocesses joined by jax.distributed
+over localhost (gloo collectives), each with a hard timeout. Checked: a fresh
+workdir and a fresh data cache with probes on; results equal to the same run in
+one process with 8 devices (loss curve, evaluations, routing fluctuation) on
+both meshes; kill -9 of every process, then resume; the two-process checkpoint
+restored in one process; the mesh that leaves a process without devices; and
+that only process 0 writes the workdir outside orbax's checkpoints.
+"""
+
+import re
+
+import numpy as np
+
+from moejax.metrics.writers import read_metrics
+from tests.multihost import launch
+from tests.multihost.runs import (STABLEMOE, TINY, assert_process0_writes_workdir,
+                                  assert_same_run, cli_args, reference)
+from tests.test_readme import README
+
+TIMEOUT = 420  # Seconds per launch: compiling on a shared 2-core CI machine.
+
+
+def readme_pod_command() -> tuple[str, list[str]]:
+  """(config, flags) of the README's localhost two-process launch."""
+  text = README.read_text()
+  section = text[text.index("## Run on a TPU pod or a multi-GPU host"):]
+  block = re.search(r"```bash\n(.*?)```", section[section.index(
+      "Two processes"):], flags=re.S)[1]
+  command = re.search(r"moejax-train (.*?)&", block.replace("\\\n", " "),
+                      flags=re.S)[1].split()
+  config = command[command.index("--config") + 1]
+  return config, [a for a in command if a.startswith("--config.")]
+
+
+def _done_lines(results) -> list[str]:
+  return [ln for r in results for ln in r.lines() if ln.startswith("done: ")]
+
+
+def test_readme_pod_command_on_a_fresh_workdir_equals_one_process(tmp_path):
+  config, readme_flags = readme_pod_command()
+  assert config == "configs/stablemoe.py" and readme_flags
+  mesh = {f.split("=")[0][len("--config."):]: int(f.split("=")[1])
+          for f in readme_flags}
+  workdir = tmp_path / "pod"
+  # A fresh data cache too: both processes start on nothing prepared.
+  results = launch.run(cli_args(config, workdir, STABLEMOE) + readme_flags,
+                       root=tmp_path, name="pod", timeout=TIMEOUT,
+                       env={"MOEJAX_CACHE_DIR": str(tmp_path / "cache")})
+  assert len(_done_lines(results)) == 1  # Only process 0 prints the summary.
+  assert_process0_writes_workdir(results, workdir)
+  for name in ("config.json", "tokenizer.model", "metrics.jsonl", "probes",
+               "fluctuation.json", "fluctuation.png", "checkpoints/stage_1/30"):
+    assert (workdir / name).exists(), name
+
+  reference(config, tmp_path / "one", {**STABLEMOE, **mesh})
+  assert_same_run(workdir, tmp_path / "one")
+
+
+def test_killed_with_sigkill_resumes_equal_to_one_process(tmp_path):
+  overrides = {**STABLEMOE, "mesh.data": 2, "mesh.expert": 4}
+  workdir = tmp_path / "run"
+  args = cli_args("configs/stablemoe.py", workdir, overrides)
+  first = launch.Launch(args, root=tmp_path, name="killed")
+  checkpoint = workdir / "checkpoints" / "stage_1" / "10"  # Stage 1, mid-run.
+  try:
+    first.wait_for(checkpoint.is_dir, timeout=TIMEOUT)
+  finally:
+    first.kill()  # SIGKILL to both processes at once.
+  assert checkpoint.is_dir(), first.report()
+  assert max(r["step"] for r in read_metrics(workdir)) < 30, "finished unkilled"
+
+  results = launch.run(args, root=tmp_path, name="resumed", timeout=TIMEOUT)
+  assert "resumed stage 1 (frozen) at step 10" in results[0].output
+  assert_process0_writes_workdir(results, workdir)
+  reference("configs/stablemoe.py", tmp_path / "one", overrides)
+  assert_same_run(workdir, tmp_path / "one")
+
+  # The two-process checkpoint restores in one process (8 devices, and one):
+  # the finished run only evaluates, to the same loss.
+  final = read_metrics(workdir)[-1]
+  for mesh in ({"mesh.data": 2, "mesh.expert": 4}, {"mesh.data": 1,
+                                                    "mesh.expert": 1}):
+    again = reference("configs/stablemoe.py", workdir, {**STABLEMOE, **mesh})
+    np.testing.assert_allclose(again["eval/loss"], final["eval/loss"], rtol=1e-5)
+
+
+def test_quickstart_on_a_fresh_workdir_with_probes(tmp_path):
+  workdir = tmp_path / "quick"
+  overrides = {**TINY, "mesh.data": 2, "mesh.expert": 4}
+  results = launch.run(cli_args("configs/quickstart.py", workdir, overrides),
+                       root=tmp_path, name="quick", timeout=TIMEOUT,
+                       env={"MOEJAX_CACHE_DIR": str(tmp_path / "cache")})
+  [done] = _done_lines(results)
+  assert done.startswith("done: step=30,")
+  assert_process0_writes_workdir(results, workdir)
+  assert [r["step"] for r in read_metrics(workdir)
+          if "router/fluctuation" in r] == [10, 15, 20, 25, 30]
+
+
+def test_mesh_leaving_a_process_without_devices_is_one_config_error(tmp_path):
+  workdir = tmp_path / "run"
+  overrides = {**TINY, "mesh.data": 1, "mesh.expert": 4}
+  results = launch.run(cli_args("configs/quickstart.py", workdir, overrides),
+                       root=tmp_path, name="mesh", timeout=TIMEOUT, check=False)
+  for r in results:
+    assert r.returncode == 1
+    assert r.lines()[-1] == (
+        "moejax: error: mesh.data=1 x mesh.expert=4 uses 4 of 8 devices, so "
+        "process 1 of 2 (4 devices each) would own none; every process must own "
+        "devices in the mesh: make mesh.data x mesh.expert = 8 (or set one of "
+        "them to -1)")
+  assert not workdir.exists()
