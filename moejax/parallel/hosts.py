@@ -29,10 +29,6 @@ T = TypeVar("T")
 _MESSAGE_BYTES = 2048  # Room for a one-line error from process 0.
 
 
-def process_count() -> int:
-  return jax.process_count()
-
-
 def is_writer() -> bool:
   """True on process 0: the one that writes logs, metrics, configs and data."""
   return jax.process_index() == 0

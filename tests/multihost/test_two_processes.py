@@ -5,13 +5,15 @@ over localhost (gloo collectives), each with a hard timeout. Checked: a fresh
 workdir and a fresh data cache with probes on; results equal to the same run in
 one process with 8 devices (loss curve, evaluations, routing fluctuation) on
 both meshes; kill -9 of every process, then resume; the two-process checkpoint
-restored in one process; the mesh that leaves a process without devices; and
-that only process 0 writes the workdir outside orbax's checkpoints.
+restored in one process; the mesh that leaves a process without devices; a
+data error on process 0 reaching every process; and that only process 0 writes
+the workdir outside orbax's checkpoints.
 """
 
 import re
 
 import numpy as np
+import pytest
 
 from moejax.metrics.writers import read_metrics
 from tests.multihost import launch
@@ -19,6 +21,7 @@ from tests.multihost.runs import (STABLEMOE, TINY, assert_process0_writes_workdi
                                   assert_same_run, cli_args, reference)
 from tests.test_readme import README
 
+pytestmark = pytest.mark.multihost
 TIMEOUT = 420  # Seconds per launch: compiling on a shared 2-core CI machine.
 
 
@@ -59,7 +62,10 @@ def test_readme_pod_command_on_a_fresh_workdir_equals_one_process(tmp_path):
 
 
 def test_killed_with_sigkill_resumes_equal_to_one_process(tmp_path):
-  overrides = {**STABLEMOE, "mesh.data": 2, "mesh.expert": 4}
+  # No expert overflows (capacity is counted per device), so the checkpoint
+  # computes the same function on one device too.
+  overrides = {**STABLEMOE, "mesh.data": 2, "mesh.expert": 4,
+               "model.capacity_factor": 8.0}
   workdir = tmp_path / "run"
   args = cli_args("configs/stablemoe.py", workdir, overrides)
   first = launch.Launch(args, root=tmp_path, name="killed")
@@ -73,7 +79,7 @@ def test_killed_with_sigkill_resumes_equal_to_one_process(tmp_path):
 
   results = launch.run(args, root=tmp_path, name="resumed", timeout=TIMEOUT)
   assert "resumed stage 1 (frozen) at step 10" in results[0].output
-  assert_process0_writes_workdir(results, workdir)
+  assert_process0_writes_workdir(first.results() + results, workdir)
   reference("configs/stablemoe.py", tmp_path / "one", overrides)
   assert_same_run(workdir, tmp_path / "one")
 
@@ -82,7 +88,7 @@ def test_killed_with_sigkill_resumes_equal_to_one_process(tmp_path):
   final = read_metrics(workdir)[-1]
   for mesh in ({"mesh.data": 2, "mesh.expert": 4}, {"mesh.data": 1,
                                                     "mesh.expert": 1}):
-    again = reference("configs/stablemoe.py", workdir, {**STABLEMOE, **mesh})
+    again = reference("configs/stablemoe.py", workdir, {**overrides, **mesh})
     np.testing.assert_allclose(again["eval/loss"], final["eval/loss"], rtol=1e-5)
 
 
@@ -112,3 +118,18 @@ def test_mesh_leaving_a_process_without_devices_is_one_config_error(tmp_path):
         "devices in the mesh: make mesh.data x mesh.expert = 8 (or set one of "
         "them to -1)")
   assert not workdir.exists()
+
+
+def test_data_error_on_process_0_stops_every_process_with_its_line(tmp_path):
+  corpus = tmp_path / "notes.txt"
+  corpus.write_bytes(b"some text\0binary")  # Found only when process 0 reads it.
+  overrides = {**TINY, "data.source": f"text:{corpus}", "mesh.data": 2,
+               "mesh.expert": 4}
+  results = launch.run(cli_args("configs/quickstart.py", tmp_path / "run",
+                                overrides),
+                       root=tmp_path, name="bad", timeout=TIMEOUT, check=False)
+  for r in results:  # Process 1 waited for process 0 and got its error.
+    assert r.returncode == 1
+    assert r.lines()[-1] == (
+        f"moejax: error: {corpus} is binary (NUL byte at offset 9); give only "
+        "UTF-8 text files in data.source")
