@@ -11,8 +11,8 @@ function here is the plain single-process behaviour. The rules of a run:
   process (an array that spans other processes' devices is gathered with
   `process_allgather`; a replicated one is read from a local copy);
 - global values: every process holds the same host values (the global batch,
-  restored or transformed params); `jax.device_put(value, sharding)` then
-  places on each process the slices its own devices hold;
+  params restored for `train.init_from`, a router's prepared tables); `place`
+  puts on each process the slices its own devices hold;
 - `check_mesh_processes(devices)`: every process must own devices in the mesh.
 """
 
@@ -95,6 +95,21 @@ def fetch(tree: Any) -> Any:
       return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(jax.device_get(x))
   return jax.tree.map(one, tree)
+
+
+def place(tree: Any, shardings: Any) -> Any:
+  """`tree` laid out with `shardings` (a tree of the same structure).
+
+  Leaves are global arrays (resharded) or values every process holds whole:
+  numpy, or arrays on this process's devices, which go through the host because
+  a committed local array cannot be sent to other processes' devices.
+  """
+  def one(x, sharding):
+    if (jax.process_count() > 1 and not (isinstance(x, jax.Array)
+                                         and not x.is_fully_addressable)):
+      x = np.asarray(x)
+    return jax.device_put(x, sharding)
+  return jax.tree.map(one, tree, shardings)
 
 
 def check_mesh_processes(devices: Sequence[Any], *, data: int, expert: int,

@@ -100,20 +100,33 @@ class StageCheckpoints:
       checkpointer.close()
 
 
+def _whole_on_local_device(metadata) -> dict:
+  """Restore targets that put each saved array whole on this process's first
+  device, whatever mesh and processes saved it."""
+  tree = getattr(metadata, "tree", metadata)
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return jax.tree.map(
+      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
+
+
 def restore_params(directory: str | os.PathLike) -> tuple[dict, dict]:
   """(params, model_state) of the newest checkpoint of the last stage under
-  `directory` (a run's `checkpoints/`), as saved, for `train.init_from`."""
+  `directory` (a run's `checkpoints/`), for `train.init_from`: every process
+  gets the whole arrays on its first device (the saving run's mesh and process
+  count may differ from this one's)."""
   directory = as_path(directory)
   stages = sorted((d.name for d in directory.iterdir()
                    if d.name.startswith("stage_")),
                   key=lambda d: int(d.split("_")[1])) if directory.is_dir() else []
   for name in reversed(stages):
-    manager = ocp.CheckpointManager(directory / name,
-                                    item_names=("state", "data"))
+    manager = ocp.CheckpointManager(
+        directory / name, item_handlers={"state": ocp.StandardCheckpointHandler(),
+                                         "data": ocp.JsonCheckpointHandler()})
     step = manager.latest_step()
     if step is not None:
+      target = _whole_on_local_device(manager.item_metadata(step)["state"])
       restored = manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(), data=ocp.args.JsonRestore()))
+          state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
       manager.close()
       state = restored["state"]
       return state["params"], state.get("model_state", {})

@@ -87,7 +87,7 @@ class StageProgram:
 
   def place(self, state: TrainState) -> TrainState:
     """`state` laid out on this stage's mesh (after an eager transform)."""
-    return jax.device_put(state, self.shardings)
+    return hosts.place(state, self.shardings)
 
   def batch(self, batch) -> dict:
     """The global batch (every process holds it whole) as a global array on the
@@ -124,7 +124,7 @@ def build_program(config: RunConfig, index: int, data, init_rng: jax.Array,
     model_state = router_class(moe.router).prepare_state(
         state.model_state, num_experts=moe.num_experts,
         options=dict(moe.router_options), token_counts_V=data.token_counts)
-    return jax.device_put(state.replace(model_state=model_state), shardings)
+    return hosts.place(state.replace(model_state=model_state), shardings)
 
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   step = jax.jit(make_train_step(model, tx, step_rng, stage_start=bounds[index]),

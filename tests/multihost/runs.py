@@ -36,11 +36,12 @@ def cli_args(config: str, workdir: pathlib.Path, overrides: dict) -> list[str]:
 
 
 def config_dict(config: str, overrides: dict):
-  """`get_config()` of `configs/<name>.py` with `overrides` applied."""
-  spec = importlib.util.spec_from_file_location("run_config", REPO / config)
+  """`get_config(<arg>)` of `configs/<name>.py[:<arg>]` with `overrides` applied."""
+  path, _, arg = config.partition(":")
+  spec = importlib.util.spec_from_file_location("run_config", REPO / path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  c = module.get_config()
+  c = module.get_config(arg) if arg else module.get_config()
   for dotted, value in overrides.items():
     *parents, key = dotted.split(".")
     node = c

@@ -5,9 +5,10 @@ over localhost (gloo collectives), each with a hard timeout. Checked: a fresh
 workdir and a fresh data cache with probes on; results equal to the same run in
 one process with 8 devices (loss curve, evaluations, routing fluctuation) on
 both meshes; kill -9 of every process, then resume; the two-process checkpoint
-restored in one process; the mesh that leaves a process without devices; a
-data error on process 0 reaching every process; and that only process 0 writes
-the workdir outside orbax's checkpoints.
+restored in one process; upcycling a one-process run's checkpoint; the mesh
+that leaves a process without devices; a data error on process 0 reaching
+every process; and that only process 0 writes the workdir outside orbax's
+checkpoints.
 """
 
 import re
@@ -103,6 +104,23 @@ def test_quickstart_on_a_fresh_workdir_with_probes(tmp_path):
   assert_process0_writes_workdir(results, workdir)
   assert [r["step"] for r in read_metrics(workdir)
           if "router/fluctuation" in r] == [10, 15, 20, 25, 30]
+
+
+def test_upcycling_another_runs_checkpoint_equals_one_process(tmp_path):
+  # The dense run saved from one process with 8 devices; the upcycled run
+  # restores it whole on every process of two (train.init_from).
+  short = {**TINY, "train.steps": 10}
+  reference("configs/dense.py", tmp_path / "dense", short)
+  config = f"configs/upcycle.py:{tmp_path / 'dense'}"
+  overrides = {**short, "mesh.data": 2, "mesh.expert": 4}
+  workdir = tmp_path / "up"
+  results = launch.run(cli_args(config, workdir, overrides), root=tmp_path,
+                       name="up", timeout=TIMEOUT)
+  assert_process0_writes_workdir(results, workdir)
+  assert ((workdir / "tokenizer.model").read_bytes()
+          == (tmp_path / "dense" / "tokenizer.model").read_bytes())
+  reference(config, tmp_path / "one", overrides)
+  assert_same_run(workdir, tmp_path / "one")
 
 
 def test_mesh_leaving_a_process_without_devices_is_one_config_error(tmp_path):
