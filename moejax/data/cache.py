@@ -9,10 +9,10 @@
 - any other path, local or a URI epath supports (`gs://...`).
 
 Layout (keys hash what decides the content; a changed corpus gets new keys):
-  <cache>/tfds/<corpus key>/moejax_text/...     the TFDS dataset (embedded, text:)
-  <cache>/tokenizers/<tokenizer key>.model      SentencePiece models (shared caches)
-  <cache>/packed/<packing key>/...              packed windows (`moejax.data.packing`)
-  <cache>/locks/<source key>.lock               held while a source is prepared
+  <cache>/tfds/<corpus key>/moejax_text/...  the TFDS dataset (embedded, text:)
+  <cache>/tokenizers/<tokenizer key>.model   SentencePiece models (shared caches)
+  <cache>/packed/<packing key>/...           packed windows (`moejax.data.packing`)
+  <cache>/locks/<source key>.lock            held while a source is prepared
 
 Two runs (or processes) preparing the same source at once take turns on the
 lock (`fcntl.flock`, local file systems); the second finds everything built.

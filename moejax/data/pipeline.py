@@ -159,7 +159,7 @@ def _load(cfg: DataConfig, workdir, batch_size: int, *, writer: bool) -> Dataset
     raise DataError(
         f"the held-out split yields 0 sequences of length {L}; lower data.seq_len, "
         "raise data.eval_fraction, or add text")
-  if is_new and writer:  # Only once the data is known to work: a bad run leaves none.
+  if is_new and writer:  # Once the data is known to work: a bad run leaves none.
     tokenizer.save_tokenizer(sp, workdir / tokenizer.TOKENIZER_FILE)
   sequences = packing.PackedSequences(packed.train_tokens, packed.train_domains)
   # Shuffle before repeat: each epoch is a new permutation (seed + epoch).

@@ -34,52 +34,57 @@ def is_writer() -> bool:
   return jax.process_index() == 0
 
 
-def barrier(name: str) -> None:
-  """Waits until every process reaches the barrier `name` (no-op on one)."""
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices(name)
-
-
-def _broadcast_text(text: str) -> str:
-  """Process 0's `text` on every process (truncated to _MESSAGE_BYTES)."""
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  raw = text.encode("utf-8")[:_MESSAGE_BYTES].ljust(_MESSAGE_BYTES, b"\0")
-  out = multihost_utils.broadcast_one_to_all(np.frombuffer(raw, np.uint8))
-  return bytes(np.asarray(out, np.uint8)).rstrip(b"\0").decode("utf-8", "replace")
-
-
 def _error_class(name: str) -> type[MoejaxError]:
   cls = getattr(errors, name, None)
-  return cls if isinstance(cls, type) and issubclass(cls, MoejaxError) else MoejaxError
+  if isinstance(cls, type) and issubclass(cls, MoejaxError):
+    return cls
+  return MoejaxError
+
+
+def _attempt(fn: Callable[[], T], name: str
+             ) -> tuple[T | None, Exception | None, str]:
+  """(result, error, status) of calling `fn`; the status is "" or the error's
+  class name and its one line, joined by a newline."""
+  try:
+    return fn(), None, ""
+  except Exception as e:  # Every process must hear about it before it is raised.
+    if isinstance(e, MoejaxError):
+      return None, e, f"{type(e).__name__}\n{e}"
+    return None, e, (f"MoejaxError\nprocess {jax.process_index()} failed in "
+                     f"{name}: {type(e).__name__}: {e}")
+
+
+def _agree(error: Exception | None, status: str) -> None:
+  """Exchanges every process's `status`; raises on every process if one failed
+  (this process's own error as is, another's as the same class and line)."""
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  raw = status.encode("utf-8")[:_MESSAGE_BYTES].ljust(_MESSAGE_BYTES, b"\0")
+  gathered_PM = multihost_utils.process_allgather(np.frombuffer(raw, np.uint8))
+  for row_M in np.asarray(gathered_PM, np.uint8):
+    text = bytes(row_M).rstrip(b"\0").decode("utf-8", "replace")
+    if text:
+      if error is not None:
+        raise error
+      kind, _, message = text.partition("\n")
+      raise _error_class(kind)(message)
 
 
 def main_first(fn: Callable[[], T], *, name: str) -> T:
   """`fn()` on process 0, then on the others once process 0 has finished.
 
-  An error on process 0 stops every process: process 0 re-raises it and the
+  An error on any process stops every process: it re-raises its own, and the
   others raise the same moejax error class with the same one-line message (any
-  other exception becomes a MoejaxError naming it), so no process waits forever.
+  other exception becomes a MoejaxError naming it), so no process waits in a
+  collective for one that has stopped.
   """
   if jax.process_count() == 1:
     return fn()
-  result, status = None, ""
-  if is_writer():
-    try:
-      result = fn()
-    except Exception as e:  # Every process must hear about it, then re-raise.
-      kind = type(e).__name__ if isinstance(e, MoejaxError) else "MoejaxError"
-      message = str(e) if isinstance(e, MoejaxError) else (
-          f"process 0 failed in {name}: {type(e).__name__}: {e}")
-      _broadcast_text(f"{kind}\n{message}")
-      raise
-    _broadcast_text("")
-    return result
-  status = _broadcast_text("")
-  if status:
-    kind, _, message = status.partition("\n")
-    raise _error_class(kind)(message)
-  return fn()
+  result, error, status = _attempt(fn, name) if is_writer() else (None, None, "")
+  _agree(error, status)
+  if not is_writer():
+    result, error, status = _attempt(fn, name)
+  _agree(error, status)
+  return result
 
 
 def fetch(tree: Any) -> Any:
