@@ -1,16 +1,25 @@
-"""`moejax-train --config configs/<name>.py --workdir DIR [--config.a.b=value ...]`."""
+"""`moejax-train --config configs/<name>.py --workdir DIR [--config.a.b=value ...]`.
 
+--config also takes a run's config.json; --print_config prints the resolved
+config and exits; --help lists every config key with its default.
+"""
+
+import json
 import sys
 
 from absl import app
 from absl import flags
 from absl import logging
-from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Experiment config file (configs/*.py).", lock_config=True)
+from moejax import cli_config
+
+_CONFIG = cli_config.define_config_flag(
+    "Experiment config: configs/<name>.py[:arg], or a run's config.json.")
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run directory: config, metrics, checkpoints, tokenizer.")
+_PRINT_CONFIG = flags.DEFINE_bool(
+    "print_config", False, "Print the resolved config (as config.json would "
+    "hold it) and exit without training.")
 
 
 def _main(argv) -> None:
@@ -20,12 +29,16 @@ def _main(argv) -> None:
   from moejax.train import parse, train_and_evaluate  # pylint: disable=g-import-not-at-top
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
-  if _CONFIG.value is None or _WORKDIR.value is None:
+  if _CONFIG.value is None or (_WORKDIR.value is None and not _PRINT_CONFIG.value):
     sys.exit("moejax: error: --config and --workdir are required, e.g. "
              "moejax-train --config configs/quickstart.py --workdir /tmp/run")
   try:
+    config = parse(cli_config.resolve(_CONFIG))
+    if _PRINT_CONFIG.value:
+      print(json.dumps(config.to_json(), indent=2))
+      return
     maybe_initialize()  # jax.distributed on multi-process launches.
-    summary = train_and_evaluate(parse(_CONFIG.value), _WORKDIR.value)
+    summary = train_and_evaluate(config, _WORKDIR.value)
   except MoejaxError as e:
     sys.exit(f"moejax: error: {e}")
   keys = ("step", "train/loss", "eval/loss", "eval/ppl")
@@ -34,6 +47,7 @@ def _main(argv) -> None:
 
 def main() -> None:
   """Console entry point."""
+  cli_config.print_help_if_asked(__doc__, sys.modules[__name__])
   app.run(_main)
 
 

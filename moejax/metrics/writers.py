@@ -8,6 +8,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from moejax.metrics.tensorboard import TensorBoard
+
 METRICS_FILE = "metrics.jsonl"
 LOADS_FILE = "router_loads.jsonl"
 
@@ -24,21 +26,21 @@ def _plain(value: Any) -> Any:
 
 
 class MetricWriter:
-  """Appends rows to `<workdir>/metrics.jsonl` and scalars to `<workdir>/tb/`.
+  """Appends rows to `<workdir>/metrics.jsonl` and to TensorBoard in `<workdir>/tb/`
+  (`moejax.metrics.tensorboard`).
 
   Vector metrics (per-expert loads) go to `<workdir>/router_loads.jsonl`, one row
   per logged step. Only the writer with `enabled=True` (process 0) touches files.
   """
 
   def __init__(self, workdir: str | os.PathLike, *, enabled: bool = True,
-               tensorboard: bool = True):
+               tensorboard: bool = True, config: dict[str, Any] | None = None):
     self.path = pathlib.Path(workdir) / METRICS_FILE
     self.loads_path = pathlib.Path(workdir) / LOADS_FILE
     self.enabled = enabled
     self._tb = None
-    if enabled and tensorboard:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._tb = SummaryWriter(os.fspath(pathlib.Path(workdir) / "tb"))
+    if enabled and tensorboard:  # `config`: hparams and text in TensorBoard.
+      self._tb = TensorBoard(pathlib.Path(workdir) / "tb", config)
 
   def truncate_after(self, step: int) -> None:
     """On resume: rows past `step` (written before an interruption) move to
@@ -71,9 +73,7 @@ class MetricWriter:
                 and not isinstance(v, bool) and k.startswith("stage")}
       self._append(self.loads_path, step, {**labels, **vectors})
     if self._tb is not None:
-      for key, value in scalars.items():
-        if isinstance(value, (int, float, np.generic)) and not isinstance(value, bool):
-          self._tb.add_scalar(key, float(value), int(step))
+      self._tb.write(step, scalars, vectors)
 
   def _append(self, path: pathlib.Path, step: int, values: dict[str, Any]):
     row = {"step": int(step), **{k: _plain(v) for k, v in values.items()}}

@@ -1,0 +1,120 @@
+"""Each command end to end on a tiny run, as a subprocess: train, sample, eval,
+--help and --print_config (run as `python -m moejax.<module>`, which is what the
+console scripts of setup.py call)."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from moejax.train import parse
+from tests.conftest import tiny_config
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def run(module: str, *args, check: bool = True) -> subprocess.CompletedProcess:
+  env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": ""}  # One device: a tiny run needs no more.
+  proc = subprocess.run([sys.executable, "-m", module, *map(str, args)],
+                        capture_output=True, text=True, env=env, timeout=600)
+  if check and proc.returncode:
+    raise AssertionError(f"{module} {args} failed:\n{proc.stderr[-3000:]}")
+  return proc
+
+
+def _files(root: pathlib.Path) -> dict[str, bytes]:
+  return {str(p.relative_to(root)): p.read_bytes()
+          for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """A 20-step tiny run trained by `moejax-train` from a config.json."""
+  tmp = tmp_path_factory.mktemp("commands")
+  config = tmp / "tiny.json"
+  config.write_text(json.dumps(parse(tiny_config(
+      train__steps=20, train__eval_every=10, train__checkpoint_every=10,
+      train__probe_every=0)).to_json()))
+  proc = run("moejax.train", "--config", config, "--workdir", tmp / "run")
+  return tmp / "run", proc.stdout
+
+
+def test_train_reports_compiling_and_steps(trained):
+  workdir, stdout = trained
+  assert "compiling" in stdout and "done: step=20" in stdout
+  rows = [json.loads(line) for line in
+          (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert all(r["perf/step_time"] > 0 for r in rows if "train/loss" in r)
+
+
+def test_sample_prints_reproducible_text_with_experts(trained):
+  workdir, _ = trained
+  args = ("--workdir", workdir, "--prompt", "def main(", "--max_new_tokens", 12,
+          "--seed", 3, "--show_experts", "--layer", 1, "--num_samples", 2)
+  first = run("moejax.cli_sample", *args).stdout
+  assert run("moejax.cli_sample", *args).stdout == first  # Same seed, same text.
+  assert "[layer_1: expert per token]" in first and "def\u27e8" in first
+  assert first.count("--- sample") == 2
+  bad = run("moejax.cli_sample", *args[:-4], "--layer", 0, check=False)
+  assert bad.returncode == 1
+  assert bad.stderr.strip().splitlines()[-1] == (
+      "moejax: error: block 0 is not an MoE block; MoE blocks: 1")
+
+
+def test_eval_scores_a_step_and_leaves_the_run_untouched(trained, tmp_path):
+  workdir, _ = trained
+  before = _files(workdir / "checkpoints")
+  metrics = (workdir / "metrics.jsonl").read_bytes()
+  out = run("moejax.cli_eval", "--workdir", workdir, "--step", 10).stdout
+  result = json.loads((workdir / "eval" / "embedded-10.json").read_text())
+  logged = [json.loads(line) for line in metrics.decode().splitlines()]
+  at_10 = next(r["eval/loss"] for r in logged
+               if r["step"] == 10 and "eval/loss" in r)
+  assert result["eval/loss"] == pytest.approx(at_10, rel=1e-6)  # The trainer's.
+  assert result["step"] == 10 and len(result["router/layer_1/load"]) == 4
+  assert "router/load_cv" in result and "wrote" in out
+  # Another source: a text file, with the run's tokenizer.
+  text = tmp_path / "other.txt"
+  text.write_text("".join(f"line {i}: the quick brown fox {i * 7}\n"
+                          for i in range(4000)))
+  run("moejax.cli_eval", "--workdir", workdir,
+      f"--config.data.source=text:{text}")
+  (other,) = (workdir / "eval").glob("text_*-20.json")
+  assert json.loads(other.read_text())["source"] == f"text:{text}"
+  assert _files(workdir / "checkpoints") == before
+  assert (workdir / "metrics.jsonl").read_bytes() == metrics
+
+
+def test_print_config_starts_a_new_router_from_its_defaults():
+  quickstart = ROOT / "configs" / "quickstart.py"
+  for router, options in (("expert_choice", []), ("hash", []),
+                          ("stablemoe", [["distill_dim", 8]])):
+    extra = ["--config.model.router_options.distill_dim=8"] if options else []
+    out = run("moejax.train", "--config", quickstart, "--print_config",
+              f"--config.model.router={router}", *extra).stdout
+    moe = json.loads(out)["model"]["moe"]
+    assert (moe["router"], moe["router_options"]) == (router, options)
+
+
+def test_help_lists_config_keys_with_defaults():
+  for module in ("moejax.train", "moejax.cli_sample", "moejax.cli_eval"):
+    out = run(module, "--help").stdout
+    for line in ("  model:", "    num_experts = 8", "    steps = 400",
+                 "  expert_choice: capacity_factor=1.0, z_loss_coef=0.0",
+                 "  base: num_layers=12, d_model=768, num_heads=12, d_ff=3072",
+                 "--workdir", "--config"):
+      assert line in out, (module, line)
+
+
+def test_source_keys_are_file_names():
+  from moejax.evaluate import source_key  # pylint: disable=g-import-not-at-top
+  assert source_key("embedded") == "embedded"
+  text = source_key("text:/data/a.txt,/data/b*.txt")
+  assert text.startswith("text_a.txt+b_.txt-") and "/" not in text
+  assert source_key("text:/x/a.txt") != source_key("text:/y/a.txt")
+  assert source_key("tfds:wikitext/wikitext-2-raw-v1:test").startswith(
+      "tfds_wikitext-2-raw-v1_test-")
