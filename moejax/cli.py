@@ -7,9 +7,7 @@ config and exits; --help lists every config key with its default.
 import json
 import sys
 
-from absl import app
 from absl import flags
-from absl import logging
 
 from moejax import cli_config
 
@@ -27,8 +25,7 @@ def _main(argv) -> None:
   from moejax.errors import MoejaxError  # pylint: disable=g-import-not-at-top
   from moejax.parallel import maybe_initialize  # pylint: disable=g-import-not-at-top
   from moejax.train import parse, train_and_evaluate  # pylint: disable=g-import-not-at-top
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
+  cli_config.quiet_logs()
   if _CONFIG.value is None or (_WORKDIR.value is None and not _PRINT_CONFIG.value):
     sys.exit("moejax: error: --config and --workdir are required, e.g. "
              "moejax-train --config configs/quickstart.py --workdir /tmp/run")
@@ -47,8 +44,7 @@ def _main(argv) -> None:
 
 def main() -> None:
   """Console entry point."""
-  cli_config.print_help_if_asked(__doc__, sys.modules[__name__])
-  app.run(_main)
+  cli_config.run(_main, __name__)
 
 
 if __name__ == "__main__":

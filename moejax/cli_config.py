@@ -160,3 +160,33 @@ def default_to_run_config() -> None:
       workdir = argv[i + 1]
   if workdir:
     sys.argv = [argv[0], f"--config={workdir.rstrip('/')}/config.json"] + argv[1:]
+
+
+def quiet_logs() -> None:
+  """absl logs at WARNING unless --verbosity is given (orbax logs every save)."""
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+
+
+def load_run(holder: flags.FlagHolder, workdir: str | None, step: int | None,
+             example: str):
+  """The checkpoint a command on a trained run works on (`Trained`), with the
+  command line's config; exits with a usage line when --workdir is missing."""
+  from moejax.train import parse  # pylint: disable=g-import-not-at-top
+  from moejax.train.trained import load_trained  # pylint: disable=g-import-not-at-top
+  quiet_logs()
+  if workdir is None:
+    sys.exit(f"moejax: error: --workdir is required, e.g. {example}")
+  return load_trained(workdir, step=step, config=parse(resolve(holder)))
+
+
+def run(main_fn, module_name: str, *, on_trained_run: bool = False) -> None:
+  """Runs a command: its --help, the run's config.json as the default
+  --config (for commands on a trained run), then absl."""
+  from absl import app  # pylint: disable=g-import-not-at-top
+  module = sys.modules[module_name]
+  print_help_if_asked(module.__doc__, module)
+  if on_trained_run:
+    default_to_run_config()
+  app.run(main_fn)

@@ -10,9 +10,7 @@ run's data source, or of another one given with --config.data.<key>=...
 import json
 import sys
 
-from absl import app
 from absl import flags
-from absl import logging
 
 from moejax import cli_config
 
@@ -27,17 +25,11 @@ def _main(argv) -> None:
   del argv
   from moejax.errors import MoejaxError  # pylint: disable=g-import-not-at-top
   from moejax.evaluate import evaluate, write_result  # pylint: disable=g-import-not-at-top
-  from moejax.train import parse  # pylint: disable=g-import-not-at-top
-  from moejax.train.trained import load_trained  # pylint: disable=g-import-not-at-top
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
-  if _WORKDIR.value is None:
-    sys.exit("moejax: error: --workdir is required, e.g. moejax-eval --workdir "
-             "/tmp/run --config.data.source=embedded")
   try:
-    config = parse(cli_config.resolve(_CONFIG))
-    trained = load_trained(_WORKDIR.value, step=_STEP.value, config=config)
-    result = evaluate(trained, config.data)
+    trained = cli_config.load_run(
+        _CONFIG, _WORKDIR.value, _STEP.value,
+        "moejax-eval --workdir /tmp/run --config.data.source=embedded")
+    result = evaluate(trained, trained.config.data)
     path = write_result(trained, result)
   except MoejaxError as e:
     sys.exit(f"moejax: error: {e}")
@@ -50,9 +42,7 @@ def _main(argv) -> None:
 
 def main() -> None:
   """Console entry point."""
-  cli_config.print_help_if_asked(__doc__, sys.modules[__name__])
-  cli_config.default_to_run_config()
-  app.run(_main)
+  cli_config.run(_main, __name__, on_trained_run=True)
 
 
 if __name__ == "__main__":

@@ -9,9 +9,7 @@ run's config.json is the config; --config.mesh.* picks the devices.
 
 import sys
 
-from absl import app
 from absl import flags
-from absl import logging
 
 from moejax import cli_config
 
@@ -39,16 +37,10 @@ def _main(argv) -> None:
   del argv
   from moejax.errors import MoejaxError  # pylint: disable=g-import-not-at-top
   from moejax.sample import annotate, sample  # pylint: disable=g-import-not-at-top
-  from moejax.train import parse  # pylint: disable=g-import-not-at-top
-  from moejax.train.trained import load_trained  # pylint: disable=g-import-not-at-top
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
-  if _WORKDIR.value is None:
-    sys.exit("moejax: error: --workdir is required, e.g. moejax-sample "
-             "--workdir /tmp/run --prompt 'def main('")
   try:
-    trained = load_trained(_WORKDIR.value, step=_STEP.value,
-                           config=parse(cli_config.resolve(_CONFIG)))
+    trained = cli_config.load_run(
+        _CONFIG, _WORKDIR.value, _STEP.value,
+        "moejax-sample --workdir /tmp/run --prompt 'def main('")
     samples = sample(trained, _PROMPT.value, max_new_tokens=_MAX_NEW.value,
                      temperature=_TEMPERATURE.value, top_p=_TOP_P.value,
                      seed=_SEED.value, num_samples=_NUM_SAMPLES.value)
@@ -66,9 +58,7 @@ def _main(argv) -> None:
 
 def main() -> None:
   """Console entry point."""
-  cli_config.print_help_if_asked(__doc__, sys.modules[__name__])
-  cli_config.default_to_run_config()
-  app.run(_main)
+  cli_config.run(_main, __name__, on_trained_run=True)
 
 
 if __name__ == "__main__":
