@@ -35,7 +35,7 @@ def _main(argv) -> None:
       print(json.dumps(config.to_json(), indent=2))
       return
     maybe_initialize()  # jax.distributed on multi-process launches.
-    summary = train_and_evaluate(config, _WORKDIR.value)
+    summary = train_and_evaluate(config, cli_config.absolute(_WORKDIR.value))
   except MoejaxError as e:
     sys.exit(f"moejax: error: {e}")
   keys = ("step", "train/loss", "eval/loss", "eval/ppl")

@@ -190,3 +190,11 @@ def run(main_fn, module_name: str, *, on_trained_run: bool = False) -> None:
   if on_trained_run:
     default_to_run_config()
   app.run(main_fn)
+
+
+def absolute(workdir: str) -> str:
+  """`workdir` made absolute (orbax refuses relative paths); URLs (gs://...)
+  are kept."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  path = epath.Path(workdir)
+  return str(path if path.is_absolute() else path.absolute())

@@ -18,11 +18,13 @@ from tests.conftest import tiny_config
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def run(module: str, *args, check: bool = True) -> subprocess.CompletedProcess:
+def run(module: str, *args, check: bool = True,
+        cwd: pathlib.Path | None = None) -> subprocess.CompletedProcess:
   env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
          "XLA_FLAGS": ""}  # One device: a tiny run needs no more.
   proc = subprocess.run([sys.executable, "-m", module, *map(str, args)],
-                        capture_output=True, text=True, env=env, timeout=600)
+                        capture_output=True, text=True, env=env, timeout=600,
+                        cwd=cwd)
   if check and proc.returncode:
     raise AssertionError(f"{module} {args} failed:\n{proc.stderr[-3000:]}")
   return proc
@@ -35,13 +37,14 @@ def _files(root: pathlib.Path) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-  """A 20-step tiny run trained by `moejax-train` from a config.json."""
+  """A 20-step tiny run trained by `moejax-train` from a config.json, in a
+  relative workdir."""
   tmp = tmp_path_factory.mktemp("commands")
   config = tmp / "tiny.json"
   config.write_text(json.dumps(parse(tiny_config(
       train__steps=20, train__eval_every=10, train__checkpoint_every=10,
       train__probe_every=0)).to_json()))
-  proc = run("moejax.train", "--config", config, "--workdir", tmp / "run")
+  proc = run("moejax.train", "--config", config, "--workdir", "run", cwd=tmp)
   return tmp / "run", proc.stdout
 
 
