@@ -18,7 +18,7 @@ V, MAX_LEN, P = 64, 16, 5
 
 
 def _config(router="switch", dispatch="capacity", top_k=1, options=(),
-            moe_layers=(0, 1)):
+            moe_layers=(1,)):
   return TransformerConfig(
       vocab_size=V, max_len=MAX_LEN, num_layers=2, d_model=32, num_heads=2,
       d_ff=64, moe_layers=moe_layers,
