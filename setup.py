@@ -35,7 +35,11 @@ setuptools.setup(
         "gpu": ["jax[cuda12]"],
         "tpu": ["jax[tpu]"],
     },
-    entry_points={"console_scripts": ["moejax-train=moejax.cli:main"]},
+    entry_points={"console_scripts": [
+        "moejax-train=moejax.cli:main",
+        "moejax-sample=moejax.cli_sample:main",
+        "moejax-eval=moejax.cli_eval:main",
+    ]},
     classifiers=[
         "Programming Language :: Python :: 3.11",
         "Programming Language :: Python :: 3.12",

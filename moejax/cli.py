@@ -1,16 +1,23 @@
-"""`moejax-train --config configs/<name>.py --workdir DIR [--config.a.b=value ...]`."""
+"""`moejax-train --config configs/<name>.py --workdir DIR [--config.a.b=value ...]`.
 
+--config also takes a run's config.json; --print_config prints the resolved
+config and exits; --help lists every config key with its default.
+"""
+
+import json
 import sys
 
-from absl import app
 from absl import flags
-from absl import logging
-from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Experiment config file (configs/*.py).", lock_config=True)
+from moejax import cli_config
+
+_CONFIG = cli_config.define_config_flag(
+    "Experiment config: configs/<name>.py[:arg], or a run's config.json.")
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run directory: config, metrics, checkpoints, tokenizer.")
+_PRINT_CONFIG = flags.DEFINE_bool(
+    "print_config", False, "Print the resolved config (as config.json would "
+    "hold it) and exit without training.")
 
 
 def _main(argv) -> None:
@@ -18,14 +25,17 @@ def _main(argv) -> None:
   from moejax.errors import MoejaxError  # pylint: disable=g-import-not-at-top
   from moejax.parallel import hosts, maybe_initialize  # pylint: disable=g-import-not-at-top
   from moejax.train import parse, train_and_evaluate  # pylint: disable=g-import-not-at-top
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
-  if _CONFIG.value is None or _WORKDIR.value is None:
+  cli_config.quiet_logs()
+  if _CONFIG.value is None or (_WORKDIR.value is None and not _PRINT_CONFIG.value):
     sys.exit("moejax: error: --config and --workdir are required, e.g. "
              "moejax-train --config configs/quickstart.py --workdir /tmp/run")
   try:
+    config = parse(cli_config.resolve(_CONFIG))
+    if _PRINT_CONFIG.value:
+      print(json.dumps(config.to_json(), indent=2))
+      return
     maybe_initialize()  # jax.distributed on multi-process launches.
-    summary = train_and_evaluate(parse(_CONFIG.value), _WORKDIR.value)
+    summary = train_and_evaluate(config, cli_config.absolute(_WORKDIR.value))
   except MoejaxError as e:
     sys.exit(f"moejax: error: {e}")
   keys = ("step", "train/loss", "eval/loss", "eval/ppl")
@@ -36,7 +46,7 @@ def _main(argv) -> None:
 
 def main() -> None:
   """Console entry point."""
-  app.run(_main)
+  cli_config.run(_main, __name__)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from typing import Any, Iterable
 import numpy as np
 from etils import epath
 
+from moejax.metrics.tensorboard import TensorBoard
 from moejax.paths import append_text, as_path
 
 METRICS_FILE = "metrics.jsonl"
@@ -26,7 +27,8 @@ def _plain(value: Any) -> Any:
 
 
 class MetricWriter:
-  """Appends rows to `<workdir>/metrics.jsonl` and scalars to `<workdir>/tb/`.
+  """Appends rows to `<workdir>/metrics.jsonl` and to TensorBoard in `<workdir>/tb/`
+  (`moejax.metrics.tensorboard`).
 
   Vector metrics (per-expert loads) go to `<workdir>/router_loads.jsonl`, one row
   per logged step. Only the writer with `enabled=True` (process 0) touches files.
@@ -34,14 +36,13 @@ class MetricWriter:
   """
 
   def __init__(self, workdir: str | os.PathLike, *, enabled: bool = True,
-               tensorboard: bool = True):
+               tensorboard: bool = True, config: dict[str, Any] | None = None):
     self.path = as_path(workdir) / METRICS_FILE
     self.loads_path = as_path(workdir) / LOADS_FILE
     self.enabled = enabled
     self._tb = None
-    if enabled and tensorboard:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._tb = SummaryWriter(os.fspath(as_path(workdir) / "tb"))
+    if enabled and tensorboard:  # `config`: hparams and text in TensorBoard.
+      self._tb = TensorBoard(as_path(workdir) / "tb", config)
 
   def truncate_after(self, step: int) -> None:
     """On resume: rows past `step` (written before an interruption) move to
@@ -73,9 +74,7 @@ class MetricWriter:
                 and not isinstance(v, bool) and k.startswith("stage")}
       self._append(self.loads_path, step, {**labels, **vectors})
     if self._tb is not None:
-      for key, value in scalars.items():
-        if isinstance(value, (int, float, np.generic)) and not isinstance(value, bool):
-          self._tb.add_scalar(key, float(value), int(step))
+      self._tb.write(step, scalars, vectors)
 
   def _append(self, path: epath.Path, step: int, values: dict[str, Any]):
     row = {"step": int(step), **{k: _plain(v) for k, v in values.items()}}

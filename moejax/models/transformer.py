@@ -27,17 +27,39 @@ class CausalSelfAttention(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x_BLD: jax.Array) -> jax.Array:
+  def __call__(self, x_BLD: jax.Array, cache_at: jax.Array | None = None,
+               cache_len: int = 0) -> jax.Array:
+    """[B, L, D] -> [B, L, D]. With `cache_at` (decoding), the L tokens sit at
+    positions cache_at.. and attend to a `cache` of cache_len keys and values."""
     d_model = x_BLD.shape[-1]
     head_dim = d_model // self.num_heads
     qkv = nn.DenseGeneral(
         (3, self.num_heads, head_dim), use_bias=False, dtype=self.dtype,
         kernel_init=_kernel(("embed", None, "heads", "kv")), name="qkv")(x_BLD)
     q_BLHK, k_BLHK, v_BLHK = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    o_BLHK = jax.nn.dot_product_attention(q_BLHK, k_BLHK, v_BLHK, is_causal=True)
+    if cache_at is None:
+      o_BLHK = jax.nn.dot_product_attention(q_BLHK, k_BLHK, v_BLHK,
+                                            is_causal=True)
+    else:
+      o_BLHK = self._cached(q_BLHK, k_BLHK, v_BLHK, cache_at, cache_len)
     return nn.DenseGeneral(
         d_model, axis=(-2, -1), use_bias=False, dtype=self.dtype,
         kernel_init=_kernel(("heads", "kv", "embed")), name="out")(o_BLHK)
+
+  def _cached(self, q_BLHK, k_BLHK, v_BLHK, start, cache_len):
+    """Writes this call's keys and values at `start` and attends causally to
+    everything cached so far (S = cache_len slots, later ones masked)."""
+    batch, length, heads, head_dim = k_BLHK.shape
+    shape = (batch, cache_len, heads, head_dim)
+    key = self.variable("cache", "key", jnp.zeros, shape, k_BLHK.dtype)
+    value = self.variable("cache", "value", jnp.zeros, shape, v_BLHK.dtype)
+    at = (0, start, 0, 0)
+    key.value = jax.lax.dynamic_update_slice(key.value, k_BLHK, at)
+    value.value = jax.lax.dynamic_update_slice(value.value, v_BLHK, at)
+    query_pos_L = start + jnp.arange(length)
+    mask_LS = jnp.arange(cache_len)[None, :] <= query_pos_L[:, None]
+    return jax.nn.dot_product_attention(q_BLHK, key.value, value.value,
+                                        mask=mask_LS[None, None])
 
 
 class DenseFFN(nn.Module):
@@ -68,11 +90,12 @@ class Block(nn.Module):
   mesh: jax.sharding.Mesh | None = None
 
   @nn.compact
-  def __call__(self, x_BLD, token_ids_BL, deterministic: bool, step=None):
+  def __call__(self, x_BLD, token_ids_BL, deterministic: bool, step=None,
+               cache_at=None):
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     x_BLD = x_BLD + CausalSelfAttention(cfg.num_heads, dtype, name="attn")(
-        _norm("attn_norm", dtype)(x_BLD))
+        _norm("attn_norm", dtype)(x_BLD), cache_at, cfg.max_len)
     h_BLD = _norm("ffn_norm", dtype)(x_BLD)
     if not self.is_moe:
       return x_BLD + DenseFFN(cfg.d_ff, dtype, name="ffn")(h_BLD), None
@@ -99,10 +122,16 @@ class TransformerLM(nn.Module):
 
   With a `mesh` (`moejax.parallel.make_mesh`) the MoE layers run expert-parallel:
   dispatch, experts and combine inside `shard_map`, tokens moved by all-to-all.
+
+  With `decode=True` each call continues the sequence held in the mutable
+  `cache` collection (keys and values of every block for max_len positions,
+  and the next position): apply with `mutable=["cache"]`, without a `cache`
+  the first time. `moejax.models.decode` generates text with it.
   """
 
   config: TransformerConfig
   mesh: jax.sharding.Mesh | None = None
+  decode: bool = False
 
   @nn.compact
   def __call__(self, tokens_BL: jax.Array, *, deterministic: bool = True,
@@ -124,13 +153,19 @@ class TransformerLM(nn.Module):
         nn.with_logical_partitioning(_KERNEL_INIT, (None, "embed")),
         (cfg.max_len, cfg.d_model), jnp.float32)
     length = tokens_BL.shape[1]
-    x_BLD = (embed[tokens_BL] + pos[:length]).astype(dtype)
+    cache_at, pos_LD = None, pos[:length]
+    if self.decode:
+      next_pos = self.variable("cache", "position", jnp.zeros, (), jnp.int32)
+      cache_at = next_pos.value
+      next_pos.value = cache_at + length
+      pos_LD = jax.lax.dynamic_slice_in_dim(pos, cache_at, length)
+    x_BLD = (embed[tokens_BL] + pos_LD).astype(dtype)
     aux_loss = jnp.zeros((), jnp.float32)
     layers, routes, loads = {}, {}, {}
     for i in range(cfg.num_layers):
       x_BLD, aux = Block(cfg, i in cfg.moe_layers, mesh=self.mesh,
                          name=f"block_{i}")(
-          x_BLD, tokens_BL, deterministic, step)
+          x_BLD, tokens_BL, deterministic, step, cache_at)
       if aux is not None:
         aux_loss = aux_loss + aux.aux_loss
         layers[f"layer_{i}"] = aux.metrics

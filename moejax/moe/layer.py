@@ -5,6 +5,7 @@ E experts, C capacity, K slots per token.
 """
 
 import functools
+from typing import Any, Mapping
 
 import flax
 import flax.linen as nn
@@ -19,6 +20,7 @@ from moejax.moe.experts import Dtype, Experts
 from moejax.parallel import expert_parallel
 from moejax.routing.contract import Router
 from moejax.routing.losses import expert_fractions
+from moejax.routing.registry import make_router
 
 
 @flax.struct.dataclass
@@ -54,7 +56,9 @@ class MoELayer(nn.Module):
   Tokens dropped for capacity get 0 here; the block's residual carries them.
 
   Attributes:
-    router: an unbound router module (see `moejax.routing.make_router`).
+    router: a router name (`moejax.routing.ROUTERS`), built here with E, `top_k`,
+      `vocab_size` and `router_options`; or an unbound router module
+      (`moejax.routing.make_router`), whose E must be `num_experts`.
     num_experts: E.
     d_ff: F, hidden width of each expert.
     dispatch: `capacity` or `dropless`.
@@ -66,9 +70,13 @@ class MoELayer(nn.Module):
     mesh: a `("data", "expert")` mesh (`moejax.parallel.make_mesh`) to run
       dispatch -> experts -> combine expert-parallel on, with capacity per
       device (`moejax.parallel.expert_parallel`); None: one program, global plan.
+    top_k: K of a router given by name (None: 1).
+    router_options: options of a router given by name (its dataclass fields).
+    vocab_size: V, for routers given by name that read token ids (hash,
+      stablemoe).
   """
 
-  router: Router
+  router: Router | str
   num_experts: int
   d_ff: int
   dispatch: str = "capacity"
@@ -77,6 +85,31 @@ class MoELayer(nn.Module):
   param_dtype: Dtype = jnp.float32
   matmul: str = "xla"
   mesh: jax.sharding.Mesh | None = None
+  top_k: int | None = None
+  router_options: Mapping[str, Any] | None = None
+  vocab_size: int = 0
+
+  def _router(self) -> Router:
+    """The router module; E, K and V given once (ConfigError where they clash)."""
+    if isinstance(self.router, str):
+      return make_router(
+          self.router, num_experts=self.num_experts, top_k=self.top_k or 1,
+          vocab_size=self.vocab_size, options=dict(self.router_options or {})
+      ).clone(parent=self, name="router")
+    given = {"top_k": self.top_k, "vocab_size": self.vocab_size or None}
+    clash = [f"{k}={v} (the router has {getattr(self.router, k)})"
+             for k, v in given.items()
+             if v is not None and v != getattr(self.router, k)]
+    if self.router.num_experts != self.num_experts:
+      clash.insert(0, f"num_experts={self.num_experts} (the router has "
+                   f"{self.router.num_experts})")
+    if clash or self.router_options:
+      raise ConfigError(
+          f"MoELayer got {', '.join(clash) or 'router_options'} for a router "
+          "module built by make_router; give each once: pass the router by "
+          "name (MoELayer(router='topk', num_experts=E, top_k=K, "
+          "router_options={...})) or make the router with these values")
+    return self.router
 
   @nn.compact
   def __call__(self, x_BLD: jax.Array, *, token_ids_BL: jax.Array | None = None,
@@ -90,8 +123,9 @@ class MoELayer(nn.Module):
     batch, length, d_model = x_BLD.shape
     x_TD = x_BLD.reshape(batch * length, d_model)
     token_ids_T = None if token_ids_BL is None else token_ids_BL.reshape(-1)
-    extra = {"step": step} if self.router.needs_step else {}
-    routing = self.router(x_TD, token_ids_T=token_ids_T,
+    router = self._router()
+    extra = {"step": step} if router.needs_step else {}
+    routing = router(x_TD, token_ids_T=token_ids_T,
                           deterministic=deterministic, **extra)
     experts = Experts(self.num_experts, d_model, self.d_ff, dtype=self.dtype,
                       param_dtype=self.param_dtype, matmul=self.matmul,

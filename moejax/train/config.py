@@ -25,6 +25,7 @@ from moejax.errors import ConfigError
 from moejax.kernels import check_impl
 from moejax.models.config import (DTYPES, MoEConfig, TransformerConfig,
                                   resolve_moe_layers)
+from moejax.models.sizes import apply_size
 from moejax.moe.dispatch import DISPATCH_PATHS
 from moejax.parallel.mesh import MeshConfig
 from moejax.routing.registry import check_router
@@ -90,7 +91,7 @@ def default_config() -> ml_collections.ConfigDict:
       moe_layers="every_other", num_experts=8, top_k=1, router="switch",
       router_options=ml_collections.ConfigDict(), dispatch="capacity",
       capacity_factor=1.25, expert_d_ff=config_dict.placeholder(int),
-      matmul="xla"))
+      matmul="xla", size=""))
   c.data = ml_collections.ConfigDict(dataclasses.asdict(DataConfig()))
   c.data.tfds_data_dir = config_dict.placeholder(str)
   c.data.cache_dir = config_dict.placeholder(str)
@@ -116,6 +117,7 @@ def _choice(key: str, value: str, valid: tuple[str, ...]) -> None:
 
 
 def _model(m: dict[str, Any], data: DataConfig) -> TransformerConfig:
+  m = apply_size(m, default_config().model.to_dict())
   _positive("model", m, ("num_layers", "d_model", "num_heads", "d_ff",
                          "num_experts", "top_k"))
   _choice("model.dtype", m["dtype"], DTYPES)

@@ -20,6 +20,8 @@ from etils import epath
 
 from moejax.errors import CheckpointError, TrainingDiverged
 from moejax.metrics.fluctuation import FluctuationProbe, write_curve
+from moejax.metrics.perf import (StepTimer, peak_flops, perf_metrics,
+                                 train_flops_per_token)
 from moejax.metrics.writers import MetricWriter
 from moejax.models.config import TransformerConfig, transformer_config_from_json
 from moejax.models.transformer import TransformerLM
@@ -178,7 +180,8 @@ class _Run:
     self.checkpoints = StageCheckpoints(workdir / "checkpoints",
                                         len(config.stages),
                                         max_to_keep=tc.keep_checkpoints)
-    self.writer = MetricWriter(workdir, enabled=is_main)
+    self.writer = MetricWriter(workdir, enabled=is_main, config=config.to_json())
+    self.peak_flops = peak_flops()
     self.probe = FluctuationProbe(workdir, enabled=is_main)
     self.probe_inputs = data.eval_batches[0]["inputs"]
     if tc.probe_every:
@@ -274,43 +277,67 @@ class _Run:
   def _loop(self, program: StageProgram, state: TrainState, next_batch: int):
     tc = self.config.train
     tokens_per_step = tc.batch_size * self.config.data.seq_len
-    timer_start, timer_steps = None, 0
+    flops_per_token = train_flops_per_token(program.stage.model,
+                                            self.config.data.seq_len)
+    timer, previous = StepTimer(), None
     for step in range(int(state.step) + 1, program.end + 1):
-      state, metrics = program.train_step(
-          state, program.batch(self.data.train[next_batch]))
+      batch = program.batch(self.data.train[next_batch])
+      if not timer.started:  # Compilation is not a training step.
+        state, metrics = self._first_step(program, state, batch)
+        timer.start()
+      else:
+        state, metrics = program.train_step(state, batch)
+        timer.count()
+        jax.block_until_ready(previous)  # At most two steps in flight.
+        self.progress.advance(step - 1)
+      previous = metrics["train/loss"]
       next_batch += 1
-      timer_steps += 1
-      if timer_start is None:  # Exclude compilation from tokens/s.
-        jax.block_until_ready(metrics)
-        timer_start, timer_steps = time.perf_counter(), 0
       last = step == program.end
-      if step % tc.log_every == 0 or last:
+      log = step % tc.log_every == 0 or last
+      probe = bool(tc.probe_every and program.probe
+                   and (step % tc.probe_every == 0 or last))
+      evaluate = step % tc.eval_every == 0 or last
+      save = step % tc.checkpoint_every == 0 or last
+      if log or probe or evaluate or save:
+        timer.stop(metrics)  # The clock times training steps only.
+      if log:
         metrics = hosts.fetch(metrics)
         _check_finite(step, metrics, self.last_saved)
-        elapsed = time.perf_counter() - timer_start
         row = {k: float(v) if v.ndim == 0 else v for k, v in metrics.items()}
-        row["perf/tokens_per_sec"] = (
-            timer_steps * tokens_per_step / elapsed if timer_steps else 0.0)
+        row.update(perf_metrics(*timer.take(), tokens_per_step, flops_per_token,
+                                self.peak_flops, program.mesh.size))
         row["train/learning_rate"] = float(self.schedule(step - 1))
         self.write(program, step, row)
         self.progress.update(step, row)
         self.summary.update({k: v for k, v in row.items() if jnp.ndim(v) == 0})
-        timer_start, timer_steps = time.perf_counter(), 0
-      if tc.probe_every and program.probe and (step % tc.probe_every == 0 or last):
+      if probe:
         routes = hosts.fetch(program.probe(state.variables(), self.probe_inputs))
         row = self.probe.record(step, routes)
         if row:
           self.write(program, step, row)
-      if step % tc.eval_every == 0 or last:
+      if evaluate:
         row = program.evaluate(state.variables())
         self.write(program, step, row)
         self.summary.update(row)
         self.progress.message(f"step {step:>6} | {program.stage.name} | eval loss "
                               f"{row['eval/loss']:.4f} | ppl {row['eval/ppl']:.2f}")
-      if step % tc.checkpoint_every == 0 or last:
+      if save:
         _check_finite(step, hosts.fetch(metrics), self.last_saved)
         self.save(program, state, next_batch)
+      if not timer.running:
+        timer.start()
     return state, next_batch
+
+  def _first_step(self, program: StageProgram, state: TrainState, batch):
+    """Compiles and runs the stage's first step, saying so (it takes a while)."""
+    name = f"stage {program.index} ({program.stage.name})"
+    self.progress.message(f"compiling the train step of {name} ...")
+    start = time.perf_counter()
+    state, metrics = program.train_step(state, batch)
+    jax.block_until_ready(metrics)
+    self.progress.message(f"compiled {name} and ran its first step in "
+                          f"{time.perf_counter() - start:.1f} s")
+    return state, metrics
 
 
 def train_and_evaluate(config: RunConfig, workdir: str | epath.PathLike,

@@ -4,7 +4,7 @@ import sys
 
 
 class Progress:
-  """Shows step, loss and tokens/s at every logged step."""
+  """A bar that advances every step, with loss and tokens/s at logged steps."""
 
   def __init__(self, total: int, initial: int, *, enabled: bool = True):
     self.enabled = enabled
@@ -15,15 +15,22 @@ class Progress:
                        unit="step")
     self._last = initial
 
+  def advance(self, step: int) -> None:
+    """Moves the bar to `step` (a finished training step)."""
+    if self._bar is not None and step > self._last:
+      self._bar.update(step - self._last)
+      self._last = step
+
   def update(self, step: int, metrics: dict) -> None:
     if not self.enabled:
       return
+    self.advance(step)
     loss, tps = metrics.get("train/loss"), metrics.get("perf/tokens_per_sec")
+    speed = f" | {tps:,.0f} tok/s" if tps is not None else ""
     if self._bar is not None:
-      self._bar.update(step - self._last)
-      self._bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
+      self._bar.set_postfix_str(f"loss {loss:.3f}{speed}")
     else:
-      print(f"step {step:>6} | loss {loss:.4f} | {tps:,.0f} tok/s", flush=True)
+      print(f"step {step:>6} | loss {loss:.4f}{speed}", flush=True)
     self._last = step
 
   def message(self, text: str) -> None:

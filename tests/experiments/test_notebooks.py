@@ -52,7 +52,10 @@ def test_notebook_is_stored_without_outputs(name):
 def test_quickstart_runs(kernel_env):
   nb = execute("quickstart.ipynb", kernel_env)
   outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
-  assert "final held-out loss" in "".join(o.get("text", "") for o in outputs)
+  text = "".join(o.get("text", "") for o in outputs)
+  assert "final held-out loss" in text
+  assert "sampled 0: " in text and "sampled 1: " in text
+  assert "held-out perplexity" in text and "\u27e8" in text  # Experts shown.
   assert any("image/png" in o.get("data", {}) for o in outputs)  # Loss and PPL.
   assert (kernel_env / "run" / "metrics.jsonl").exists()
 
@@ -60,5 +63,6 @@ def test_quickstart_runs(kernel_env):
 def test_inspect_routing_runs(kernel_env):
   nb = execute("inspect_routing.ipynb", kernel_env)
   outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
-  assert any("text/html" in o.get("data", {}) for o in outputs)  # Coloured text.
+  # Held-out and generated text coloured by expert.
+  assert sum("text/html" in o.get("data", {}) for o in outputs) == 2
   assert sum("image/png" in o.get("data", {}) for o in outputs) >= 4

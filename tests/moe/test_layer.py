@@ -1,11 +1,14 @@
 """The MoE layer end to end: router + dispatch + experts against the naive loop."""
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from moejax.errors import ConfigError
 from moejax.moe import MoELayer, expert_capacity
 from moejax.moe.reference import capacity_keep_loop, moe_loop
 from moejax.routing import make_router
@@ -71,3 +74,44 @@ def test_bf16_compute_keeps_float32_router():
   y_BLD, aux = layer.apply(variables, x_BLD)
   assert y_BLD.dtype == jnp.bfloat16
   assert aux.aux_loss.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("router,top_k,options", [
+    ("topk", 2, {"jitter": 0.1}), ("hash", 1, {})])
+def test_router_by_name_is_the_router_module(router, top_k, options):
+  """Naming the router builds the same module: same params, same outputs."""
+  x_BLD = jax.random.normal(jax.random.key(4), (B, L, D))
+  ids_BL = jax.random.randint(jax.random.key(5), (B, L), 0, 50)
+  by_name = MoELayer(router, num_experts=E, d_ff=F, top_k=top_k, vocab_size=50,
+                     router_options=options)
+  by_module = MoELayer(make_router(router, num_experts=E, top_k=top_k,
+                                   vocab_size=50, options=options),
+                       num_experts=E, d_ff=F)
+  v_name = by_name.init(jax.random.key(0), x_BLD, token_ids_BL=ids_BL)
+  v_module = by_module.init(jax.random.key(0), x_BLD, token_ids_BL=ids_BL)
+  assert (jax.tree.map(jnp.shape, nn.unbox(v_name))
+          == jax.tree.map(jnp.shape, nn.unbox(v_module)))
+  rngs = {"router": jax.random.key(6)}
+  y_name, _ = by_name.apply(v_module, x_BLD, token_ids_BL=ids_BL,
+                            deterministic=False, rngs=rngs)
+  y_module, _ = by_module.apply(v_module, x_BLD, token_ids_BL=ids_BL,
+                                deterministic=False, rngs=rngs)
+  np.testing.assert_array_equal(y_name, y_module)
+
+
+@pytest.mark.parametrize("kwargs,named", [
+    ({"num_experts": 4}, "num_experts=4 (the router has 8)"),
+    ({"num_experts": 8, "top_k": 2}, "top_k=2 (the router has 1)"),
+    ({"num_experts": 8, "router_options": {"jitter": 0.1}}, "router_options"),
+])
+def test_router_module_that_disagrees_is_a_one_line_error(kwargs, named):
+  layer = MoELayer(make_router("switch", num_experts=8), d_ff=F, **kwargs)
+  with pytest.raises(ConfigError, match=re.escape(named)) as e:
+    layer.init(jax.random.key(0), jnp.ones((B, L, D)))
+  assert "\n" not in str(e.value)
+
+
+def test_unknown_router_name_is_a_one_line_error():
+  layer = MoELayer("swtich", num_experts=E, d_ff=F)
+  with pytest.raises(ConfigError, match="unknown router 'swtich'; valid"):
+    layer.init(jax.random.key(0), jnp.ones((B, L, D)))
