@@ -25,7 +25,7 @@ import numpy as np
 
 from moejax.data.config import DataConfig
 from moejax.errors import DataError
-from moejax.parallel.distributed import is_main_process
+from moejax.parallel import hosts
 from moejax.train.step import cross_entropy, router_metrics
 from moejax.train.trained import Trained
 
@@ -98,7 +98,7 @@ def write_result(trained: Trained, result: dict[str, Any]) -> epath.Path:
   """Writes `result` to `<workdir>/eval/<source key>-<step>.json` (process 0)."""
   path = (trained.workdir / EVAL_DIR
           / f"{source_key(result['source'])}-{result['step']}.json")
-  if is_main_process():
+  if hosts.is_writer():
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
   return path

@@ -21,11 +21,12 @@ from moejax.errors import CheckpointError
 from moejax.models.config import TransformerConfig
 from moejax.models.transformer import TransformerLM
 from moejax.parallel.mesh import make_mesh
-from moejax.parallel.rules import state_shardings, with_shardings
+from moejax.parallel.rules import logical_shardings, with_shardings
 from moejax.train.config import RunConfig, parse
 from moejax.train.config_io import config_from_json
 from moejax.train.loop import init_state
 from moejax.train.optimizer import make_optimizer
+from moejax.train.state import state_specs
 from moejax.train.workdir import CONFIG_FILE
 
 if TYPE_CHECKING:
@@ -120,7 +121,9 @@ def load_trained(workdir: str | os.PathLike, *, step: int | None = None,
   tx = make_optimizer(config.optim, config.train.steps, config.stages[stage].frozen)
   abstract = jax.eval_shape(lambda: init_state(model, tx, jax.random.key(0),
                                                config.data.seq_len))
-  target = with_shardings(abstract, state_shardings(abstract, mesh))
+  shardings = logical_shardings(
+      state_specs(model, tx, config.data.seq_len), abstract, mesh)
+  target = with_shardings(abstract, shardings)
   checkpointer = ocp.StandardCheckpointer()
   try:
     state = checkpointer.restore(

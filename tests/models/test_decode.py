@@ -12,7 +12,7 @@ import pytest
 from moejax.errors import ConfigError
 from moejax.models import MoEConfig, TransformerConfig, TransformerLM
 from moejax.models.decode import Decoder, decoding_config, sample_token
-from moejax.parallel import MeshConfig, make_mesh, state_shardings
+from moejax.parallel import MeshConfig, logical_shardings, make_mesh
 
 V, MAX_LEN, P = 64, 16, 5
 
@@ -26,11 +26,14 @@ def _config(router="switch", dispatch="capacity", top_k=1, options=(),
                     router_options=tuple(options), dispatch=dispatch))
 
 
+def _boxed(config):
+  tokens_BL = jnp.zeros((1, MAX_LEN), jnp.int32)
+  return jax.jit(TransformerLM(config).init)(jax.random.key(0), tokens_BL)
+
+
 @functools.cache
 def _variables(config):
-  tokens_BL = jnp.zeros((1, MAX_LEN), jnp.int32)
-  return nn.unbox(jax.jit(TransformerLM(config).init)(jax.random.key(0),
-                                                       tokens_BL))
+  return nn.unbox(_boxed(config))
 
 
 @functools.cache
@@ -81,7 +84,9 @@ def test_cached_decoding_on_a_mesh_equals_one_device(dispatch):
   config = _config("topk", dispatch, top_k=2)
   variables = _variables(config)
   mesh = make_mesh(MeshConfig(data=2, expert=4), num_experts=4)
-  placed = jax.device_put(variables, state_shardings(variables, mesh))
+  specs = nn.get_partition_spec(jax.eval_shape(lambda: _boxed(config)))
+  placed = jax.device_put(variables,
+                          logical_shardings(specs, variables, mesh))
   tokens_BL = jax.random.randint(jax.random.key(2), (8, MAX_LEN), 0, V)
   full_logits, _ = jax.jit(TransformerLM(decoding_config(config)).apply)(
       variables, tokens_BL)
