@@ -1,4 +1,10 @@
-"""Metric writers: one JSON object per logged step, and TensorBoard event files."""
+"""Metric writers: one JSON object per logged step, and TensorBoard event files.
+
+A log never bricks a resume: on open, lines that are not complete JSON rows (a
+write cut short by a kill or a full disk) move to `<name>.discarded.jsonl`, as
+`{"discarded_line": <text>}` rows; rewrites are atomic (a temporary file renamed
+over the log), and a failed append is a one-line StorageError.
+"""
 
 import json
 import math
@@ -7,6 +13,9 @@ import pathlib
 from typing import Any, Iterable
 
 import numpy as np
+from etils import epath
+
+from moejax.errors import storage_error, warn
 
 METRICS_FILE = "metrics.jsonl"
 LOADS_FILE = "router_loads.jsonl"
@@ -36,6 +45,9 @@ class MetricWriter:
     self.loads_path = pathlib.Path(workdir) / LOADS_FILE
     self.enabled = enabled
     self._tb = None
+    if enabled:
+      for path in (self.path, self.loads_path):
+        repair_jsonl(path)
     if enabled and tensorboard:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       self._tb = SummaryWriter(os.fspath(pathlib.Path(workdir) / "tb"))
@@ -53,9 +65,7 @@ class MetricWriter:
         if line.strip():
           (keep if json.loads(line).get("step", 0) <= step else drop).append(line)
       if drop:
-        with open(path.with_suffix(".discarded.jsonl"), "a") as f:
-          f.write("\n".join(drop) + "\n")
-        path.write_text("".join(line + "\n" for line in keep))
+        _move_aside(path, keep, drop)
 
   def write(self, step: int, metrics: dict[str, Any]) -> None:
     """Scalars to metrics.jsonl and TensorBoard; arrays to router_loads.jsonl
@@ -77,12 +87,62 @@ class MetricWriter:
 
   def _append(self, path: pathlib.Path, step: int, values: dict[str, Any]):
     row = {"step": int(step), **{k: _plain(v) for k, v in values.items()}}
-    with open(path, "a") as f:
-      f.write(json.dumps(row) + "\n")
+    try:
+      with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    except OSError as e:
+      raise storage_error("metrics to", path, e) from None
 
   def close(self) -> None:
     if self._tb is not None:
-      self._tb.close()
+      tb, self._tb = self._tb, None
+      try:
+        tb.close()
+      except OSError as e:
+        raise storage_error("TensorBoard events to", self.path.parent / "tb",
+                            e) from None
+
+
+def _discarded(path: pathlib.Path) -> pathlib.Path:
+  return path.with_suffix(".discarded.jsonl")
+
+
+def _move_aside(path: pathlib.Path, keep: list[str], drop: list[str]) -> None:
+  """Appends `drop` to the discarded log, then rewrites `path` as `keep`."""
+  try:
+    if drop:
+      with open(_discarded(path), "a") as f:
+        f.write("".join(line + "\n" for line in drop))
+    tmp = epath.Path(path.parent) / f".{path.name}.tmp"
+    tmp.write_text("".join(line + "\n" for line in keep))
+    tmp.replace(epath.Path(path))  # Atomic: a kill leaves the old or new log.
+  except OSError as e:
+    raise storage_error("metrics to", path, e) from None
+
+
+def repair_jsonl(path: str | os.PathLike) -> int:
+  """Moves the lines of `path` that are not JSON objects (a last line cut
+  short) to `<name>.discarded.jsonl`; returns how many moved."""
+  path = pathlib.Path(path)
+  if not path.exists():
+    return 0
+  keep, drop = [], []
+  # Bytes, not text: a cut may split a multi-byte character.
+  for line in path.read_bytes().decode("utf-8", "replace").split("\n"):
+    if not line.strip():
+      continue
+    try:
+      ok = isinstance(json.loads(line), dict)
+    except ValueError:
+      ok = False
+    (keep if ok else drop).append(line)
+  if not drop and (not keep or path.read_bytes().endswith(b"\n")):
+    return 0
+  _move_aside(path, keep, [json.dumps({"discarded_line": line}) for line in drop])
+  if drop:
+    warn(f"{path} held {len(drop)} incomplete line(s) (a write cut short); moved "
+         f"to {_discarded(path).name}")
+  return len(drop)
 
 
 def read_metrics(workdir: str | os.PathLike,

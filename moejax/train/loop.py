@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from moejax.errors import CheckpointError, TrainingDiverged
+from moejax.errors import CheckpointError, Interrupted, TrainingDiverged
 from moejax.metrics.fluctuation import FluctuationProbe, write_curve
 from moejax.metrics.writers import MetricWriter
 from moejax.models.config import TransformerConfig, transformer_config_from_json
@@ -32,6 +32,7 @@ from moejax.stages.machine import check_frozen, enter_stage, transition_key
 from moejax.stages.stage import Stage, boundaries
 from moejax.train.checkpoint import StageCheckpoints, restore_params
 from moejax.train.config import RunConfig
+from moejax.train.guard import RunGuard, guarded_run
 from moejax.train.optimizer import learning_rate_schedule, make_optimizer
 from moejax.train.progress import Progress
 from moejax.train.state import TrainState
@@ -173,8 +174,9 @@ def _init_source(config: RunConfig) -> tuple[pathlib.Path, TransformerConfig] | 
 class _Run:
   """The state of one `train_and_evaluate` call: writers, checkpoints, probes."""
 
-  def __init__(self, config: RunConfig, workdir: pathlib.Path, data, verbose: bool):
-    self.config, self.workdir, self.data = config, workdir, data
+  def __init__(self, config: RunConfig, workdir: pathlib.Path, data, verbose: bool,
+               guard: RunGuard | None = None):
+    self.config, self.workdir, self.data, self.guard = config, workdir, data, guard
     is_main = jax.process_index() == 0
     tc = config.train
     self.checkpoints = StageCheckpoints(workdir / "checkpoints",
@@ -213,14 +215,13 @@ class _Run:
   def run(self, init_source) -> dict[str, Any]:
     stages = self.config.stages
     state, next_batch, state_stage, prev_model = None, 0, -1, None
-    latest = self.checkpoints.latest()
+    latest = self.checkpoints.restore_newest(lambda i: with_shardings(
+        self.program(i).abstract, self.program(i).shardings))
     self.progress = Progress(self.config.train.steps, latest[1] if latest else 0,
                              enabled=self.progress_enabled)
     if latest is not None:
-      state_stage, step = latest
+      state_stage, step, state, next_batch = latest
       program = self.program(state_stage)
-      state, next_batch = self.checkpoints.stage(state_stage).restore(
-          with_shardings(program.abstract, program.shardings))
       self.last_saved = step
       self.writer.truncate_after(step)
       self.probe.resume(step)
@@ -230,6 +231,7 @@ class _Run:
       first = state_stage if step < program.end else state_stage + 1
     else:
       first = 0
+      self.writer.truncate_after(0)  # Rows of a run killed before it saved.
       if init_source is not None:
         source, prev_model = init_source
         params, model_state = restore_params(source / "checkpoints")
@@ -247,15 +249,53 @@ class _Run:
       if "eval/loss" not in self.summary:  # Resumed a finished run.
         self.summary.update(
             self.program(len(stages) - 1).evaluate(state.variables()))
-    finally:
-      self.checkpoints.close()
-      self.writer.close()
-      self.progress.close()
+    except BaseException:
+      self._close(quietly=True)  # The first error is the one to report.
+      raise
+    self._close()
     curve = write_curve(self.workdir, self.probe)
     if curve is not None:
       self.summary["router/settled_share_first_probe"] = curve["settled_share"][0]
     self.summary["step"] = boundaries(stages)[-1]
     return self.summary
+
+  def _close(self, quietly: bool = False) -> None:
+    """Waits for the last checkpoint and closes the writers; every one is
+    closed even if one fails, and with `quietly` none raises."""
+    errors = []
+    for close in (self.checkpoints.close, self.writer.close, self.progress.close):
+      try:
+        close()
+      except Exception as e:  # pylint: disable=broad-except
+        errors.append(e)
+    if errors and not quietly:
+      raise errors[0]
+
+  def _stop_if_asked(self, program: StageProgram, step: int, state: TrainState,
+                     next_batch: int, metrics) -> None:
+    """At the boundary after `step`: a failed background write ends the run
+    here; so does a stop signal, after saving `state` and waiting for it."""
+    self.checkpoints.poll()
+    if self.guard is None:
+      return
+    self.guard.check_background()
+    signals = self.guard.signals
+    if not signals.should_stop(step):
+      return
+    if step == 0:
+      raise Interrupted(f"stopped by {signals.describe()} before step 1; nothing "
+                        "was trained", exit_code=signals.exit_code)
+    if self.last_saved != step:
+      if metrics is not None:
+        _check_finite(step, jax.device_get(metrics), self.last_saved)
+      self.save(program, state, next_batch)
+    self.checkpoints.wait()
+    where = self.checkpoints.stage(program.index).directory
+    raise Interrupted(
+        f"stopped by {signals.describe()} after step {step} of "
+        f"{self.config.train.steps} (stage {program.index}, "
+        f"{program.stage.name}); checkpoint saved in {where}/{step}",
+        exit_code=signals.exit_code)
 
   def _enter(self, program: StageProgram, prev: TrainState | None,
              prev_model: TransformerConfig | None, next_batch: int) -> TrainState:
@@ -276,8 +316,9 @@ class _Run:
   def _loop(self, program: StageProgram, state: TrainState, next_batch: int):
     tc = self.config.train
     tokens_per_step = tc.batch_size * self.config.data.seq_len
-    timer_start, timer_steps = None, 0
+    timer_start, timer_steps, metrics = None, 0, None
     for step in range(int(state.step) + 1, program.end + 1):
+      self._stop_if_asked(program, step - 1, state, next_batch, metrics)
       state, metrics = program.train_step(
           state, program.batch(self.data.train[next_batch]))
       next_batch += 1
@@ -329,13 +370,14 @@ def train_and_evaluate(config: RunConfig, workdir: str | pathlib.Path,
     stage_mesh(config, index)  # Mesh errors before anything is written.
   check_workdir(workdir, config.to_json())
   init_source = _init_source(config)
-  if init_source and not (workdir / "tokenizer.model").exists():
-    workdir.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(init_source[0] / "tokenizer.model", workdir / "tokenizer.model")
-  data = load_datasets(config.data, workdir=workdir,
-                       batch_size=config.train.batch_size)
-  record_config(workdir, config.to_json())
-  run = _Run(config, workdir, data, verbose)
-  if verbose and jax.process_index() == 0:
-    print(data.describe(), flush=True)
-  return run.run(init_source)
+  with guarded_run(workdir) as guard:
+    if init_source and not (workdir / "tokenizer.model").exists():
+      shutil.copyfile(init_source[0] / "tokenizer.model",
+                      workdir / "tokenizer.model")
+    data = load_datasets(config.data, workdir=workdir,
+                         batch_size=config.train.batch_size)
+    record_config(workdir, config.to_json())
+    run = _Run(config, workdir, data, verbose, guard)
+    if verbose and jax.process_index() == 0:
+      print(data.describe(), flush=True)
+    return run.run(init_source)

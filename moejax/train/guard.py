@@ -1,0 +1,125 @@
+"""What a run is entered with: the workdir lock, stop signals, quiet failures.
+
+`with guarded_run(workdir) as guard:` around everything a run writes:
+- `WorkdirLock`: one run per workdir (process 0 holds it; every process stops
+  with one line when it cannot be taken);
+- `StopSignals`: SIGTERM/SIGINT stop the run at a step boundary
+  (`guard.signals.should_stop(step)`);
+- background writers' I/O errors (TensorBoard's writer thread, ...) are kept
+  instead of printed as thread tracebacks, and `guard.check_background()`
+  raises the first as a one-line StorageError;
+- orbax's own logs of a failed save or restore, and the "Event loop is closed"
+  noise its thread pools print after one, are silenced: the run reports the
+  failure itself in one line. `--verbosity=0` (absl INFO) shows them again.
+"""
+
+import contextlib
+import logging
+import os
+import sys
+import threading
+from typing import Iterator
+
+import jax
+import numpy as np
+from absl import logging as absl_logging
+from jax.experimental import multihost_utils
+
+from moejax.errors import MoejaxError, WorkdirBusy, storage_error
+from moejax.train.lock import WorkdirLock
+from moejax.train.preemption import StopSignals
+
+
+class _OrbaxQuiet(logging.Filter):
+  """Drops orbax's log records unless absl logs at INFO or more."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if absl_logging.get_verbosity() >= absl_logging.INFO:
+      return True
+    return f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
+class RunGuard:
+  """The state `guarded_run` yields: stop signals and background I/O errors."""
+
+  def __init__(self, workdir: str | os.PathLike, signals: StopSignals):
+    self.workdir = workdir
+    self.signals = signals
+    self._background: list[tuple[str, BaseException]] = []
+
+  def check_background(self) -> None:
+    """Raises a StorageError for the first I/O error of a background thread."""
+    if self._background:
+      name, error = self._background[0]
+      raise storage_error(f"the workdir (thread {name})", self.workdir, error)
+
+  @contextlib.contextmanager
+  def _collect_thread_errors(self) -> Iterator[None]:
+    previous_thread_hook = threading.excepthook
+    previous_unraisable = sys.unraisablehook
+
+    def thread_hook(args):
+      if isinstance(args.exc_value, OSError):
+        self._background.append((getattr(args.thread, "name", "?"),
+                                 args.exc_value))
+      else:
+        previous_thread_hook(args)
+
+    def unraisable_hook(args):
+      # orbax/tensorstore callbacks that fire after a failed read or write
+      # find their event loop closed; the failure itself is reported.
+      if not (isinstance(args.exc_value, RuntimeError)
+              and "Event loop is closed" in str(args.exc_value)):
+        previous_unraisable(args)
+
+    threading.excepthook, sys.unraisablehook = thread_hook, unraisable_hook
+    try:
+      yield
+    finally:
+      threading.excepthook = previous_thread_hook
+      sys.unraisablehook = previous_unraisable
+
+
+@contextlib.contextmanager
+def _process0_lock(workdir: str | os.PathLike
+                   ) -> Iterator[WorkdirLock | None]:
+  """The workdir lock, taken by process 0; every process fails together."""
+  if jax.process_count() == 1:
+    with WorkdirLock(workdir) as lock:
+      yield lock
+    return
+  lock, failure = None, None
+  if jax.process_index() == 0:
+    try:
+      lock = WorkdirLock(workdir)
+      lock.acquire()
+    except MoejaxError as e:
+      lock, failure = None, e
+  failed = multihost_utils.broadcast_one_to_all(np.int32(failure is not None))
+  if failure is not None:
+    raise failure
+  if int(failed):
+    raise WorkdirBusy(f"process 0 could not lock workdir {workdir}; see its "
+                      "message")
+  try:
+    yield lock
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+@contextlib.contextmanager
+def guarded_run(workdir: str | os.PathLike) -> Iterator[RunGuard]:
+  """Locks `workdir` and handles stop signals and background I/O errors for
+  the length of a run (see the module docstring)."""
+  quiet = _OrbaxQuiet()
+  absl_logger = logging.getLogger("absl")
+  absl_logger.addFilter(quiet)
+  try:
+    with _process0_lock(workdir) as lock, StopSignals(
+        on_abort=lock.remove_file if lock else None) as signals:
+      guard = RunGuard(workdir, signals)
+      with guard._collect_thread_errors():  # pylint: disable=protected-access
+        yield guard
+  finally:
+    absl_logger.removeFilter(quiet)
