@@ -15,6 +15,9 @@ import os
 import pathlib
 
 import numpy as np
+from etils import epath
+
+from moejax.errors import storage_error
 
 PROBE_DIR = "probes"
 
@@ -56,8 +59,15 @@ class FluctuationProbe:
     """Stores `routes` (layer -> int[N]) and returns the fluctuation metrics."""
     routes = {k: np.asarray(v) for k, v in routes.items()}
     if self.enabled:
-      self.dir.mkdir(parents=True, exist_ok=True)
-      np.savez(self.dir / f"step_{step}.npz", **routes)
+      path = epath.Path(self.dir) / f"step_{step}.npz"
+      tmp = path.parent / f".{path.name}.tmp"
+      try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tmp.open("wb") as f:
+          np.savez(f, **routes)
+        tmp.replace(path)  # Atomic: a kill never leaves half a probe.
+      except OSError as e:
+        raise storage_error("routing probes to", path, e) from None
     metrics = {}
     prev = self._previous
     shared = [k for k in routes if prev is not None and k in prev

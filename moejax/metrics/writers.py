@@ -111,9 +111,9 @@ def _move_aside(path: pathlib.Path, keep: list[str], drop: list[str]) -> None:
   """Appends `drop` to the discarded log, then rewrites `path` as `keep`."""
   try:
     if drop:
-      with open(_discarded(path), "a") as f:
+      with epath.Path(_discarded(path)).open("a") as f:
         f.write("".join(line + "\n" for line in drop))
-    tmp = epath.Path(path.parent) / f".{path.name}.tmp"
+    tmp = epath.Path(path.parent) / f".{path.name}.{os.getpid()}.tmp"
     tmp.write_text("".join(line + "\n" for line in keep))
     tmp.replace(epath.Path(path))  # Atomic: a kill leaves the old or new log.
   except OSError as e:

@@ -1,10 +1,13 @@
 """The run directory: the resolved config and the check that a resume matches it."""
 
 import json
+import os
 import pathlib
 from typing import Any
 
-from moejax.errors import CheckpointError
+from etils import epath
+
+from moejax.errors import CheckpointError, storage_error
 
 CONFIG_FILE = "config.json"
 # Config keys that decide the shapes in a checkpoint or the data it was trained on.
@@ -78,9 +81,19 @@ def record_config(workdir: pathlib.Path, resolved: dict[str, Any]) -> None:
   saved, resolved = saved_config(workdir), _as_json(resolved)
   workdir.mkdir(parents=True, exist_ok=True)
   if saved is None:
-    (workdir / CONFIG_FILE).write_text(json.dumps(resolved, indent=2) + "\n")
+    path = workdir / CONFIG_FILE
   elif saved != resolved:
     n = 1
     while (workdir / f"config.{n}.json").exists():
       n += 1
-    (workdir / f"config.{n}.json").write_text(json.dumps(resolved, indent=2) + "\n")
+    path = workdir / f"config.{n}.json"
+  else:
+    return
+  # Atomic: a run killed mid-write must not leave a config.json that bricks
+  # every later resume.
+  tmp = epath.Path(workdir) / f".{path.name}.{os.getpid()}.tmp"
+  try:
+    tmp.write_text(json.dumps(resolved, indent=2) + "\n")
+    tmp.replace(epath.Path(path))
+  except OSError as e:
+    raise storage_error("the config to", path, e) from None
