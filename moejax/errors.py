@@ -85,7 +85,9 @@ def storage_error(what: str, path: str | os.PathLike, cause: BaseException | str
     reason = os.strerror(cause.errno)
   else:
     reason = " ".join(str(cause).split())[:200] or type(cause).__name__
-  space = free_space(path)
+  # Free space says nothing about a read-only disk or a permission problem.
+  space = "" if isinstance(cause, OSError) and cause.errno in (
+      errno_lib.EROFS, errno_lib.EACCES, errno_lib.EPERM) else free_space(path)
   full = isinstance(cause, OSError) and cause.errno in (
       errno_lib.ENOSPC, errno_lib.EDQUOT, errno_lib.EFBIG)
   fix = fix or (f"{'free space' if full else 'fix the problem'} and run the "

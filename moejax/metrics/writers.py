@@ -10,6 +10,7 @@ import json
 import math
 import os
 import pathlib
+import time
 from typing import Any, Iterable
 
 import numpy as np
@@ -48,9 +49,16 @@ class MetricWriter:
     if enabled:
       for path in (self.path, self.loads_path):
         repair_jsonl(path)
+    self.tb_dir = pathlib.Path(workdir) / "tb"
     if enabled and tensorboard:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._tb = SummaryWriter(os.fspath(pathlib.Path(workdir) / "tb"))
+      # Written here, not by tensorboardX's writer thread: a full disk must be
+      # an error in the loop, not a dead thread that the next write waits on.
+      from tensorboardX.event_file_writer import EventsWriter  # pylint: disable=g-import-not-at-top
+      try:
+        self.tb_dir.mkdir(parents=True, exist_ok=True)
+        self._tb = EventsWriter(os.fspath(self.tb_dir / "events"))
+      except OSError as e:
+        raise storage_error("TensorBoard events to", self.tb_dir, e) from None
 
   def truncate_after(self, step: int) -> None:
     """On resume: rows past `step` (written before an interruption) move to
@@ -81,9 +89,20 @@ class MetricWriter:
                 and not isinstance(v, bool) and k.startswith("stage")}
       self._append(self.loads_path, step, {**labels, **vectors})
     if self._tb is not None:
+      self._write_tensorboard(step, scalars)
+
+  def _write_tensorboard(self, step: int, scalars: dict[str, Any]) -> None:
+    from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+    from tensorboardX.summary import scalar  # pylint: disable=g-import-not-at-top
+    try:
       for key, value in scalars.items():
         if isinstance(value, (int, float, np.generic)) and not isinstance(value, bool):
-          self._tb.add_scalar(key, float(value), int(step))
+          self._tb.write_event(event_pb2.Event(
+              wall_time=time.time(), step=int(step),
+              summary=scalar(key, float(value))))
+      self._tb.flush()
+    except OSError as e:
+      raise storage_error("TensorBoard events to", self.tb_dir, e) from None
 
   def _append(self, path: pathlib.Path, step: int, values: dict[str, Any]):
     row = {"step": int(step), **{k: _plain(v) for k, v in values.items()}}
@@ -99,8 +118,7 @@ class MetricWriter:
       try:
         tb.close()
       except OSError as e:
-        raise storage_error("TensorBoard events to", self.path.parent / "tb",
-                            e) from None
+        raise storage_error("TensorBoard events to", self.tb_dir, e) from None
 
 
 def _discarded(path: pathlib.Path) -> pathlib.Path:

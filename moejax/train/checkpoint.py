@@ -224,13 +224,15 @@ class Checkpointer:
     return os.fspath(target)
 
   def close(self) -> None:
-    """Waits for the last save and closes; after a failed save, quietly."""
+    """Waits for the last save (StorageError if it failed) and closes."""
     try:
-      self._manager.wait_until_finished()
-      self._manager.close()
-    except Exception:  # pylint: disable=broad-except
-      if not self._failed:
-        raise
+      self.wait()
+    finally:
+      try:
+        self._manager.close()
+      except Exception:  # pylint: disable=broad-except
+        if not self._failed:
+          raise
 
 
 def abstract_like(tree):
@@ -301,8 +303,15 @@ class StageCheckpoints:
       checkpointer.wait()
 
   def close(self) -> None:
+    """Closes every stage's checkpointer; raises the first failure after."""
+    errors = []
     for checkpointer in self._open.values():
-      checkpointer.close()
+      try:
+        checkpointer.close()
+      except Exception as e:  # pylint: disable=broad-except
+        errors.append(e)
+    if errors:
+      raise errors[0]
 
 
 def restore_params(directory: str | os.PathLike) -> tuple[dict, dict]:

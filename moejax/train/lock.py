@@ -205,5 +205,8 @@ class WorkdirLock:
       try:
         tmp.write_text(json.dumps(self._record))
         tmp.replace(self.path)  # Atomic: a reader never sees half a record.
-      except OSError:
-        pass  # A full disk is reported by the run's own writes.
+      except OSError:  # A full disk is reported by the run's own writes.
+        try:
+          tmp.unlink()
+        except OSError:
+          pass

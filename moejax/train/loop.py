@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from moejax.errors import CheckpointError, Interrupted, TrainingDiverged
+from moejax.errors import (CheckpointError, Interrupted, StorageError,
+                           TrainingDiverged)
 from moejax.metrics.fluctuation import FluctuationProbe, write_curve
 from moejax.metrics.writers import MetricWriter
 from moejax.models.config import TransformerConfig, transformer_config_from_json
@@ -249,8 +250,10 @@ class _Run:
       if "eval/loss" not in self.summary:  # Resumed a finished run.
         self.summary.update(
             self.program(len(stages) - 1).evaluate(state.variables()))
-    except BaseException:
-      self._close(quietly=True)  # The first error is the one to report.
+    except BaseException as error:
+      failed_save = self._close(quietly=True)
+      if isinstance(error, StorageError) and failed_save is not None:
+        raise failed_save from None  # The save that filled the disk.
       raise
     self._close()
     curve = write_curve(self.workdir, self.probe)
@@ -259,17 +262,20 @@ class _Run:
     self.summary["step"] = boundaries(stages)[-1]
     return self.summary
 
-  def _close(self, quietly: bool = False) -> None:
-    """Waits for the last checkpoint and closes the writers; every one is
-    closed even if one fails, and with `quietly` none raises."""
-    errors = []
+  def _close(self, quietly: bool = False) -> StorageError | None:
+    """Waits for the last checkpoint and closes the writers, every one even if
+    one fails. Raises the first failure, or with `quietly` returns the failed
+    save (None if the saves are on disk)."""
+    errors = {}
     for close in (self.checkpoints.close, self.writer.close, self.progress.close):
       try:
         close()
       except Exception as e:  # pylint: disable=broad-except
-        errors.append(e)
+        errors[close] = e
     if errors and not quietly:
-      raise errors[0]
+      raise next(iter(errors.values()))
+    failed_save = errors.get(self.checkpoints.close)
+    return failed_save if isinstance(failed_save, StorageError) else None
 
   def _stop_if_asked(self, program: StageProgram, step: int, state: TrainState,
                      next_batch: int, metrics) -> None:

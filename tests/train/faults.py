@@ -13,6 +13,7 @@ import queue
 import resource
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -67,7 +68,8 @@ class CliRun:
                preexec_fn=None, command: list[str] | None = None):
     self.proc = subprocess.Popen(
         command or [*CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True, env=env or cli_env(), cwd=ROOT, preexec_fn=preexec_fn)
+        text=True, env=env or cli_env(), cwd=ROOT, preexec_fn=preexec_fn,
+        start_new_session=True)  # Its own group: a timeout kills it all.
     self.lines: list[str] = []
     self._queue: queue.Queue = queue.Queue()
     self._reader = threading.Thread(target=self._read, daemon=True)
@@ -88,11 +90,18 @@ class CliRun:
       except queue.Empty:
         line = None
       if line is None:
-        self.proc.kill()
+        self.kill()
         raise AssertionError(f"no line starting with {prefix!r}; stdout: "
                              f"{self.lines[-5:]}, stderr: {self.finish(5)[2]}")
       if line.startswith(prefix):
         return line
+
+  def kill(self) -> None:
+    """SIGKILL to the process and every child it started."""
+    try:
+      os.killpg(self.proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+      pass
 
   def send(self, signum: int) -> None:
     self.proc.send_signal(signum)
@@ -102,7 +111,7 @@ class CliRun:
     try:
       _, stderr = self.proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-      self.proc.kill()
+      self.kill()
       _, stderr = self.proc.communicate()
     self._reader.join(timeout=5)
     return self.proc.returncode, self.lines, stderr
