@@ -259,15 +259,6 @@ class StageCheckpoints:
                                        max_to_keep=self._max_to_keep)
     return self._open[index]
 
-  def latest(self) -> tuple[int, int] | None:
-    """(stage, step) of the newest checkpoint, None when there is none."""
-    for index in reversed(range(self.num_stages)):
-      if epath.Path(self.root, f"stage_{index}").is_dir():
-        step = self.stage(index).latest_step()
-        if step is not None:
-          return index, step
-    return None
-
   def restore_newest(self, abstract_of: Callable[[int], Any]
                      ) -> tuple[int, int, Any, int] | None:
     """(stage, step, state, next_batch) of the newest checkpoint that restores

@@ -1,13 +1,10 @@
 """What a run is entered with: the workdir lock, stop signals, quiet failures.
 
-`with guarded_run(workdir) as guard:` around everything a run writes:
+`with guarded_run(workdir) as signals:` around everything a run writes:
 - `WorkdirLock`: one run per workdir (process 0 holds it; every process stops
   with one line when it cannot be taken);
 - `StopSignals`: SIGTERM/SIGINT stop the run at a step boundary
-  (`guard.signals.should_stop(step)`);
-- background writers' I/O errors (TensorBoard's writer thread, ...) are kept
-  instead of printed as thread tracebacks, and `guard.check_background()`
-  raises the first as a one-line StorageError;
+  (`signals.should_stop(step)`);
 - orbax's own logs of a failed save or restore, and the "Event loop is closed"
   noise its thread pools print after one, are silenced: the run reports the
   failure itself in one line. `--verbosity=0` (absl INFO) shows them again.
@@ -17,7 +14,6 @@ import contextlib
 import logging
 import os
 import sys
-import threading
 from typing import Iterator
 
 import jax
@@ -25,7 +21,7 @@ import numpy as np
 from absl import logging as absl_logging
 from jax.experimental import multihost_utils
 
-from moejax.errors import MoejaxError, WorkdirBusy, storage_error
+from moejax.errors import MoejaxError, WorkdirBusy
 from moejax.train.lock import WorkdirLock
 from moejax.train.preemption import StopSignals
 
@@ -39,45 +35,28 @@ class _OrbaxQuiet(logging.Filter):
     return f"{os.sep}orbax{os.sep}" not in record.pathname
 
 
-class RunGuard:
-  """The state `guarded_run` yields: stop signals and background I/O errors."""
+@contextlib.contextmanager
+def _quiet_orbax() -> Iterator[None]:
+  """Silences orbax's logs of a failure the run reports itself, and the
+  'Event loop is closed' noise after one."""
+  quiet = _OrbaxQuiet()
+  absl_logger = logging.getLogger("absl")
+  previous_unraisable = sys.unraisablehook
 
-  def __init__(self, workdir: str | os.PathLike, signals: StopSignals):
-    self.workdir = workdir
-    self.signals = signals
-    self._background: list[tuple[str, BaseException]] = []
+  def unraisable_hook(args):
+    # orbax/tensorstore callbacks that fire after a failed read or write find
+    # their event loop closed; the failure itself is reported.
+    if not (isinstance(args.exc_value, RuntimeError)
+            and "Event loop is closed" in str(args.exc_value)):
+      previous_unraisable(args)
 
-  def check_background(self) -> None:
-    """Raises a StorageError for the first I/O error of a background thread."""
-    if self._background:
-      name, error = self._background[0]
-      raise storage_error(f"the workdir (thread {name})", self.workdir, error)
-
-  @contextlib.contextmanager
-  def _collect_thread_errors(self) -> Iterator[None]:
-    previous_thread_hook = threading.excepthook
-    previous_unraisable = sys.unraisablehook
-
-    def thread_hook(args):
-      if isinstance(args.exc_value, OSError):
-        self._background.append((getattr(args.thread, "name", "?"),
-                                 args.exc_value))
-      else:
-        previous_thread_hook(args)
-
-    def unraisable_hook(args):
-      # orbax/tensorstore callbacks that fire after a failed read or write
-      # find their event loop closed; the failure itself is reported.
-      if not (isinstance(args.exc_value, RuntimeError)
-              and "Event loop is closed" in str(args.exc_value)):
-        previous_unraisable(args)
-
-    threading.excepthook, sys.unraisablehook = thread_hook, unraisable_hook
-    try:
-      yield
-    finally:
-      threading.excepthook = previous_thread_hook
-      sys.unraisablehook = previous_unraisable
+  absl_logger.addFilter(quiet)
+  sys.unraisablehook = unraisable_hook
+  try:
+    yield
+  finally:
+    sys.unraisablehook = previous_unraisable
+    absl_logger.removeFilter(quiet)
 
 
 @contextlib.contextmanager
@@ -109,17 +88,9 @@ def _process0_lock(workdir: str | os.PathLike
 
 
 @contextlib.contextmanager
-def guarded_run(workdir: str | os.PathLike) -> Iterator[RunGuard]:
-  """Locks `workdir` and handles stop signals and background I/O errors for
+def guarded_run(workdir: str | os.PathLike) -> Iterator[StopSignals]:
+  """Locks `workdir`, handles stop signals and quiets orbax's failure logs for
   the length of a run (see the module docstring)."""
-  quiet = _OrbaxQuiet()
-  absl_logger = logging.getLogger("absl")
-  absl_logger.addFilter(quiet)
-  try:
-    with _process0_lock(workdir) as lock, StopSignals(
-        on_abort=lock.remove_file if lock else None) as signals:
-      guard = RunGuard(workdir, signals)
-      with guard._collect_thread_errors():  # pylint: disable=protected-access
-        yield guard
-  finally:
-    absl_logger.removeFilter(quiet)
+  with _quiet_orbax(), _process0_lock(workdir) as lock, StopSignals(
+      on_abort=lock.remove_file if lock else None) as signals:
+    yield signals

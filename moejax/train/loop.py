@@ -33,8 +33,9 @@ from moejax.stages.machine import check_frozen, enter_stage, transition_key
 from moejax.stages.stage import Stage, boundaries
 from moejax.train.checkpoint import StageCheckpoints, restore_params
 from moejax.train.config import RunConfig
-from moejax.train.guard import RunGuard, guarded_run
+from moejax.train.guard import guarded_run
 from moejax.train.optimizer import learning_rate_schedule, make_optimizer
+from moejax.train.preemption import StopSignals
 from moejax.train.progress import Progress
 from moejax.train.state import TrainState
 from moejax.train.step import make_eval_step, make_probe_step, make_train_step
@@ -176,8 +177,9 @@ class _Run:
   """The state of one `train_and_evaluate` call: writers, checkpoints, probes."""
 
   def __init__(self, config: RunConfig, workdir: pathlib.Path, data, verbose: bool,
-               guard: RunGuard | None = None):
-    self.config, self.workdir, self.data, self.guard = config, workdir, data, guard
+               signals: StopSignals | None = None):
+    self.config, self.workdir, self.data = config, workdir, data
+    self.signals = signals
     is_main = jax.process_index() == 0
     tc = config.train
     self.checkpoints = StageCheckpoints(workdir / "checkpoints",
@@ -279,14 +281,11 @@ class _Run:
 
   def _stop_if_asked(self, program: StageProgram, step: int, state: TrainState,
                      next_batch: int, metrics) -> None:
-    """At the boundary after `step`: a failed background write ends the run
+    """At the boundary after `step`: a failed background save ends the run
     here; so does a stop signal, after saving `state` and waiting for it."""
     self.checkpoints.poll()
-    if self.guard is None:
-      return
-    self.guard.check_background()
-    signals = self.guard.signals
-    if not signals.should_stop(step):
+    signals = self.signals
+    if signals is None or not signals.should_stop(step):
       return
     if step == 0:
       raise Interrupted(f"stopped by {signals.describe()} before step 1; nothing "
@@ -376,14 +375,14 @@ def train_and_evaluate(config: RunConfig, workdir: str | pathlib.Path,
     stage_mesh(config, index)  # Mesh errors before anything is written.
   check_workdir(workdir, config.to_json())
   init_source = _init_source(config)
-  with guarded_run(workdir) as guard:
+  with guarded_run(workdir) as signals:
     if init_source and not (workdir / "tokenizer.model").exists():
       shutil.copyfile(init_source[0] / "tokenizer.model",
                       workdir / "tokenizer.model")
     data = load_datasets(config.data, workdir=workdir,
                          batch_size=config.train.batch_size)
     record_config(workdir, config.to_json())
-    run = _Run(config, workdir, data, verbose, guard)
+    run = _Run(config, workdir, data, verbose, signals)
     if verbose and jax.process_index() == 0:
       print(data.describe(), flush=True)
     return run.run(init_source)
