@@ -140,6 +140,8 @@ class Checkpointer:
     try:
       self._manager.wait_until_finished()
     except Exception as e:  # pylint: disable=broad-except
+      if step is None and self._failed:
+        return  # orbax raises a failed save again; it was reported once.
       raise self._save_failed(step, e) from None
 
   def _save_failed(self, step: int | None, error: BaseException) -> StorageError:

@@ -85,7 +85,8 @@ class StopSignals:
       return
     signal.set_wakeup_fd(self._old_wakeup_fd)
     for signum, handler in self._previous.items():
-      signal.signal(signum, handler)
+      # None: a handler installed outside Python, which cannot be put back.
+      signal.signal(signum, signal.SIG_DFL if handler is None else handler)
     os.close(self._pipe[1])  # The watcher's read returns b"" and it ends.
     self._watcher.join(timeout=5)
     os.close(self._pipe[0])
@@ -114,6 +115,8 @@ class StopSignals:
     """What stopped the run, for its one line."""
     if self.received is not None:
       return _NAMES[self.received]
+    if self._mode == "allgather":
+      return "a stop signal to another process"
     return "a preemption notice (SIGTERM to one of the processes)"
 
   def _watch(self, read_fd: int) -> None:

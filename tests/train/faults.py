@@ -124,15 +124,16 @@ def free_port() -> int:
 
 
 def launch_processes(num_processes: int, args: list[str], *,
-                     devices_per_process: int = 4) -> list[CliRun]:
+                     devices_per_process: int = 4, **env: str) -> list[CliRun]:
   """`moejax-train args` as `num_processes` processes on this host joined by
   jax.distributed (a coordinator on a free local port), each with
-  `devices_per_process` CPU devices."""
+  `devices_per_process` CPU devices and `env` added to its environment."""
   address = f"127.0.0.1:{free_port()}"
   flags = f"--xla_force_host_platform_device_count={devices_per_process}"
   return [CliRun(args, env=cli_env(
       JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES=str(num_processes),
-      JAX_PROCESS_ID=str(i), XLA_FLAGS=flags)) for i in range(num_processes)]
+      JAX_PROCESS_ID=str(i), XLA_FLAGS=flags, **env))
+          for i in range(num_processes)]
 
 
 def can_mount_tmpfs() -> bool:

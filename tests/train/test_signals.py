@@ -7,6 +7,8 @@ import re
 import signal
 import time
 
+import pytest
+
 from moejax.metrics.writers import read_metrics
 from moejax.train import parse, train_and_evaluate
 from tests.train.conftest import FAULT_STEPS, assert_same_curve, fault_config
@@ -99,9 +101,13 @@ def test_second_sigint_exits_at_once_without_saving(new_workdir,
   assert not (workdir / "run.lock").exists()
 
 
-def test_two_processes_stop_at_the_same_step(new_workdir, fault_config_file):
+@pytest.mark.parametrize("preemption_service", ["true", "false"],
+                         ids=["jax sync point", "all-gathered flags"])
+def test_two_processes_stop_at_the_same_step(new_workdir, fault_config_file,
+                                             preemption_service):
   workdir = new_workdir()
-  runs = launch_processes(2, _args(fault_config_file, workdir))
+  runs = launch_processes(2, _args(fault_config_file, workdir),
+                          JAX_ENABLE_PREEMPTION_SERVICE=preemption_service)
   try:
     runs[0].wait_for("step      5 |")
     runs[1].send(signal.SIGTERM)  # A preemption notice to one host only.
@@ -116,6 +122,9 @@ def test_two_processes_stop_at_the_same_step(new_workdir, fault_config_file):
     assert match, line
     steps.append(int(match["step"]))
   assert steps[0] == steps[1]
+  if preemption_service == "false":  # Each process knows its own signal.
+    assert [_STOPPED.fullmatch(_one_line(r[2]))["by"] for r in results] == [
+        "a stop signal to another process", "SIGTERM"]
   _assert_stopped_cleanly(workdir, line, match["by"])
 
 
