@@ -39,8 +39,11 @@ class WorkdirBusy(MoejaxError):
   """Another run holds the workdir's lock."""
 
 
-class Interrupted(MoejaxError):
+class Interrupted(KeyboardInterrupt):
   """Training stopped on SIGTERM or SIGINT after saving a checkpoint.
+
+  Like KeyboardInterrupt it is not an `Exception`, so `except Exception`
+  handlers (say, one that skips a failed experiment) let a stop through.
 
   Attributes:
     exit_code: 0 after SIGTERM (a preemption notice), 130 after SIGINT.
