@@ -2,9 +2,16 @@
 
 --config also takes a run's config.json; --print_config prints the resolved
 config and exits; --help lists every config key with its default.
+
+Every failure ends in one line on stderr: bad flags and config keys (with the
+key ml_collections suggests), a missing config file, and the run's own errors
+(`moejax: error: ...`, exit 1). SIGTERM and SIGINT stop the run after the
+current step with a checkpoint and one line saying how to resume (exit 0 after
+SIGTERM, 130 after SIGINT).
 """
 
 import json
+import shlex
 import sys
 
 from absl import flags
@@ -22,7 +29,7 @@ _PRINT_CONFIG = flags.DEFINE_bool(
 
 def _main(argv) -> None:
   del argv
-  from moejax.errors import MoejaxError  # pylint: disable=g-import-not-at-top
+  from moejax.errors import Interrupted, MoejaxError  # pylint: disable=g-import-not-at-top
   from moejax.parallel import hosts, maybe_initialize  # pylint: disable=g-import-not-at-top
   from moejax.train import parse, train_and_evaluate  # pylint: disable=g-import-not-at-top
   cli_config.quiet_logs()
@@ -36,6 +43,10 @@ def _main(argv) -> None:
       return
     maybe_initialize()  # jax.distributed on multi-process launches.
     summary = train_and_evaluate(config, cli_config.absolute(_WORKDIR.value))
+  except Interrupted as e:  # Every process says why it exits (each host's log).
+    command = shlex.join(["moejax-train", *sys.argv[1:]])
+    print(f"moejax: {e}; resume with: {command}", file=sys.stderr, flush=True)
+    sys.exit(e.exit_code)
   except MoejaxError as e:
     sys.exit(f"moejax: error: {e}")
   keys = ("step", "train/loss", "eval/loss", "eval/ppl")

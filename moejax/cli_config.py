@@ -8,6 +8,7 @@ its own default options (the file's options belonged to the file's router),
 keeping only options given in the same command.
 """
 
+import os
 import re
 import sys
 from typing import Any
@@ -181,15 +182,72 @@ def load_run(holder: flags.FlagHolder, workdir: str | None, step: int | None,
   return load_trained(workdir, step=step, config=parse(resolve(holder)))
 
 
+def _config_arg(argv: list[str]) -> str | None:
+  """The value of --config in `argv` (without a `:<arg>` suffix)."""
+  for i, arg in enumerate(argv):
+    if arg in ("--config", "-config") and i + 1 < len(argv):
+      value = argv[i + 1]
+    elif arg.startswith(("--config=", "-config=")):
+      value = arg.split("=", 1)[1]
+    else:
+      continue
+    return value.split(":", 1)[0]
+  return None
+
+
+def _unknown_key(error: BaseException, argv: list[str]) -> str | None:
+  """`unknown config key ...` for an override naming a key that does not
+  exist, with ml_collections' suggestion when it has one."""
+  text = str(error).replace("\\n", "\n").replace("\\'", "'")
+  match = re.search(r'Did you mean "([^"]+)" instead of "([^"]+)"', text)
+  wrong = match[2] if match else re.sub(r"""^['"\\]+|['"\\]+$""", "",
+                                        text.splitlines()[0])
+  for arg in argv:
+    name = arg.lstrip("-").split("=", 1)[0]
+    parts = name.split(".")
+    if parts[0] == "config" and wrong in parts[1:]:
+      key = ".".join(parts[1:])
+      if match:
+        hint = ".".join(match[1] if p == wrong else p for p in parts[1:])
+        return f"unknown config key {key} ({arg}); did you mean {hint}?"
+      return (f"unknown config key {key} ({arg}); every key and its default is "
+              "in moejax.train.config.default_config()")
+  return None
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with every failure as one line."""
+  path = _config_arg(argv)
+  if path is not None and "://" not in path and not os.path.isfile(path):
+    sys.exit(f"moejax: error: --config {path}: no such file (cwd {os.getcwd()}); "
+             "give an experiment file such as configs/quickstart.py or a run's "
+             "config.json")
+  try:
+    rest = flags.FLAGS(argv)
+  except flags.Error as e:
+    sys.exit(f"moejax: error: {' '.join(str(e).split())}; see --helpshort")
+  except (AttributeError, KeyError) as e:
+    message = _unknown_key(e, argv)
+    if message is None:
+      raise
+    sys.exit(f"moejax: error: {message}")
+  except Exception as e:  # pylint: disable=broad-except
+    first = (str(e).strip().splitlines() or [""])[0]
+    sys.exit(f"moejax: error: cannot load --config {_config_arg(argv)} "
+             f"({type(e).__name__}: {first}); fix the config file")
+  return rest
+
+
 def run(main_fn, module_name: str, *, on_trained_run: bool = False) -> None:
   """Runs a command: its --help, the run's config.json as the default
-  --config (for commands on a trained run), then absl."""
+  --config (for commands on a trained run), then absl with one-line flag
+  errors."""
   from absl import app  # pylint: disable=g-import-not-at-top
   module = sys.modules[module_name]
   print_help_if_asked(module.__doc__, module)
   if on_trained_run:
     default_to_run_config()
-  app.run(main_fn)
+  app.run(main_fn, flags_parser=parse_flags)
 
 
 def absolute(workdir: str) -> str:

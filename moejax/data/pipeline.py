@@ -39,6 +39,9 @@ if TYPE_CHECKING:
   import sentencepiece as spm
 
 Batch = dict[str, np.ndarray]
+# A window of L tokens gives its tokens at most L - 1 tokens of context: below
+# 8 a language model (and its attention) has next to nothing to learn from.
+MIN_SEQ_LEN = 8
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -86,6 +89,11 @@ def validate(cfg: DataConfig) -> None:
   sources.parse_source(cfg.source)
   for name in ("seq_len", "vocab_size", "eval_batches", "tokenizer_max_sentences"):
     _positive_int(f"data.{name}", getattr(cfg, name))
+  if cfg.seq_len < MIN_SEQ_LEN:
+    raise DataError(
+        f"data.seq_len={cfg.seq_len} is too short to train a language model: "
+        f"each token would see at most {cfg.seq_len - 1} token(s) of context; "
+        f"use data.seq_len >= {MIN_SEQ_LEN} (e.g. 128)")
   if cfg.vocab_size <= tokenizer.RESERVED_PIECES:
     raise DataError(
         f"data.vocab_size={cfg.vocab_size} leaves no room for text pieces beside the "

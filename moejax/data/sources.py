@@ -123,12 +123,31 @@ def read_text_files(files: Sequence[pathlib.Path], max_bytes: int | None
   return out
 
 
+def _check_line_breaks(docs: Sequence[Document]) -> None:
+  """DataError for a domain with text for two chunks but too few line ends to
+  cut it into them (the held-out split is cut at line ends)."""
+  sizes: dict[str, int] = {}
+  chunks: dict[str, int] = {}
+  for doc in docs:
+    sizes[doc.domain] = sizes.get(doc.domain, 0) + docs_lib.utf8_len(doc.text)
+    chunks[doc.domain] = chunks.get(doc.domain, 0) + len(
+        docs_lib.chunk_text(doc.text))
+  for domain, size in sizes.items():
+    if size >= 2 * docs_lib.CHUNK_BYTES and chunks[domain] < 2:
+      raise DataError(
+          f"the text of domain {domain!r} ({size:,} bytes) has no line breaks, "
+          f"and validation text is held out in ~{docs_lib.CHUNK_BYTES // 1024} KiB "
+          "chunks cut at line ends; break the text into lines (e.g. one "
+          "paragraph per line)")
+
+
 def _carved(read: Callable[[], list[Document]], eval_fraction: float):
   """Reads documents and carves them; a DataError when nothing can be held out."""
   def documents_fn():
     docs = read()
     train, valid = docs_lib.carve(docs, eval_fraction)
     if not valid:
+      _check_line_breaks(docs)
       n = sum(len(docs_lib.chunk_text(d.text)) for d in docs)
       raise DataError(
           f"the corpus is too small to hold out validation text ({n} chunk(s) of "

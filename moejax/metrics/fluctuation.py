@@ -16,6 +16,7 @@ import os
 import numpy as np
 from etils import epath
 
+from moejax.errors import storage_error
 from moejax.paths import as_path
 
 PROBE_DIR = "probes"
@@ -59,9 +60,15 @@ class FluctuationProbe:
     """Stores `routes` (layer -> int[N]) and returns the fluctuation metrics."""
     routes = {k: np.asarray(v) for k, v in routes.items()}
     if self.enabled:
-      self.dir.mkdir(parents=True, exist_ok=True)
-      with (self.dir / f"step_{step}.npz").open("wb") as f:
-        np.savez(f, **routes)
+      path = self.dir / f"step_{step}.npz"
+      tmp = path.parent / f".{path.name}.tmp"
+      try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tmp.open("wb") as f:
+          np.savez(f, **routes)
+        tmp.replace(path)  # Atomic: a kill never leaves half a probe.
+      except OSError as e:
+        raise storage_error("routing probes to", path, e) from None
     metrics = {}
     prev = self._previous
     shared = [k for k in routes if prev is not None and k in prev

@@ -13,9 +13,13 @@ training.
 
 import json
 import os
+import time
 from typing import Any
 
 import numpy as np
+from etils import epath
+
+from moejax.errors import storage_error
 
 # Metric rows' labels, not quantities to chart.
 _NOT_SCALARS = ("stage", "step")
@@ -48,7 +52,12 @@ def flat_hparams(config: dict[str, Any]) -> dict[str, Any]:
 
 
 class TensorBoard:
-  """A lazily opened tensorboardX writer under `logdir`."""
+  """A lazily opened event file under `logdir`, written in the caller's thread.
+
+  Events go straight to the file (tensorboardX's `EventsWriter`), not through
+  `SummaryWriter`'s background thread: a full disk is a one-line error at the
+  write that failed, never a dead thread that the next write waits on.
+  """
 
   def __init__(self, logdir: str | os.PathLike,
                config: dict[str, Any] | None = None):
@@ -58,23 +67,30 @@ class TensorBoard:
 
   def _open(self):
     if self._writer is None:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      from tensorboardX.summary import hparams  # pylint: disable=g-import-not-at-top
-      self._writer = SummaryWriter(self.logdir)
+      from tensorboardX.event_file_writer import EventsWriter  # pylint: disable=g-import-not-at-top
+      from tensorboardX.summary import hparams, text  # pylint: disable=g-import-not-at-top
+      epath.Path(self.logdir).mkdir(parents=True, exist_ok=True)
+      self._writer = EventsWriter(os.path.join(self.logdir, "events"))
       if self._config is not None:
         params = {k: v for k, v in flat_hparams(self._config).items()
                   if v is not None}
         for summary in hparams(params, {k: None for k in HPARAM_METRICS}):
-          self._writer.file_writer.add_summary(summary)
-        text = json.dumps(self._config, indent=2)
+          self._add(summary, 0)
+        config = json.dumps(self._config, indent=2)
         # Indented by 4: markdown shows it as a code block.
-        self._writer.add_text("config", "    " + text.replace("\n", "\n    "), 0)
+        self._add(text("config", "    " + config.replace("\n", "\n    ")), 0)
     return self._writer
+
+  def _add(self, summary, step: int) -> None:
+    from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+    self._writer.write_event(event_pb2.Event(
+        wall_time=time.time(), step=int(step), summary=summary))
 
   def write(self, step: int, scalars: dict[str, Any],
             vectors: dict[str, Any]) -> None:
     """Numeric scalars (not `stage`) as charts; `.../load` vectors as
-    per-expert histograms."""
+    per-expert histograms. Flushed before returning; an OSError becomes a
+    `StorageError`."""
     charts = {k: float(v) for k, v in scalars.items()
               if k not in _NOT_SCALARS and not isinstance(v, (bool, str))
               and isinstance(v, (int, float, np.generic))}
@@ -82,18 +98,27 @@ class TensorBoard:
              if k.endswith("/load")}
     if not charts and not loads:
       return
-    writer = self._open()
-    for key, value in charts.items():
-      writer.add_scalar(key, value, int(step))
-    for key, load_E in loads.items():
-      experts = np.arange(load_E.shape[0], dtype=np.float64)
-      writer.add_histogram_raw(
-          key, min=-0.5, max=experts[-1] + 0.5, num=float(load_E.sum()),
-          sum=float(np.dot(experts, load_E)),
-          sum_squares=float(np.dot(experts**2, load_E)),
-          bucket_limits=(experts + 0.5).tolist(), bucket_counts=load_E.tolist(),
-          global_step=int(step))
+    from tensorboardX.summary import histogram_raw, scalar  # pylint: disable=g-import-not-at-top
+    try:
+      self._open()
+      for key, value in charts.items():
+        self._add(scalar(key, value), step)
+      for key, load_E in loads.items():
+        experts = np.arange(load_E.shape[0], dtype=np.float64)
+        self._add(histogram_raw(
+            key, min=-0.5, max=experts[-1] + 0.5, num=float(load_E.sum()),
+            sum=float(np.dot(experts, load_E)),
+            sum_squares=float(np.dot(experts**2, load_E)),
+            bucket_limits=(experts + 0.5).tolist(),
+            bucket_counts=load_E.tolist()), step)
+      self._writer.flush()
+    except OSError as e:
+      raise storage_error("TensorBoard events to", self.logdir, e) from None
 
   def close(self) -> None:
     if self._writer is not None:
-      self._writer.close()
+      try:
+        self._writer.close()
+      except OSError:
+        pass  # The failed write was reported; closing must not raise again.
+      self._writer = None

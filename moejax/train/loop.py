@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import optax
 from etils import epath
 
-from moejax.errors import CheckpointError, TrainingDiverged
+from moejax.errors import (CheckpointError, Interrupted, StorageError,
+                           TrainingDiverged)
 from moejax.metrics.fluctuation import FluctuationProbe, write_curve
 from moejax.metrics.perf import (StepTimer, peak_flops, perf_metrics,
                                  train_flops_per_token)
@@ -35,7 +36,9 @@ from moejax.stages.machine import check_frozen, enter_stage, transition_key
 from moejax.stages.stage import Stage, boundaries
 from moejax.train.checkpoint import StageCheckpoints, restore_params
 from moejax.train.config import RunConfig
+from moejax.train.guard import guarded_run
 from moejax.train.optimizer import learning_rate_schedule, make_optimizer
+from moejax.train.preemption import StopSignals
 from moejax.train.progress import Progress
 from moejax.train.state import TrainState, state_specs
 from moejax.train.step import make_eval_step, make_probe_step, make_train_step
@@ -173,8 +176,10 @@ def _init_source(config: RunConfig) -> tuple[epath.Path, TransformerConfig] | No
 class _Run:
   """The state of one `train_and_evaluate` call: writers, checkpoints, probes."""
 
-  def __init__(self, config: RunConfig, workdir: epath.Path, data, verbose: bool):
+  def __init__(self, config: RunConfig, workdir: epath.Path, data, verbose: bool,
+               signals: StopSignals | None = None):
     self.config, self.workdir, self.data = config, workdir, data
+    self.signals = signals
     is_main = hosts.is_writer()
     tc = config.train
     self.checkpoints = StageCheckpoints(workdir / "checkpoints",
@@ -214,14 +219,13 @@ class _Run:
   def run(self, init_source) -> dict[str, Any]:
     stages = self.config.stages
     state, next_batch, state_stage, prev_model = None, 0, -1, None
-    latest = self.checkpoints.latest()
+    latest = self.checkpoints.restore_newest(lambda i: with_shardings(
+        self.program(i).abstract, self.program(i).shardings))
     self.progress = Progress(self.config.train.steps, latest[1] if latest else 0,
                              enabled=self.progress_enabled)
     if latest is not None:
-      state_stage, step = latest
+      state_stage, step, state, next_batch = latest
       program = self.program(state_stage)
-      state, next_batch = self.checkpoints.stage(state_stage).restore(
-          with_shardings(program.abstract, program.shardings))
       self.last_saved = step
       self.writer.truncate_after(step)
       self.probe.resume(step)
@@ -231,6 +235,7 @@ class _Run:
       first = state_stage if step < program.end else state_stage + 1
     else:
       first = 0
+      self.writer.truncate_after(0)  # Rows of a run killed before it saved.
       if init_source is not None:
         source, prev_model = init_source
         params, model_state = restore_params(source / "checkpoints")
@@ -248,15 +253,55 @@ class _Run:
       if "eval/loss" not in self.summary:  # Resumed a finished run.
         self.summary.update(
             self.program(len(stages) - 1).evaluate(state.variables()))
-    finally:
-      self.checkpoints.close()
-      self.writer.close()
-      self.progress.close()
+    except BaseException as error:
+      failed_save = self._close(quietly=True)
+      if isinstance(error, StorageError) and failed_save is not None:
+        raise failed_save from None  # The save that filled the disk.
+      raise
+    self._close()
     curve = write_curve(self.workdir, self.probe) if self.probe.enabled else None
     if curve is not None:
       self.summary["router/settled_share_first_probe"] = curve["settled_share"][0]
     self.summary["step"] = boundaries(stages)[-1]
     return self.summary
+
+  def _close(self, quietly: bool = False) -> StorageError | None:
+    """Waits for the last checkpoint and closes the writers, every one even if
+    one fails. Raises the first failure, or with `quietly` returns the failed
+    save (None if the saves are on disk)."""
+    errors = {}
+    for close in (self.checkpoints.close, self.writer.close, self.progress.close):
+      try:
+        close()
+      except Exception as e:  # pylint: disable=broad-except
+        errors[close] = e
+    if errors and not quietly:
+      raise next(iter(errors.values()))
+    failed_save = errors.get(self.checkpoints.close)
+    return failed_save if isinstance(failed_save, StorageError) else None
+
+  def _stop_if_asked(self, program: StageProgram, step: int, state: TrainState,
+                     next_batch: int, metrics) -> None:
+    """At the boundary after `step`: a failed background save ends the run
+    here; so does a stop signal, after saving `state` and waiting for it."""
+    self.checkpoints.poll()
+    signals = self.signals
+    if signals is None or not signals.should_stop(step):
+      return
+    if step == 0:
+      raise Interrupted(f"stopped by {signals.describe()} before step 1; nothing "
+                        "was trained", exit_code=signals.exit_code)
+    if self.last_saved != step:
+      if metrics is not None:
+        _check_finite(step, hosts.fetch(metrics), self.last_saved)
+      self.save(program, state, next_batch)
+    self.checkpoints.wait()
+    where = self.checkpoints.stage(program.index).directory
+    raise Interrupted(
+        f"stopped by {signals.describe()} after step {step} of "
+        f"{self.config.train.steps} (stage {program.index}, "
+        f"{program.stage.name}); checkpoint saved in {where}/{step}",
+        exit_code=signals.exit_code)
 
   def _enter(self, program: StageProgram, prev: TrainState | None,
              prev_model: TransformerConfig | None, next_batch: int) -> TrainState:
@@ -279,8 +324,9 @@ class _Run:
     tokens_per_step = tc.batch_size * self.config.data.seq_len
     flops_per_token = train_flops_per_token(program.stage.model,
                                             self.config.data.seq_len)
-    timer, previous = StepTimer(), None
+    timer, previous, metrics = StepTimer(), None, None
     for step in range(int(state.step) + 1, program.end + 1):
+      self._stop_if_asked(program, step - 1, state, next_batch, metrics)
       batch = program.batch(self.data.train[next_batch])
       if not timer.started:  # Compilation is not a training step.
         state, metrics = self._first_step(program, state, batch)
@@ -356,15 +402,16 @@ def train_and_evaluate(config: RunConfig, workdir: str | epath.PathLike,
     stage_mesh(config, index)  # Mesh errors before anything is written.
   check_workdir(workdir, config.to_json())
   init_source = _init_source(config)
-  tokenizer = workdir / "tokenizer.model"
-  if init_source and hosts.is_writer() and not tokenizer.exists():
-    workdir.mkdir(parents=True, exist_ok=True)
-    (init_source[0] / "tokenizer.model").copy(tokenizer)
-  data = load_datasets(config.data, workdir=workdir,
-                       batch_size=config.train.batch_size)
-  if hosts.is_writer():
-    record_config(workdir, config.to_json())
-  run = _Run(config, workdir, data, verbose)
-  if verbose and hosts.is_writer():
-    print(data.describe(), flush=True)
-  return run.run(init_source)
+  with guarded_run(workdir) as signals:
+    tokenizer = workdir / "tokenizer.model"
+    if init_source and hosts.is_writer() and not tokenizer.exists():
+      workdir.mkdir(parents=True, exist_ok=True)
+      (init_source[0] / "tokenizer.model").copy(tokenizer)
+    data = load_datasets(config.data, workdir=workdir,
+                         batch_size=config.train.batch_size)
+    if hosts.is_writer():
+      record_config(workdir, config.to_json())
+    run = _Run(config, workdir, data, verbose, signals)
+    if verbose and hosts.is_writer():
+      print(data.describe(), flush=True)
+    return run.run(init_source)

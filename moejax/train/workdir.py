@@ -5,11 +5,12 @@ run only process 0 calls `record_config`.
 """
 
 import json
+import os
 from typing import Any
 
 from etils import epath
 
-from moejax.errors import CheckpointError
+from moejax.errors import CheckpointError, storage_error
 from moejax.paths import PathLike, as_path
 
 CONFIG_FILE = "config.json"
@@ -86,9 +87,19 @@ def record_config(workdir: PathLike, resolved: dict[str, Any]) -> None:
   saved, resolved = saved_config(workdir), _as_json(resolved)
   workdir.mkdir(parents=True, exist_ok=True)
   if saved is None:
-    (workdir / CONFIG_FILE).write_text(json.dumps(resolved, indent=2) + "\n")
+    path = workdir / CONFIG_FILE
   elif saved != resolved:
     n = 1
     while (workdir / f"config.{n}.json").exists():
       n += 1
-    (workdir / f"config.{n}.json").write_text(json.dumps(resolved, indent=2) + "\n")
+    path = workdir / f"config.{n}.json"
+  else:
+    return
+  # Atomic: a run killed mid-write must not leave a config.json that bricks
+  # every later resume.
+  tmp = workdir / f".{path.name}.{os.getpid()}.tmp"
+  try:
+    tmp.write_text(json.dumps(resolved, indent=2) + "\n")
+    tmp.replace(path)
+  except OSError as e:
+    raise storage_error("the config to", path, e) from None

@@ -47,6 +47,8 @@ def _bad_corpus(tmp_path: pathlib.Path, kind: str) -> str:
     path.write_bytes("caf\u00e9 cr\u00e8me\n".encode("latin-1") * 50)
   elif kind == "tiny":
     path.write_text("A corpus of two short lines.\nToo small for one batch.\n")
+  elif kind == "one_line":  # Plenty of text, but not one line break.
+    path.write_text(" ".join(f"word{i % 97} and more text" for i in range(8000)))
   return f"text:{path}"
 
 
@@ -56,6 +58,8 @@ def _bad_corpus(tmp_path: pathlib.Path, kind: str) -> str:
     ("binary", "not UTF-8 text|binary"),
     ("latin1", "not UTF-8"),
     ("tiny", "too small|batch"),
+    ("one_line", r"the text of domain 'one_line' \([\d,]+ bytes\) has no line "
+                 r"breaks, .+; break the text into lines"),
 ])
 def test_bad_corpus_is_refused_and_workdir_untouched(tmp_path, tiny, kind, match):
   workdir = tmp_path / "run"
@@ -90,3 +94,42 @@ def test_cli_prints_one_line_error(tmp_path):
                    f"{lines[0].split('valid routers: ')[1]}"], proc.stderr
   assert "switch" in lines[0] and "topk" in lines[0]
   assert not (tmp_path / "run").exists()
+
+
+def test_sequences_too_short_to_train_are_refused(tmp_path, tiny):
+  with pytest.raises(DataError, match=r"data.seq_len=1 is too short to train a "
+                     r"language model: each token would see at most 0 "
+                     r"token\(s\) of context; use data.seq_len >= 8"):
+    train_and_evaluate(parse(tiny(data__seq_len=1)), tmp_path / "run",
+                       verbose=False)
+  assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--config.train.stepz=5"],
+     "moejax: error: unknown config key train.stepz (--config.train.stepz=5); "
+     "did you mean train.steps?"),
+    (["--config.trian.steps=5"],
+     "moejax: error: unknown config key trian.steps (--config.trian.steps=5); "
+     "did you mean train.steps?"),
+    (["--config.train.steps=abc"],
+     "moejax: error: flag --config.train.steps=abc: invalid literal for int() "
+     "with base 10: 'abc'; see --helpshort"),
+    (["--config", "configs/nothere.py"],
+     "moejax: error: --config configs/nothere.py: no such file (cwd {cwd}); "
+     "give an experiment file such as configs/quickstart.py or a run's "
+     "config.json"),
+], ids=["typo", "typo in section", "bad value", "missing file"])
+def test_cli_flag_errors_are_one_line(tmp_path, args, message):
+  workdir = tmp_path / "run"
+  if "--config" not in args:
+    args = ["--config", "configs/quickstart.py", *args]
+  env = dict(os.environ, PYTHONPATH=str(ROOT))
+  proc = subprocess.run(
+      [sys.executable, "-m", "moejax.train", *args, "--workdir", str(workdir)],
+      capture_output=True, text=True, env=env, cwd=ROOT, timeout=120,
+      check=False)
+  assert proc.returncode == 1
+  assert proc.stderr.splitlines() == [message.format(cwd=ROOT)], proc.stderr
+  assert not proc.stdout
+  assert not workdir.exists()
