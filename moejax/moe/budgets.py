@@ -20,8 +20,9 @@ Exact by construction: a size that holds every used (capacity: every kept)
 slot computes the same sums as the K-slot program, so values and gradients
 are equal (tested against the K-slot program and the naive loop, on both paths
 and expert-parallel). Shapes stay static; only the taken branch runs, forward
-and backward. Every size is compiled, so compile time grows with the number of
-sizes (at most log2(K) + 1).
+and backward (its forward twice: the backward pass recomputes it rather than
+store every branch's residuals, see `_switch_remat`). Every size is compiled,
+so compile time grows with the number of sizes (at most log2(K) + 1).
 """
 
 import functools
@@ -90,6 +91,56 @@ def _local_ffn(size, x_TD, routing, w_in_EDF, w_out_EFD, *, path, capacity,
   return y_TD, routing.mask_TK & plan.kept_TK
 
 
+def _switch_remat(index: jax.Array, branches: list[Callable[..., jax.Array]],
+                  diff: tuple, fixed: tuple) -> jax.Array:
+  """jax.lax.switch(index, branches, *diff, *fixed) whose gradient recomputes
+  the taken branch.
+
+  Differentiating a plain switch makes its forward pass return the residuals of
+  every branch (zeros for those not taken), and the largest branch's are K
+  times the smallest's: writing them cost more than the branch itself. Here
+  the forward pass keeps only the operands and the backward pass runs the
+  taken branch's forward and VJP: the extra cost is one forward of that
+  branch. Gradients flow to `diff` (float arrays) only.
+  """
+
+  @jax.custom_vjp
+  def run(index, diff, fixed):
+    return jax.lax.switch(index, branches, *diff, *fixed)
+
+  def fwd(index, diff, fixed):
+    return run(index, diff, fixed), (index, diff, fixed)
+
+  def bwd(saved, ct):
+    index, diff, fixed = saved
+
+    def vjp_of(branch):
+      def grads(diff, fixed, ct):
+        _, vjp = jax.vjp(lambda *d: branch(*d, *fixed), *diff)
+        return vjp(ct)
+      return grads
+
+    grads = jax.lax.switch(index, [vjp_of(b) for b in branches], diff, fixed,
+                           ct)
+    return None, tuple(grads), None
+
+  run.defvjp(fwd, bwd)
+  return run(index, diff, fixed)
+
+
+def _kept(routing: Routing, *, path: str, num_experts: int, capacity: int,
+          shards: int) -> jax.Array:
+  """bool[T, K]: the slots the K-slot program keeps (every budget that holds
+  the batch keeps the same), per device when `shards` > 1."""
+  if path == "dropless":
+    return routing.mask_TK
+  expert_NSK = routing.expert_TK.reshape(shards, -1, routing.expert_TK.shape[1])
+  mask_NSK = routing.mask_TK.reshape(expert_NSK.shape)
+  kept_NSK = jax.vmap(lambda e, m: dispatch.plan_capacity(
+      e, m, num_experts, capacity).kept_TK)(expert_NSK, mask_NSK)
+  return kept_NSK.reshape(routing.mask_TK.shape)
+
+
 def routed_ffn(x_TD: jax.Array, routing: Routing, w_in_EDF: jax.Array,
                w_out_EFD: jax.Array, *, dispatch_path: str = "capacity",
                capacity_factor: float = 1.25,
@@ -132,11 +183,20 @@ def routed_ffn(x_TD: jax.Array, routing: Routing, w_in_EDF: jax.Array,
   sizes = budget_sizes(dispatch_path, tokens=tokens, top_k=top_k,
                        capacity=capacity,
                        sparse=budgets and routing.sparse_slots)
-  operands = (x_TD, routing, w_in_EDF, w_out_EFD)
   if len(sizes) == 1:
-    return run(sizes[0], *operands)
+    return run(sizes[0], x_TD, routing, w_in_EDF, w_out_EFD)
   need = rows_needed(routing.expert_TK, routing.mask_TK, path=dispatch_path,
                      num_experts=num_experts, capacity=capacity, shards=shards)
   index = jnp.sum(jnp.asarray(sizes[:-1], jnp.int32) < need)
-  return jax.lax.switch(index, [functools.partial(run, size) for size in sizes],
-                        *operands)
+
+  def branch(size, x_TD, weight_TK, w_in_EDF, w_out_EFD, expert_TK, mask_TK):
+    r = routing.replace(expert_TK=expert_TK, weight_TK=weight_TK,
+                        mask_TK=mask_TK, aux_loss=jnp.zeros(()), metrics={})
+    return run(size, x_TD, r, w_in_EDF, w_out_EFD)[0]
+
+  y_TD = _switch_remat(
+      index, [functools.partial(branch, size) for size in sizes],
+      (x_TD, routing.weight_TK, w_in_EDF, w_out_EFD),
+      (routing.expert_TK, routing.mask_TK))
+  return y_TD, _kept(routing, path=dispatch_path, num_experts=num_experts,
+                     capacity=capacity, shards=shards)
