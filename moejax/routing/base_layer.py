@@ -98,7 +98,8 @@ def _scaled_auction(scores_TE, copies, eps_P, max_rounds):
 
 
 def balanced_assignment(scores_TE: jax.Array, *, eps_ratio: float = 0.02,
-                        eps_floor: float = 1e-4, max_rounds: int = 1000,
+                        eps_floor: float = 1e-4,
+                        max_rounds: int | jax.Array = 1000,
                         eps_scaling: float = 1.0
                         ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """int32[T] expert per token, each expert exactly T/E tokens, max summed score.
