@@ -8,7 +8,7 @@ Routers with a variable number of experts per token (the DTS gate, DSelect-k,
 expert choice, ReLU gates) emit K = E slots and a mask, and set
 `Routing.sparse_slots`. Paying for all K slots makes their step E times the
 cost of their sparsity. Instead, dispatch -> experts -> combine is compiled at
-a few static sizes, for k = 1, 2, 4, ... slots per token up to K, and
+a few static sizes, for k = 1, 1.25, 2, 4, ... slots per token up to K, and
 `jax.lax.switch` runs the smallest one that holds what the batch uses:
 
 - dropless: sorted rows per device, S * k; a batch needs the most used slots
@@ -22,7 +22,7 @@ are equal (tested against the K-slot program and the naive loop, on both paths
 and expert-parallel). Shapes stay static; only the taken branch runs, forward
 and backward (its forward twice: the backward pass recomputes it rather than
 store every branch's residuals, see `_switch_remat`). Every size is compiled,
-so compile time grows with the number of sizes (at most log2(K) + 1).
+so compile time grows with the number of sizes (at most log2(K) + 2).
 """
 
 import functools
@@ -40,21 +40,26 @@ from moejax.parallel import expert_parallel
 from moejax.routing.contract import Routing
 
 
-def slot_ladder(top_k: int) -> tuple[int, ...]:
-  """Slots per token of the budgets: 1, 2, 4, ... below K, then K."""
-  return tuple(sorted({min(2**i, top_k)
-                       for i in range(max(1, math.ceil(math.log2(top_k))) + 1)}))
+def slot_ladder(top_k: int) -> tuple[float, ...]:
+  """Slots per token of the budgets: 1, 1.25, then powers of 2 below K, then K.
+
+  1.25 is for routers that are sparse but for a few tokens (DSelect-k with a
+  few codes not yet binary): without it one such token would double the
+  rows of a one-slot budget.
+  """
+  steps = {1.0, 1.25} | {float(2**i) for i in range(1, max(1, top_k).bit_length())}
+  return tuple(sorted(f for f in steps | {float(top_k)} if f <= top_k))
 
 
 def budget_sizes(path: str, *, tokens: int, top_k: int, capacity: int,
                  sparse: bool) -> tuple[int, ...]:
   """Ascending static sizes; the last one holds every slot (the K-slot program).
 
-  dropless: sorted rows S * k; capacity: rows per expert ceil(C * k / K).
+  dropless: sorted rows ceil(S * k); capacity: rows per expert ceil(C * k / K).
   """
-  ladder = slot_ladder(top_k) if sparse else (top_k,)
+  ladder = slot_ladder(top_k) if sparse else (float(top_k),)
   if path == "dropless":
-    sizes = [tokens * k for k in ladder]
+    sizes = [min(tokens * top_k, math.ceil(tokens * k)) for k in ladder]
   else:
     sizes = [min(capacity, math.ceil(capacity * k / top_k)) for k in ladder]
   return tuple(sorted(set(sizes)))

@@ -66,8 +66,8 @@ def plan_capacity(expert_TK: jax.Array, mask_TK: jax.Array, num_experts: int,
 
   `rows` (default C) is the buffer length per expert actually allocated; a
   slot is kept when its rank in its expert is below min(C, rows). So with
-  rows >= min(C, the largest expert load) (`capacity_rows_needed`) the plan
-  keeps exactly the slots that capacity C keeps, in buffers of `rows`.
+  rows >= min(C, the largest expert load) (`moejax.moe.budgets.rows_needed`)
+  the plan keeps exactly the slots that capacity C keeps, in buffers of `rows`.
   """
   num_tokens, top_k = expert_TK.shape
   rows = capacity if rows is None else min(rows, capacity)
@@ -91,15 +91,6 @@ def plan_capacity(expert_TK: jax.Array, mask_TK: jax.Array, num_experts: int,
       kept_TK=kept_M.reshape(top_k, num_tokens).T,
       token_EC=buffer(token_M, num_tokens),
       source_EC=buffer(source_M, num_tokens * top_k))
-
-
-def capacity_rows_needed(expert_TK: jax.Array, mask_TK: jax.Array,
-                         num_experts: int, capacity: int) -> jax.Array:
-  """int32[]: min(C, the largest expert load), the fewest buffer rows per expert
-  that keep every slot capacity C keeps."""
-  expert_M = jnp.where(mask_TK, expert_TK, num_experts).reshape(-1)
-  load_E = jnp.bincount(expert_M, length=num_experts + 1)[:num_experts]
-  return jnp.minimum(jnp.max(load_E), capacity).astype(jnp.int32)
 
 
 def _combine_rows(y_RD: jax.Array, token_R: jax.Array, source_R: jax.Array,
@@ -162,8 +153,9 @@ def plan_dropless(expert_TK: jax.Array, mask_TK: jax.Array, num_experts: int,
   """Sorts the T*K slots by expert (stable), unused slots after all experts.
 
   `rows` (default T*K) keeps the first M sorted rows: with M >= the used slots
-  (`dropless_rows_needed`) every used slot has its row and the result is the
-  same; used slots past M would get no row (`SortPlan.kept_TK` says which).
+  (`moejax.moe.budgets.rows_needed`) every used slot has its row and the
+  result is the same; used slots past M would get no row (`SortPlan.kept_TK`
+  says which).
   """
   num_tokens, top_k = expert_TK.shape
   num_slots = num_tokens * top_k
@@ -181,11 +173,6 @@ def plan_dropless(expert_TK: jax.Array, mask_TK: jax.Array, num_experts: int,
       inverse_TK=inverse_S.reshape(num_tokens, top_k).astype(jnp.int32),
       group_sizes_E=group_sizes_E.astype(jnp.int32),
       source_M=order_M.astype(jnp.int32))
-
-
-def dropless_rows_needed(mask_TK: jax.Array) -> jax.Array:
-  """int32[]: the used slots, the fewest sorted rows that hold them all."""
-  return jnp.sum(mask_TK, dtype=jnp.int32)
 
 
 def dispatch_sorted(x_TD: jax.Array, plan: SortPlan) -> jax.Array:
