@@ -7,7 +7,8 @@ greedy centroid routing with the balance loss (alpha 0.3) while a token-id route
 (width 50) learns the assignment by cross-entropy (weight 0.3). Stage 1 `frozen`:
 transform `freeze_distilled_router`, then routing by the frozen distilled router;
 the gate sigma(e_a . h) keeps training. One MoE block (8 experts) in the middle of
-the 4-block decoder, as the paper places it. Probes every 20 steps record each
+the 4-block decoder, as the paper places it, at the reference code's capacity
+factor 2 (the frozen router cannot rebalance in stage 1). Probes every 20 steps record each
 held-out probe token's expert; `fluctuation.json`/`.png` show when tokens settle.
 
 Measured on a 2-core CPU (README, Stages): routing fluctuation exactly 0 in

@@ -1,7 +1,7 @@
 """Grouped matmul kernels for the dropless MoE path, behind one function.
 
   grouped_matmul(lhs_MK, rhs_GKN, group_sizes_G,
-                 impl="xla" | "pallas" | "megablox" | "auto")
+                 impl="xla" | "pallas" | "megablox" | "tiled" | "auto")
 
 `MATMUL_IMPLS` lists the names; `check_impl` raises a ConfigError for others.
 """

@@ -14,7 +14,10 @@ Implementations, by name (`MATMUL_IMPLS`):
             same kernel with rhs read transposed, dW a ragged-contracting
             kernel (see `pallas_impl`).
   megablox  jax's TPU kernel `megablox.gmm` (interpreted on CPU).
-  auto      pallas on GPU, megablox on TPU, xla elsewhere.
+  tiled     plain XLA: the pallas layout (tiles of one group) and one batched
+            matmul over gathered weight tiles; cost (M + G * tm) rows, not
+            M * G (see `tiled`). The fast impl on CPU.
+  auto      pallas on GPU, megablox on TPU, tiled elsewhere.
 """
 
 from typing import Callable
@@ -23,12 +26,12 @@ import jax
 import jax.numpy as jnp
 
 from moejax.errors import ConfigError
-from moejax.kernels import megablox, pallas_impl
+from moejax.kernels import megablox, pallas_impl, tiled
 
 Tiles = tuple[int, int, int]
 GroupedMatmul = Callable[..., jax.Array]
 
-MATMUL_IMPLS: tuple[str, ...] = ("auto", "xla", "pallas", "megablox")
+MATMUL_IMPLS: tuple[str, ...] = ("auto", "xla", "pallas", "megablox", "tiled")
 _AUTO = {"gpu": "pallas", "tpu": "megablox"}
 
 
@@ -45,14 +48,15 @@ def resolve_impl(name: str, platform: str | None = None) -> str:
   check_impl(name)
   if name != "auto":
     return name
-  return _AUTO.get(platform or jax.default_backend(), "xla")
+  return _AUTO.get(platform or jax.default_backend(), "tiled")
 
 
 def available_impls(platform: str | None = None) -> tuple[str, ...]:
-  """Concrete impls worth running on `platform`: xla, pallas (interpreted on
-  CPU), and megablox on TPU where importable (tests interpret it on CPU)."""
+  """Concrete impls worth running on `platform`: xla, tiled, pallas
+  (interpreted on CPU), and megablox on TPU where importable (tests interpret
+  it on CPU)."""
   platform = platform or jax.default_backend()
-  names = ["xla", "pallas"]
+  names = ["xla", "tiled", "pallas"]
   if platform == "tpu" and megablox.is_available():
     names.append("megablox")
   return tuple(names)
@@ -84,8 +88,14 @@ def _megablox(lhs_MK, rhs_GKN, group_sizes_G, *, tiles, interpret):
       lhs_MK, rhs_GKN, group_sizes_G, tiles=tiles, interpret=interpret)
 
 
+def _tiled(lhs_MK, rhs_GKN, group_sizes_G, *, tiles, interpret):
+  del interpret
+  return tiled.tiled_grouped_matmul(lhs_MK, rhs_GKN, group_sizes_G,
+                                    tm=tiles[0] if tiles else None)
+
+
 _IMPLS: dict[str, GroupedMatmul] = {
-    "xla": _xla, "pallas": _pallas, "megablox": _megablox}
+    "xla": _xla, "pallas": _pallas, "megablox": _megablox, "tiled": _tiled}
 
 
 def grouped_matmul(lhs_MK: jax.Array, rhs_GKN: jax.Array,
@@ -101,8 +111,8 @@ def grouped_matmul(lhs_MK: jax.Array, rhs_GKN: jax.Array,
 
   Args:
     impl: one of MATMUL_IMPLS (see the module docstring).
-    tiles: (tm, tk, tn) for pallas/megablox (None: the backend's default,
-      shrunk for small dimensions). Each group pads to a multiple of tm rows,
+    tiles: (tm, tk, tn) for pallas/megablox, (tm, ...) for tiled (None: the
+      backend's default, shrunk for small dimensions). Each group pads to a multiple of tm rows,
       so the padding waste is at most G * tm rows; tk, tn are register/VMEM
       tiles and must be powers of two on GPU.
     interpret: run Pallas kernels in the interpreter; None = only where no

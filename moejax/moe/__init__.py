@@ -1,5 +1,6 @@
 """The MoE layer and its pure pieces: dispatch/combine and stacked experts."""
 
+from moejax.moe.budgets import routed_ffn
 from moejax.moe.dispatch import (DISPATCH_PATHS, CapacityPlan, SortPlan,
                                  combine_capacity, combine_sorted,
                                  dispatch_capacity, dispatch_sorted,
@@ -10,5 +11,5 @@ from moejax.moe.layer import MoEAux, MoELayer
 __all__ = [
     "DISPATCH_PATHS", "CapacityPlan", "Experts", "MoEAux", "MoELayer", "SortPlan",
     "combine_capacity", "combine_sorted", "dispatch_capacity", "dispatch_sorted",
-    "expert_capacity", "plan_capacity", "plan_dropless",
+    "expert_capacity", "plan_capacity", "plan_dropless", "routed_ffn",
 ]

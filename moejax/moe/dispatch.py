@@ -9,6 +9,13 @@ Two paths read the same `Routing` pytree:
   slots over capacity are dropped and the residual carries those tokens.
 - dropless: slots are sorted by expert into one [M, D] matrix with per-expert group
   sizes, for a grouped matmul; nothing is dropped.
+
+Both plans take `rows`, the rows actually allocated (per expert on the capacity
+path, in all on the dropless path), so that routers whose K slots are mostly
+unused pay only for the used ones (`moejax.moe.budgets`); the default allocates
+for every slot. Combine reads whichever side is smaller: the [T, K] slots
+(a gather) or the allocated rows (a scatter-add), so its cost follows the rows
+too.
 """
 
 import math
@@ -34,11 +41,14 @@ class CapacityPlan:
     slot_TK: int32[T, K] buffer row of each slot; E*C (a zero row) when dropped.
     kept_TK: bool[T, K] slot used and within capacity.
     token_EC: int32[E, C] token filling each buffer row; T (a zero row) if empty.
+    source_EC: int32[E, C] slot (t * K + k) filling each buffer row; T * K if
+      empty.
   """
 
   slot_TK: jax.Array
   kept_TK: jax.Array
   token_EC: jax.Array
+  source_EC: jax.Array
 
 
 def _rank_within_group(group_M: jax.Array, num_groups: int) -> jax.Array:
@@ -51,23 +61,49 @@ def _rank_within_group(group_M: jax.Array, num_groups: int) -> jax.Array:
 
 
 def plan_capacity(expert_TK: jax.Array, mask_TK: jax.Array, num_experts: int,
-                  capacity: int) -> CapacityPlan:
-  """Assigns buffer rows slot-major, token order within a slot, up to C each."""
+                  capacity: int, rows: int | None = None) -> CapacityPlan:
+  """Assigns buffer rows slot-major, token order within a slot, up to C each.
+
+  `rows` (default C) is the buffer length per expert actually allocated; a
+  slot is kept when its rank in its expert is below min(C, rows). So with
+  rows >= min(C, the largest expert load) (`moejax.moe.budgets.rows_needed`)
+  the plan keeps exactly the slots that capacity C keeps, in buffers of `rows`.
+  """
   num_tokens, top_k = expert_TK.shape
+  rows = capacity if rows is None else min(rows, capacity)
   # Slot-major flattening: index m = k * T + t.
   expert_M = jnp.where(mask_TK, expert_TK, num_experts).T.reshape(-1)
   rank_M = _rank_within_group(expert_M, num_experts + 1)
-  kept_M = (expert_M < num_experts) & (rank_M < capacity)
-  dropped_row = num_experts * capacity
-  slot_M = jnp.where(kept_M, expert_M * capacity + rank_M, dropped_row)
+  kept_M = (expert_M < num_experts) & (rank_M < rows)
+  dropped_row = num_experts * rows
+  slot_M = jnp.where(kept_M, expert_M * rows + rank_M, dropped_row)
   token_M = jnp.arange(top_k * num_tokens, dtype=jnp.int32) % num_tokens
-  token_rows = jnp.full((dropped_row + 1,), num_tokens, jnp.int32)
-  token_EC = token_rows.at[slot_M].set(token_M)[:dropped_row].reshape(
-      num_experts, capacity)
+  source_M = token_M * top_k + jnp.arange(top_k * num_tokens,
+                                          dtype=jnp.int32) // num_tokens
+
+  def buffer(values_M, empty):
+    filled = jnp.full((dropped_row + 1,), empty, jnp.int32).at[slot_M].set(
+        values_M)
+    return filled[:dropped_row].reshape(num_experts, rows)
+
   return CapacityPlan(
       slot_TK=slot_M.reshape(top_k, num_tokens).T.astype(jnp.int32),
       kept_TK=kept_M.reshape(top_k, num_tokens).T,
-      token_EC=token_EC)
+      token_EC=buffer(token_M, num_tokens),
+      source_EC=buffer(source_M, num_tokens * top_k))
+
+
+def _combine_rows(y_RD: jax.Array, token_R: jax.Array, source_R: jax.Array,
+                  w_TK: jax.Array) -> jax.Array:
+  """Scatter-add of weighted rows into their tokens: [R, D] -> [T, D].
+
+  Rows whose source is T * K (empty) read weight 0 and land on a spare row.
+  """
+  num_tokens = w_TK.shape[0]
+  w_S = jnp.concatenate([w_TK.reshape(-1), jnp.zeros((1,), w_TK.dtype)])
+  y_RD = y_RD * w_S[source_R][:, None]
+  out_TD = jnp.zeros((num_tokens + 1, y_RD.shape[1]), y_RD.dtype)
+  return out_TD.at[token_R].add(y_RD)[:num_tokens]
 
 
 def dispatch_capacity(x_TD: jax.Array, plan: CapacityPlan) -> jax.Array:
@@ -79,12 +115,14 @@ def dispatch_capacity(x_TD: jax.Array, plan: CapacityPlan) -> jax.Array:
 def combine_capacity(y_ECD: jax.Array, plan: CapacityPlan,
                      weight_TK: jax.Array) -> jax.Array:
   """Weighted sum of each token's kept expert outputs: [E, C, D] -> [T, D]."""
-  num_experts, capacity, d = y_ECD.shape
-  y_rows = jnp.concatenate(
-      [y_ECD.reshape(num_experts * capacity, d), jnp.zeros((1, d), y_ECD.dtype)])
-  y_TKD = y_rows[plan.slot_TK]
+  num_experts, rows, d = y_ECD.shape
   w_TK = jnp.where(plan.kept_TK, weight_TK, 0.0).astype(y_ECD.dtype)
-  return jnp.einsum("tkd,tk->td", y_TKD, w_TK)
+  y_RD = y_ECD.reshape(num_experts * rows, d)
+  if w_TK.size > num_experts * rows:  # Fewer buffer rows than slots: scatter.
+    return _combine_rows(y_RD, plan.token_EC.reshape(-1),
+                         plan.source_EC.reshape(-1), w_TK)
+  y_rows = jnp.concatenate([y_RD, jnp.zeros((1, d), y_ECD.dtype)])
+  return jnp.einsum("tkd,tk->td", y_rows[plan.slot_TK], w_TK)
 
 
 @flax.struct.dataclass
@@ -93,28 +131,48 @@ class SortPlan:
 
   Attributes:
     token_M: int32[M] token of each sorted row (unused slots sort last).
-    inverse_TK: int32[T, K] sorted row of each slot.
+    inverse_TK: int32[T, K] sorted row of each slot; M for a slot past the M
+      rows (never for a used slot when M >= the used slots).
     group_sizes_E: int32[E] rows per expert; rows past their sum are unused.
+    source_M: int32[M] slot (t * K + k) of each sorted row.
   """
 
   token_M: jax.Array
   inverse_TK: jax.Array
   group_sizes_E: jax.Array
+  source_M: jax.Array
+
+  @property
+  def kept_TK(self) -> jax.Array:
+    """bool[T, K]: slots with a row (all used ones when M holds them)."""
+    return self.inverse_TK < self.token_M.shape[0]
 
 
-def plan_dropless(expert_TK: jax.Array, mask_TK: jax.Array,
-                  num_experts: int) -> SortPlan:
-  """Sorts the T*K slots by expert (stable), unused slots after all experts."""
+def plan_dropless(expert_TK: jax.Array, mask_TK: jax.Array, num_experts: int,
+                  rows: int | None = None) -> SortPlan:
+  """Sorts the T*K slots by expert (stable), unused slots after all experts.
+
+  `rows` (default T*K) keeps the first M sorted rows: with M >= the used slots
+  (`moejax.moe.budgets.rows_needed`) every used slot has its row and the
+  result is the same; used slots past M would get no row (`SortPlan.kept_TK`
+  says which).
+  """
   num_tokens, top_k = expert_TK.shape
-  expert_M = jnp.where(mask_TK, expert_TK, num_experts).reshape(-1)
-  order_M = jnp.argsort(expert_M, stable=True)
-  inverse_M = jnp.zeros_like(order_M).at[order_M].set(
-      jnp.arange(order_M.shape[0], dtype=order_M.dtype))
-  group_sizes_E = jnp.bincount(expert_M, length=num_experts + 1)[:num_experts]
+  num_slots = num_tokens * top_k
+  rows = num_slots if rows is None else min(rows, num_slots)
+  expert_S = jnp.where(mask_TK, expert_TK, num_experts).reshape(-1)
+  order_S = jnp.argsort(expert_S, stable=True)
+  position_S = jnp.zeros_like(order_S).at[order_S].set(
+      jnp.arange(num_slots, dtype=order_S.dtype))
+  inverse_S = jnp.where(position_S < rows, position_S, rows)
+  order_M = order_S[:rows]
+  group_sizes_E = jnp.bincount(expert_S[order_M], length=num_experts + 1)[
+      :num_experts]
   return SortPlan(
       token_M=(order_M // top_k).astype(jnp.int32),
-      inverse_TK=inverse_M.reshape(num_tokens, top_k).astype(jnp.int32),
-      group_sizes_E=group_sizes_E.astype(jnp.int32))
+      inverse_TK=inverse_S.reshape(num_tokens, top_k).astype(jnp.int32),
+      group_sizes_E=group_sizes_E.astype(jnp.int32),
+      source_M=order_M.astype(jnp.int32))
 
 
 def dispatch_sorted(x_TD: jax.Array, plan: SortPlan) -> jax.Array:
@@ -125,6 +183,8 @@ def dispatch_sorted(x_TD: jax.Array, plan: SortPlan) -> jax.Array:
 def combine_sorted(y_MD: jax.Array, plan: SortPlan, weight_TK: jax.Array,
                    mask_TK: jax.Array) -> jax.Array:
   """Weighted sum of each token's expert outputs: [M, D] -> [T, D]."""
-  y_TKD = y_MD[plan.inverse_TK]
-  w_TK = jnp.where(mask_TK, weight_TK, 0.0).astype(y_MD.dtype)
-  return jnp.einsum("tkd,tk->td", y_TKD, w_TK)
+  w_TK = jnp.where(mask_TK & plan.kept_TK, weight_TK, 0.0).astype(y_MD.dtype)
+  if w_TK.size > y_MD.shape[0]:  # Fewer rows than slots: scatter-add the rows.
+    return _combine_rows(y_MD, plan.token_M, plan.source_M, w_TK)
+  # M = T*K here: every slot has a row.
+  return jnp.einsum("tkd,tk->td", y_MD[plan.inverse_TK], w_TK)

@@ -15,9 +15,8 @@ import jax.numpy as jnp
 from moejax.errors import ConfigError
 from moejax.kernels import grouped_matmul
 from moejax.metrics.router import load_metrics
-from moejax.moe import dispatch
+from moejax.moe import budgets, dispatch
 from moejax.moe.experts import Dtype, Experts
-from moejax.parallel import expert_parallel
 from moejax.routing.contract import Router
 from moejax.routing.losses import expert_fractions
 from moejax.routing.registry import make_router
@@ -74,6 +73,10 @@ class MoELayer(nn.Module):
     router_options: options of a router given by name (its dataclass fields).
     vocab_size: V, for routers given by name that read token ids (hash,
       stablemoe).
+
+  Routers whose tokens use a variable number of their K slots
+  (`Routing.sparse_slots`) cost what the batch uses, not K slots per token
+  (`moejax.moe.budgets`).
   """
 
   router: Router | str
@@ -126,35 +129,17 @@ class MoELayer(nn.Module):
     router = self._router()
     extra = {"step": step} if router.needs_step else {}
     routing = router(x_TD, token_ids_T=token_ids_T,
-                          deterministic=deterministic, **extra)
+                     deterministic=deterministic, **extra)
     experts = Experts(self.num_experts, d_model, self.d_ff, dtype=self.dtype,
                       param_dtype=self.param_dtype, matmul=self.matmul,
                       name="experts")
     # Init needs only shapes: any token count works, however the mesh splits.
-    if self.mesh is not None and not self.is_initializing():
-      w_in_EDF, w_out_EFD = experts.weights()
-      y_TD, kept_TK = expert_parallel.expert_parallel_ffn(
-          x_TD, routing, w_in_EDF, w_out_EFD, mesh=self.mesh,
-          dispatch_path=self.dispatch, capacity_factor=self.capacity_factor,
-          activation=experts.activation,
-          ragged_dot=functools.partial(grouped_matmul, impl=experts.matmul))
-    elif self.dispatch == "capacity":
-      _, top_k = routing.expert_TK.shape
-      capacity = routing.capacity or dispatch.expert_capacity(
-          x_TD.shape[0], self.num_experts, top_k, self.capacity_factor)
-      plan = dispatch.plan_capacity(routing.expert_TK, routing.mask_TK,
-                                    self.num_experts, capacity)
-      y_ECD = experts(dispatch.dispatch_capacity(x_TD, plan))
-      y_TD = dispatch.combine_capacity(y_ECD, plan, routing.weight_TK)
-      kept_TK = plan.kept_TK
-    else:
-      plan = dispatch.plan_dropless(routing.expert_TK, routing.mask_TK,
-                                    self.num_experts)
-      y_MD = experts.grouped(dispatch.dispatch_sorted(x_TD, plan),
-                             plan.group_sizes_E)
-      y_TD = dispatch.combine_sorted(y_MD, plan, routing.weight_TK,
-                                     routing.mask_TK)
-      kept_TK = routing.mask_TK
+    mesh = None if self.is_initializing() else self.mesh
+    y_TD, kept_TK = budgets.routed_ffn(
+        x_TD, routing, *experts.weights(), dispatch_path=self.dispatch,
+        capacity_factor=self.capacity_factor, activation=experts.activation,
+        ragged_dot=functools.partial(grouped_matmul, impl=experts.matmul),
+        mesh=mesh)
     metrics = dict(routing.metrics)
     load_E = expert_fractions(routing.expert_TK, routing.mask_TK,
                               self.num_experts)

@@ -108,8 +108,8 @@ def dense_ragged_all_to_all(operand: jax.Array, output: jax.Array,
 
 
 def _capacity_local(x_SD, expert_SK, weight_SK, mask_SK, w_in_GDF, w_out_GFD, *,
-                    num_experts, capacity, ffn):
-  plan = dispatch.plan_capacity(expert_SK, mask_SK, num_experts, capacity)
+                    num_experts, capacity, rows, ffn):
+  plan = dispatch.plan_capacity(expert_SK, mask_SK, num_experts, capacity, rows)
   x_ECD = dispatch.dispatch_capacity(x_SD, plan)
   # Expert e's rows go to the device holding it; it stacks its sources along C.
   x_GPD = jax.lax.all_to_all(x_ECD, EXPERT_AXIS, 0, 1, tiled=True)
@@ -119,12 +119,12 @@ def _capacity_local(x_SD, expert_SK, weight_SK, mask_SK, w_in_GDF, w_out_GFD, *,
 
 
 def _dropless_local(x_SD, expert_SK, weight_SK, mask_SK, w_in_GDF, w_out_GFD, *,
-                    num_experts, recv_rows, grouped, exchange):
+                    num_experts, rows, recv_rows, grouped, exchange):
   n = jax.lax.axis_size(EXPERT_AXIS)
   groups = num_experts // n
   a2a = functools.partial(jax.lax.all_to_all, axis_name=EXPERT_AXIS,
                           split_axis=0, concat_axis=0, tiled=True)
-  plan = dispatch.plan_dropless(expert_SK, mask_SK, num_experts)
+  plan = dispatch.plan_dropless(expert_SK, mask_SK, num_experts, rows)
   x_MD = dispatch.dispatch_sorted(x_SD, plan)
   count_E = plan.group_sizes_E
   start_E = jnp.cumsum(count_E) - count_E
@@ -172,13 +172,16 @@ def expert_parallel_ffn(
     capacity_factor: float = 1.25,
     activation: Callable[[jax.Array], jax.Array] = nn.gelu,
     ragged_dot: Callable[..., jax.Array] = jax.lax.ragged_dot,
-    exchange: str | None = None) -> tuple[jax.Array, jax.Array]:
+    exchange: str | None = None, rows: int | None = None
+    ) -> tuple[jax.Array, jax.Array]:
   """Routed experts of T tokens on `mesh`: returns (y [T, D], kept bool[T, K]).
 
   The expert maths is `moejax.moe.experts`' (`capacity_ffn`, `grouped_ffn` with
   `ragged_dot` as its grouped matmul) on each device's G experts. `exchange`
   picks the dropless transport: `ragged` or `dense` (default by backend, see
-  `default_exchange`).
+  `default_exchange`). `rows` is a device's allocation (`moejax.moe.budgets`):
+  buffer rows per expert (capacity; default C) or sorted rows (dropless;
+  default S * K); it must hold what every device uses.
   """
   num_tokens, _ = x_TD.shape
   num_experts = w_in_EDF.shape[0]
@@ -197,7 +200,7 @@ def expert_parallel_ffn(
         _capacity_local, num_experts=num_experts,
         capacity=local_capacity(tokens, num_experts, top_k, capacity_factor,
                                 routing.capacity),
-        ffn=functools.partial(capacity_ffn, activation=activation))
+        rows=rows, ffn=functools.partial(capacity_ffn, activation=activation))
     return jax.shard_map(body, mesh=mesh, in_specs=in_specs, check_vma=False,
                          out_specs=(tok, tok))(*args)
   if dispatch_path != "dropless":
@@ -206,6 +209,8 @@ def expert_parallel_ffn(
         f"{', '.join(dispatch.DISPATCH_PATHS)}")
   exchange = exchange or default_exchange()
   send_rows = tokens * min(top_k, num_experts // n_expert)
+  if rows is not None:
+    send_rows = min(send_rows, rows)
   if exchange == "ragged":
     transport = functools.partial(jax.lax.ragged_all_to_all, axis_name=EXPERT_AXIS)
   elif exchange == "dense":
@@ -215,7 +220,8 @@ def expert_parallel_ffn(
     raise ConfigError(
         f"unknown exchange {exchange!r}; valid: {', '.join(EXCHANGES)}")
   body = functools.partial(
-      _dropless_local, num_experts=num_experts, recv_rows=n_expert * send_rows,
+      _dropless_local, num_experts=num_experts, rows=rows,
+      recv_rows=n_expert * send_rows,
       grouped=functools.partial(grouped_ffn, activation=activation,
                                 ragged_dot=ragged_dot),
       exchange=transport)

@@ -31,6 +31,10 @@ class Routing:
       `entropy`), reported per layer under `router/`.
     capacity: static per-expert capacity fixed by the router itself (expert
       choice); None lets the capacity path use ceil(cf * T * K / E).
+    sparse_slots: static; True when a token uses a variable number of its K
+      slots, most of them unused (K = E slots with a mask: DTS, DSelect-k,
+      expert choice). The MoE layer then pays only for the slots the batch
+      uses, exactly (`moejax.moe.budgets`).
   """
 
   expert_TK: jax.Array
@@ -39,6 +43,7 @@ class Routing:
   aux_loss: jax.Array
   metrics: dict[str, jax.Array]
   capacity: int | None = flax.struct.field(pytree_node=False, default=None)
+  sparse_slots: bool = flax.struct.field(pytree_node=False, default=False)
 
 
 class Router(nn.Module):

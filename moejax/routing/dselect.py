@@ -145,4 +145,4 @@ class DSelectKRouter(Router):
                  # Experts per token: E while dense, <= top_k once converged.
                  "active_experts": jnp.mean(jnp.sum(mask_TE, axis=-1).astype(
                      jnp.float32))},
-        capacity=num_tokens)
+        capacity=num_tokens, sparse_slots=True)

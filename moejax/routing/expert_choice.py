@@ -99,4 +99,4 @@ class ExpertChoiceRouter(Router):
                  # Tokens no expert chose: only the residual carries them.
                  "unrouted_frac": jnp.mean(experts_per_token_T == 0).astype(
                      jnp.float32)},
-        capacity=capacity)
+        capacity=capacity, sparse_slots=True)

@@ -3,7 +3,15 @@
 The new model's state is built fresh (init), then overlaid with what the
 transform makes of the old params; optimizer moments are carried the same way
 (path by path), and step counts continue.
+
+The train state is typed but not imported at run time: `moejax.train` imports
+this module (the loop enters stages), so importing `moejax.train` here would be
+a cycle whenever `moejax.stages` is imported first.
 """
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +21,9 @@ from moejax.models.config import TransformerConfig
 from moejax.pytree import count_matches, overlay
 from moejax.stages.stage import Stage
 from moejax.stages.transforms import TransitionContext, get_transition
-from moejax.train.state import TrainState
+
+if TYPE_CHECKING:
+  from moejax.train.state import TrainState
 
 
 def carry_opt_state(old_opt, old_params, fresh_opt, new_params, moments_fn):
@@ -67,8 +77,8 @@ def enter_stage(prev: TrainState, prev_model: TransformerConfig, stage: Stage,
     opt_state = carry_opt_state(prev.opt_state, prev.params, fresh.opt_state,
                                 params, carry)
   model_state = overlay(fresh.model_state, prev.model_state)
-  return TrainState(step=prev.step, params=params, opt_state=opt_state,
-                    model_state=model_state)
+  return prev.replace(params=params, opt_state=opt_state,
+                      model_state=model_state)
 
 
 def check_frozen(stage: Stage, params) -> None:

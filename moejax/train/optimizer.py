@@ -1,6 +1,17 @@
-"""AdamW with warmup and decay, gradient clipping, and decay only on matrices."""
+"""AdamW with warmup and decay, gradient clipping, and decay only on matrices.
+
+Weight decay reaches matrices and stacked expert weights, never norms, vectors
+or (unless `decay_router`) routing params: router gates and centroids, BASE's
+expert embeddings, StableMoE's distilled embedding and centroids, the DTS and
+DSelect-k gates. Decay would pull those toward zero, which changes routing by
+itself (a smaller gate is a flatter softmax; StableMoE's and BASE's sigmoid
+gates shrink); the reference code of StableMoE and BASE trains them with Adam
+and no decay. Every router's params live under `<moe layer>/router/`
+(`ROUTER_PARAMS`).
+"""
 
 import dataclasses
+import functools
 from typing import Sequence
 
 import jax
@@ -9,6 +20,8 @@ import optax
 from moejax.pytree import match_rules
 
 SCHEDULES = ("cosine", "linear", "constant")
+# Path rules of routing params (every router's params are under `router/`).
+ROUTER_PARAMS = (r"(.*/)?router/.*",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,7 +33,9 @@ class OptimizerConfig:
     warmup_steps: linear warmup from 0.
     schedule: decay after warmup: `cosine`, `linear` or `constant`.
     end_lr_ratio: final learning rate as a share of the peak.
-    weight_decay: decoupled weight decay, applied to params with ndim >= 2.
+    weight_decay: decoupled weight decay, applied to params with ndim >= 2
+      except routing params.
+    decay_router: also decay routing params (`ROUTER_PARAMS`).
     b1: Adam beta1.
     b2: Adam beta2.
     grad_clip: global-norm clipping threshold (0: off).
@@ -34,6 +49,7 @@ class OptimizerConfig:
   b1: float = 0.9
   b2: float = 0.95
   grad_clip: float = 1.0
+  decay_router: bool = False
 
 
 def learning_rate_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
@@ -52,14 +68,19 @@ def learning_rate_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Sche
   return optax.join_schedules([warm, decay], [warmup])
 
 
-def decay_mask(params):
-  """True for matrices and stacked expert weights, False for norms and vectors."""
-  return jax.tree.map(lambda p: p.ndim >= 2, params)
+def decay_mask(params, *, decay_router: bool = False):
+  """True for matrices and stacked expert weights; False for norms, vectors and
+  (unless `decay_router`) routing params."""
+  router = (jax.tree.map(lambda _: False, params) if decay_router
+            else match_rules(params, ROUTER_PARAMS))
+  return jax.tree.map(lambda p, r: p.ndim >= 2 and not r, params, router)
 
 
 def make_optimizer(cfg: OptimizerConfig, total_steps: int,
                    frozen: Sequence[str] = ()) -> optax.GradientTransformation:
   """freeze -> clip_by_global_norm -> AdamW(schedule, decay on matrices) -> freeze.
+
+  Decay skips routing params unless `cfg.decay_router` (module docstring).
 
   Params whose path matches a `frozen` rule get a zero gradient (so clipping and
   moments ignore them) and a zero update (so weight decay cannot move them): they
@@ -70,7 +91,9 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int,
   freeze = optax.masked(optax.set_to_zero(),
                         lambda params: match_rules(params, frozen))
   adamw = optax.adamw(learning_rate_schedule(cfg, total_steps), b1=cfg.b1,
-                      b2=cfg.b2, weight_decay=cfg.weight_decay, mask=decay_mask)
+                      b2=cfg.b2, weight_decay=cfg.weight_decay,
+                      mask=functools.partial(decay_mask,
+                                             decay_router=cfg.decay_router))
   clip = (optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip > 0
           else optax.identity())
   return optax.chain(freeze, clip, adamw, freeze)

@@ -4,12 +4,15 @@ All methods share the model (4 blocks, D=128, MoE in blocks 1 and 3, 8 experts),
 the data, the batch and the step budget. Active FFN FLOPs per token are equal to
 the dense model's: top-1 methods use experts of the dense width F, top-2 uses
 F/2 (two experts per token). EvoMoE's soft phase and DSelect-k's early phase
-use several experts per token, as in their papers.
+use several experts per token, as in their papers; their dropless path runs
+the platform's grouped matmul (`model.matmul=auto`). StableMoE and EvoMoE
+follow the reference code's settings (README, Fidelity to the reference code).
 """
 
 import ml_collections
 
 from moejax.errors import ConfigError
+from moejax.models.config import resolve_moe_layers
 from moejax.train.config import default_config, stage_config
 
 ROUTERS = ("switch", "topk", "expert_choice", "base", "hash", "dselect_k")
@@ -57,15 +60,24 @@ def method_config(method: str, steps: int = 600) -> ml_collections.ConfigDict:
   elif method == "dselect_k":
     _router(c, "dselect_k", gamma=1.0, entropy_reg=1e-2)
     c.model.dispatch = "dropless"
+    c.model.matmul = "auto"
   elif method == "stablemoe":
     _router(c, "stablemoe", distill_dim=50)
+    # The reference trains with capacity factor 2: in stage 2 the frozen router
+    # cannot rebalance, and 1.25 dropped 16% of the slots.
+    c.model.capacity_factor = 2.0
     c.stages = [stage_config("distill", fraction=0.2),
                 stage_config("frozen", transform="freeze_distilled_router",
                              model={"router_options": {"stage": 2}})]
   elif method == "evomoe":
+    # The reference's gate: softmax combine weights, its balance loss with
+    # weight 1.0 averaged over the MoE layers (moejax sums them: 1 / layers).
     _router(c, "dts", tau_max=1.0, tau_min=0.5, anneal_steps=steps // 2,
-            hard_step=int(steps * 0.6))
+            hard_step=int(steps * 0.6), combine="softmax", balance="reference",
+            aux_loss_coef=1.0 / len(resolve_moe_layers(c.model.moe_layers,
+                                                       c.model.num_layers)))
     c.model.dispatch = "dropless"
+    c.model.matmul = "auto"
     c.stages = [stage_config("dense", fraction=0.25, model={"moe_layers": "none"}),
                 stage_config("dts", transform="diversify",
                              transform_options={"mask_ratio": 0.2})]

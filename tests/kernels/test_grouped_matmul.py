@@ -43,6 +43,8 @@ IMPLS = {
     "pallas_tpu": functools.partial(pallas_grouped_matmul, target="tpu",
                                     tiles=TILES, interpret=True),
     "megablox": functools.partial(grouped_matmul, impl="megablox"),
+    "tiled": functools.partial(grouped_matmul, impl="tiled", tiles=TILES),
+    "tiled_default_tiles": functools.partial(grouped_matmul, impl="tiled"),
 }
 
 

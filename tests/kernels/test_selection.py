@@ -29,7 +29,7 @@ def test_unknown_impl_is_a_config_error_listing_valid_ones():
 def test_auto_picks_per_platform():
   assert resolve_impl("auto", "gpu") == "pallas"
   assert resolve_impl("auto", "tpu") == "megablox"
-  assert resolve_impl("auto", "cpu") == "xla"
+  assert resolve_impl("auto", "cpu") == "tiled"
   assert resolve_impl("pallas", "cpu") == "pallas"
   assert set(available_impls("cpu")) <= set(MATMUL_IMPLS)
 

@@ -1,0 +1,207 @@
+"""Slot budgets: the cheaper dispatch equals the K-slot program, values and gradients.
+
+The K-slot program (`routed_ffn(..., budgets=False)`) is itself checked against
+the naive per-token loop here. 8 simulated CPU devices (tests/conftest.py) for
+the expert-parallel cases.
+"""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moejax.moe import budgets
+from moejax.moe.experts import Experts
+from moejax.moe.reference import capacity_keep_loop, moe_loop
+from moejax.parallel import MeshConfig, make_mesh
+from moejax.routing import Routing, make_router
+
+T, D, F, E = 64, 8, 16, 8  # K = E slots: budgets for 1, 1.25, 2, 4, 8 per token.
+
+
+def _weights(seed=0):
+  params = nn.unbox(Experts(E, D, F).init(jax.random.key(seed),
+                                          jnp.zeros((E, 1, D))))["params"]
+  return params["w_in"], params["w_out"]
+
+
+def _routing(density: str, seed: int = 0, capacity=None) -> Routing:
+  """K = E slots (slot e is expert e): one, one or two, or every expert used."""
+  rng = np.random.default_rng(seed)
+  first_T = rng.integers(0, E, T)
+  mask_TE = np.eye(E, dtype=bool)[first_T]
+  if density == "one_or_two":
+    second_T = (first_T + rng.integers(1, E, T)) % E
+    mask_TE |= np.eye(E, dtype=bool)[second_T] & (rng.uniform(size=(T, 1)) < 0.5)
+  elif density == "all":
+    mask_TE[:] = True
+  return Routing(
+      expert_TK=jnp.broadcast_to(jnp.arange(E, dtype=jnp.int32), (T, E)),
+      weight_TK=jnp.asarray(rng.uniform(0.1, 1.0, (T, E)), jnp.float32),
+      mask_TK=jnp.asarray(mask_TE), aux_loss=jnp.zeros(()), metrics={},
+      capacity=capacity, sparse_slots=True)
+
+
+def _loss_and_grads(fn, x_TD, routing, w_in, w_out):
+  """(y, kept) and the gradients of sum(y * c) w.r.t. x, the weights and w."""
+  cot_TD = jax.random.normal(jax.random.key(9), (T, D))
+
+  def loss(x, weight, w_in, w_out):
+    y_TD, kept_TK = fn(x, routing.replace(weight_TK=weight), w_in, w_out)
+    return jnp.sum(y_TD * cot_TD), (y_TD, kept_TK)
+
+  (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3),
+                                               has_aux=True))(
+      x_TD, routing.weight_TK, w_in, w_out)
+  return out, grads
+
+
+def _assert_same(a, b):
+  (y_a, kept_a), g_a = a
+  (y_b, kept_b), g_b = b
+  np.testing.assert_array_equal(kept_a, kept_b)
+  np.testing.assert_allclose(y_a, y_b, rtol=1e-5, atol=1e-6)
+  for u, v in zip(g_a, g_b, strict=True):
+    np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-5)
+
+
+def test_slot_ladder_and_sizes():
+  assert budgets.slot_ladder(1) == (1,)
+  assert budgets.slot_ladder(2) == (1, 1.25, 2)
+  assert budgets.slot_ladder(8) == (1, 1.25, 2, 4, 8)
+  assert budgets.slot_ladder(6) == (1, 1.25, 2, 4, 6)
+  # dropless: ceil(S * k) rows; capacity: ceil(C * k / K) rows per expert.
+  assert budgets.budget_sizes("dropless", tokens=64, top_k=8, capacity=80,
+                              sparse=True) == (64, 80, 128, 256, 512)
+  assert budgets.budget_sizes("capacity", tokens=64, top_k=8, capacity=80,
+                              sparse=True) == (10, 13, 20, 40, 80)
+  assert budgets.budget_sizes("capacity", tokens=64, top_k=8, capacity=80,
+                              sparse=False) == (80,)
+
+
+@pytest.mark.parametrize("path,density,capacity,index", [
+    # dropless: used slots T, ~1.5T, 8T -> budgets 1, 2, 8 slots per token.
+    ("dropless", "one", None, 0), ("dropless", "one_or_two", None, 2),
+    ("dropless", "all", None, 4),
+    # capacity C = T (fixed by the router, as DSelect-k): the largest load of
+    # one-expert routing (11-16 of 64) fits C/4 = 16 rows; all experts need 64.
+    ("capacity", "one", T, 2), ("capacity", "all", T, 4),
+    # C = ceil(1.25 * T * 8 / 8) = 80; one-or-two routing's largest load (21
+    # of 96 slots here) needs C/2 = 40 rows.
+    ("capacity", "one_or_two", None, 3)])
+def test_budget_equals_k_slot_program_and_naive_loop(path, density, capacity,
+                                                     index):
+  routing = _routing(density, capacity=capacity)
+  x_TD = jax.random.normal(jax.random.key(1), (T, D))
+  w_in, w_out = _weights()
+  run = functools.partial(budgets.routed_ffn, dispatch_path=path)
+  cheap = _loss_and_grads(run, x_TD, routing, w_in, w_out)
+  full = _loss_and_grads(functools.partial(run, budgets=False), x_TD, routing,
+                         w_in, w_out)
+  _assert_same(cheap, full)
+  # The switch takes the expected (small) budget.
+  cap = capacity or 80
+  sizes = budgets.budget_sizes(path, tokens=T, top_k=E, capacity=cap,
+                               sparse=True)
+  need = budgets.rows_needed(routing.expert_TK, routing.mask_TK, path=path,
+                             num_experts=E, capacity=cap, shards=1)
+  assert int(np.sum(np.asarray(sizes[:-1]) < int(need))) == index
+  # And the K-slot program is the naive loop.
+  kept_TK = capacity_keep_loop(routing.expert_TK, routing.mask_TK, E,
+                               cap if path == "capacity" else None)
+  np.testing.assert_array_equal(full[0][1], kept_TK)
+  y_loop = moe_loop(x_TD, routing.expert_TK, routing.weight_TK, kept_TK, w_in,
+                    w_out)
+  np.testing.assert_allclose(full[0][0], y_loop, rtol=1e-5, atol=1e-5)
+
+
+def test_the_program_branches_at_run_time():
+  routing = _routing("one")
+  w_in, w_out = _weights()
+  x_TD = jnp.zeros((T, D))
+  text = jax.jit(functools.partial(budgets.routed_ffn, dispatch_path="dropless")
+                 ).lower(x_TD, routing, w_in, w_out).as_text()
+  assert "case" in text  # stablehlo.case: one branch per budget.
+
+
+@pytest.mark.parametrize("path,mesh_shape,density", [
+    ("dropless", (2, 4), "one_or_two"), ("dropless", (1, 8), "one"),
+    ("capacity", (1, 8), "one_or_two"), ("capacity", (2, 4), "all")])
+def test_expert_parallel_budget_equals_k_slot_program(path, mesh_shape, density):
+  # C = T: no slot can be dropped on any device, so the single-device K-slot
+  # program is the reference too.
+  mesh = make_mesh(MeshConfig(*mesh_shape), num_experts=E)
+  routing = _routing(density, seed=3, capacity=T)
+  x_TD = jax.random.normal(jax.random.key(4), (T, D))
+  w_in, w_out = _weights(1)
+  run = functools.partial(budgets.routed_ffn, dispatch_path=path)
+  cheap = _loss_and_grads(functools.partial(run, mesh=mesh), x_TD, routing,
+                          w_in, w_out)
+  _assert_same(cheap, _loss_and_grads(
+      functools.partial(run, mesh=mesh, budgets=False), x_TD, routing, w_in,
+      w_out))
+  _assert_same(cheap, _loss_and_grads(
+      functools.partial(run, budgets=False), x_TD, routing, w_in, w_out))
+
+
+def _saturated_codes(params):
+  """DSelect-k's code logits pushed past +-gamma/2: every selector is binary."""
+  code = params["code"]
+  return {**params, "code": {"kernel": jnp.zeros_like(code["kernel"]),
+                             "bias": jnp.where(code["bias"] >= 0, 1.0, -1.0)}}
+
+
+# (router, options, phases: (name, stage step, params transform, most slots
+# per token)); phases of one router share one compiled program.
+E_ROUTER = 4  # Budgets for 1, 1.25, 2, 4 slots per token: fewer to compile.
+ROUTER_CASES = [
+    ("dts", {"hard_step": 5}, [("soft", 0, None, E_ROUTER),
+                               ("hard", 5, None, 1)]),
+    ("dts", {"max_experts": 3}, [("soft capped", 0, None, 3)]),
+    ("dselect_k", {}, [("dense codes", None, None, E_ROUTER),
+                       ("binary codes", None, _saturated_codes, 1)]),
+    ("expert_choice", {}, [("train", None, None, None)]),
+]
+
+
+@pytest.mark.parametrize("path", ["dropless", "capacity"])
+@pytest.mark.parametrize("name,options,phases", ROUTER_CASES,
+                         ids=[f"{c[0]}-{c[2][0][0]}" for c in ROUTER_CASES])
+def test_routers_cheap_dispatch_equals_k_slot_version(name, options, phases,
+                                                      path):
+  """Routing, outputs and gradients (router params included) are unchanged,
+  in every phase of the router."""
+  router = make_router(name, num_experts=E_ROUTER, options=options)
+  x_TD = jax.random.normal(jax.random.key(5), (T, D))
+  rngs = {"router": jax.random.key(6)}
+  needs_step = phases[0][1] is not None
+  init_step = {"step": jnp.int32(0)} if needs_step else {}
+  params = nn.unbox(router.init({"params": jax.random.key(7), **rngs}, x_TD,
+                                **init_step))["params"]
+  w_in, w_out = (w[:E_ROUTER] for w in _weights(2))
+
+  def loss(p, w_in, w_out, x, step, use_budgets):
+    extra = {"step": step} if needs_step else {}
+    routing = router.apply({"params": p}, x, deterministic=False, rngs=rngs,
+                           **extra)
+    y_TD, _ = budgets.routed_ffn(x, routing, w_in, w_out, dispatch_path=path,
+                                 budgets=use_budgets)
+    return jnp.sum(y_TD**2) + routing.aux_loss, (y_TD, routing.mask_TK)
+
+  grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True),
+                 static_argnums=5)
+  for phase, step, prepare, most in phases:
+    p = params if prepare is None else prepare(params)
+    step = jnp.int32(step or 0)
+    (_, (y_cheap, mask_cheap)), g_cheap = grad(p, w_in, w_out, x_TD, step, True)
+    (_, (y_full, mask_full)), g_full = grad(p, w_in, w_out, x_TD, step, False)
+    if most is not None:
+      assert int(mask_cheap.sum(-1).max()) == most, phase
+    np.testing.assert_array_equal(mask_cheap, mask_full)
+    np.testing.assert_allclose(y_cheap, y_full, rtol=1e-5, atol=1e-6)
+    for u, v in zip(jax.tree.leaves(g_cheap), jax.tree.leaves(g_full),
+                    strict=True):
+      np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-5)
