@@ -16,6 +16,8 @@ import pathlib
 
 import numpy as np
 
+from moejax.metrics.trace import write_trace
+
 PROBE_DIR = "probes"
 
 
@@ -52,12 +54,17 @@ class FluctuationProbe:
     with np.load(self.dir / f"step_{step}.npz") as f:
       return {k: f[k] for k in f.files}
 
-  def record(self, step: int, routes: dict[str, np.ndarray]) -> dict[str, float]:
-    """Stores `routes` (layer -> int[N]) and returns the fluctuation metrics."""
+  def record(self, step: int, routes: dict[str, np.ndarray],
+             trace: dict[str, dict[str, np.ndarray]] | None = None
+             ) -> dict[str, float]:
+    """Stores `routes` (layer -> int[N]) and the full routing `trace` (see
+    `moejax.metrics.trace`); returns the fluctuation metrics."""
     routes = {k: np.asarray(v) for k, v in routes.items()}
     if self.enabled:
       self.dir.mkdir(parents=True, exist_ok=True)
       np.savez(self.dir / f"step_{step}.npz", **routes)
+      if trace:
+        write_trace(self.dir, step, trace)
     metrics = {}
     prev = self._previous
     shared = [k for k in routes if prev is not None and k in prev

@@ -8,13 +8,35 @@ Slot k of token t sends the token to expert `expert_TK[t, k]` with weight
 pytree, so a new router is one small module plus its registry entry.
 """
 
-from typing import ClassVar
+import dataclasses
+from typing import Any, ClassVar
 
 import flax
 import flax.linen as nn
 import jax
 
 from moejax.errors import ConfigError
+
+# The Flax collection of non-gradient router state (the aux-loss-free expert
+# bias, ReMoE's L1 coefficient): the train step applies the model with it
+# mutable and keeps the result in `TrainState.model_state`; checkpoints save it.
+ROUTER_STATE = "router_state"
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenLayout:
+  """How the T = batch * length tokens a router sees are laid out.
+
+  Attributes:
+    batch: B sequences (rows of T, each `length` tokens, row-major).
+    length: L tokens per sequence.
+    shards: devices that split the batch (each holds B / shards rows); 1
+      without a mesh. Micro-batch balance losses use one group per shard.
+  """
+
+  batch: int
+  length: int
+  shards: int = 1
 
 
 @flax.struct.dataclass
@@ -63,6 +85,9 @@ class Router(nn.Module):
   # Whether `__call__` takes `step=` (steps into the current training stage),
   # for routers with schedules (the DTS gate's temperature).
   needs_step: ClassVar[bool] = False
+  # Whether `__call__` takes `layout=` (a TokenLayout), for balance losses
+  # over sequences or micro-batches.
+  needs_layout: ClassVar[bool] = False
   # Routers that send each token to one expert reject model.top_k > 1.
   top1_only: ClassVar[bool] = False
   # What model.top_k means for this router (said in errors).
@@ -76,6 +101,13 @@ class Router(nn.Module):
     routers have none."""
     del num_experts, options, token_counts_V
     return model_state
+
+  @classmethod
+  def check_options(cls, options: dict[str, Any], *, num_experts: int,
+                    top_k: int) -> None:
+    """Raises ConfigError for option values that cannot work (`options` holds
+    every option, defaults included). Most routers check nothing here."""
+    del options, num_experts, top_k
 
   @classmethod
   def check(cls, num_experts: int, top_k: int) -> None:

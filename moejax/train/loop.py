@@ -21,6 +21,7 @@ import optax
 
 from moejax.errors import CheckpointError, TrainingDiverged
 from moejax.metrics.fluctuation import FluctuationProbe, write_curve
+from moejax.metrics.trace import ReplayReference
 from moejax.metrics.writers import MetricWriter
 from moejax.models.config import TransformerConfig, transformer_config_from_json
 from moejax.models.transformer import TransformerLM
@@ -28,6 +29,7 @@ from moejax.parallel.mesh import make_mesh
 from moejax.parallel.rules import (batch_sharding, shard_batch, state_shardings,
                                    with_shardings)
 from moejax.routing.registry import router_class
+from moejax.routing.replay import replay_variables
 from moejax.stages.machine import check_frozen, enter_stage, transition_key
 from moejax.stages.stage import Stage, boundaries
 from moejax.train.checkpoint import StageCheckpoints, restore_params
@@ -182,9 +184,11 @@ class _Run:
                                         max_to_keep=tc.keep_checkpoints)
     self.writer = MetricWriter(workdir, enabled=is_main)
     self.probe = FluctuationProbe(workdir, enabled=is_main)
-    self.probe_inputs = data.eval_batches[0]["inputs"]
+    self.probe_batch = _model_inputs(data.eval_batches[0])
+    self.replay = ReplayReference(tc.replay_routes, self.probe.dir)
     if tc.probe_every:
-      self.probe.save_inputs(self.probe_inputs, data.eval_batches[0]["domains"],
+      self.probe.save_inputs(self.probe_batch["inputs"],
+                             data.eval_batches[0]["domains"],
                              data.domain_names)
     self.progress_enabled = verbose and is_main
     self.progress: Progress | None = None
@@ -273,6 +277,21 @@ class _Run:
         + (f", after {program.stage.transform}" if program.stage.transform else ""))
     return state
 
+  def _probe(self, program: StageProgram, state: TrainState, step: int
+             ) -> dict[str, Any]:
+    """Routes the probe tokens: saves their routes, returns the fluctuation
+    metrics, the probe loss and, with `train.replay_routes`, the probe loss
+    under the reference routes."""
+    out = jax.device_get(program.probe(state.variables(), self.probe_batch))
+    row = {"probe/loss": float(out["loss"]),
+           **self.probe.record(step, out["routes"], out["trace"])}
+    reference = self.replay.trace()
+    if reference is not None:
+      replayed = program.probe({**state.variables(), **replay_variables(reference)},
+                               self.probe_batch)
+      row["probe/replay_loss"] = float(jax.device_get(replayed["loss"]))
+    return row
+
   def _loop(self, program: StageProgram, state: TrainState, next_batch: int):
     tc = self.config.train
     tokens_per_step = tc.batch_size * self.config.data.seq_len
@@ -299,10 +318,7 @@ class _Run:
         self.summary.update({k: v for k, v in row.items() if jnp.ndim(v) == 0})
         timer_start, timer_steps = time.perf_counter(), 0
       if tc.probe_every and program.probe and (step % tc.probe_every == 0 or last):
-        routes = jax.device_get(program.probe(state.variables(), self.probe_inputs))
-        row = self.probe.record(step, routes)
-        if row:
-          self.write(program, step, row)
+        self.write(program, step, self._probe(program, state, step))
       if step % tc.eval_every == 0 or last:
         row = program.evaluate(state.variables())
         self.write(program, step, row)

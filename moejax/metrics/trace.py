@@ -1,0 +1,93 @@
+"""Routing traces of the probe tokens, on disk, and the reference a run replays.
+
+Shapes: N probe tokens (B * L of the probe batch, row-major), K slots per token.
+
+Format: at every probe the trainer writes `<workdir>/probes/trace_<step>.npz`
+(numpy, compressed) with, for every MoE layer `layer_<i>`, three arrays:
+
+  layer_<i>/expert  int32[N, K]    expert of each routing slot
+  layer_<i>/weight  float32[N, K]  its combine weight
+  layer_<i>/mask    bool[N, K]     whether the slot is used
+
+i.e. the `Routing` each layer used for the probe tokens (saved beside them in
+`probes/inputs.npz`; `probes/step_<step>.npz` keeps each token's top expert,
+which the fluctuation metrics read). K is the router's slot count (E for
+routers with a variable number of experts per token). `read_trace` gives
+`{layer: {"expert", "weight", "mask"}}`, which
+`moejax.routing.replay.replay_variables` turns into the variables that force
+these routes in a later forward pass over the same tokens.
+"""
+
+import os
+import pathlib
+
+import numpy as np
+
+from moejax.errors import ConfigError
+from moejax.routing.replay import TRACE_FIELDS
+
+TRACE_PREFIX = "trace_"
+
+
+def trace_path(probe_dir: str | os.PathLike, step: int) -> pathlib.Path:
+  return pathlib.Path(probe_dir) / f"{TRACE_PREFIX}{step}.npz"
+
+
+def write_trace(probe_dir: str | os.PathLike, step: int,
+                trace: dict[str, dict[str, np.ndarray]]) -> pathlib.Path:
+  """Writes `trace` ({layer: {field: array}}) as `trace_<step>.npz`."""
+  path = trace_path(probe_dir, step)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  np.savez_compressed(path, **{f"{layer}/{f}": np.asarray(fields[f])
+                               for layer, fields in trace.items()
+                               for f in TRACE_FIELDS})
+  return path
+
+
+def read_trace(path: str | os.PathLike) -> dict[str, dict[str, np.ndarray]]:
+  """{layer: {"expert", "weight", "mask"}} of a trace file; ConfigError if it
+  is missing or not a trace."""
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise ConfigError(f"routing trace {path} not found; point train.replay_routes"
+                      " at a probes/trace_<step>.npz of a run")
+  trace: dict[str, dict[str, np.ndarray]] = {}
+  with np.load(path) as f:
+    for key in f.files:
+      layer, _, field = key.partition("/")
+      if field not in TRACE_FIELDS:
+        raise ConfigError(f"{path} is not a routing trace (entry {key!r})")
+      trace.setdefault(layer, {})[field] = f[key]
+  return trace
+
+
+def trace_steps(probe_dir: str | os.PathLike) -> list[int]:
+  """Steps of the trace files in `probe_dir`, ascending."""
+  probe_dir = pathlib.Path(probe_dir)
+  if not probe_dir.exists():
+    return []
+  return sorted(int(p.stem[len(TRACE_PREFIX):])
+                for p in probe_dir.glob(f"{TRACE_PREFIX}*.npz"))
+
+
+class ReplayReference:
+  """The routes a run replays at each probe (`train.replay_routes`).
+
+  `spec` is "" (off), `first` (this run's first probe trace, read back from its
+  workdir, so a resumed run replays the same one) or the path of a trace file.
+  """
+
+  def __init__(self, spec: str, probe_dir: str | os.PathLike):
+    self.spec = spec
+    self.probe_dir = pathlib.Path(probe_dir)
+    self._trace = None
+    if spec and spec != "first":
+      self._trace = read_trace(spec)
+
+  def trace(self) -> dict[str, dict[str, np.ndarray]] | None:
+    """The reference trace, or None (off, or no probe written yet)."""
+    if self._trace is None and self.spec == "first":
+      steps = trace_steps(self.probe_dir)
+      if steps:
+        self._trace = read_trace(trace_path(self.probe_dir, steps[0]))
+    return self._trace
