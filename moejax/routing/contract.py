@@ -2,7 +2,8 @@
 
 Shapes: T tokens, D model width, E experts, K routing slots per token.
 
-A router is a Flax module `router(x_TD, *, token_ids_T, deterministic) -> Routing`.
+A router is a Flax module `router(x_TD, *, token_ids_T, deterministic) -> Routing`
+(plus `step=` or `layout=` for routers that declare they need them).
 Slot k of token t sends the token to expert `expert_TK[t, k]` with weight
 `weight_TK[t, k]` when `mask_TK[t, k]` is set. Dispatch and combine read only this
 pytree, so a new router is one small module plus its registry entry.
