@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 import flax
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from moejax.errors import ConfigError
 
@@ -38,6 +39,16 @@ class TokenLayout:
   batch: int
   length: int
   shards: int = 1
+
+
+def gate_logits(x_TD: jax.Array, num_experts: int) -> jax.Array:
+  """float32[T, E] = h W_r, W_r a [D, E] param `gate/kernel` (no bias, init
+  N(0, 0.02)); call it inside a router's compact `__call__`."""
+  return nn.Dense(
+      num_experts, use_bias=False, dtype=jnp.float32, param_dtype=jnp.float32,
+      name="gate", kernel_init=nn.with_logical_partitioning(
+          nn.initializers.normal(0.02), ("embed", None)))(
+              x_TD.astype(jnp.float32))
 
 
 @flax.struct.dataclass

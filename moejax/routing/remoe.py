@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from moejax.errors import ConfigError
-from moejax.routing.contract import ROUTER_STATE, Router, Routing
+from moejax.routing.contract import ROUTER_STATE, Router, Routing, gate_logits
 
 
 def remoe_l1(gates_TE: jax.Array, top_k: int, load_balanced: bool = True
@@ -92,12 +92,7 @@ class ReMoERouter(Router):
                deterministic: bool = True) -> Routing:
     del token_ids_T
     num_tokens, num_experts = x_TD.shape[0], self.num_experts
-    logits_TE = nn.Dense(
-        num_experts, use_bias=False, dtype=jnp.float32, param_dtype=jnp.float32,
-        name="gate", kernel_init=nn.with_logical_partitioning(
-            nn.initializers.normal(0.02), ("embed", None)))(
-                x_TD.astype(jnp.float32))
-    gates_TE = jax.nn.relu(logits_TE)
+    gates_TE = jax.nn.relu(gate_logits(x_TD, num_experts))
     mask_TE = gates_TE > 0
     coef = self.variable(ROUTER_STATE, "l1_coef",
                          lambda: jnp.asarray(self.l1_coef_init, jnp.float32))

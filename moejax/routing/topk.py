@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from moejax.errors import ConfigError
 from moejax.routing import losses
 from moejax.routing.balancing import Balancing, parse_policy
-from moejax.routing.contract import Router, Routing, TokenLayout
+from moejax.routing.contract import Router, Routing, TokenLayout, gate_logits
 
 SCORES = ("softmax", "sigmoid")
 
@@ -112,11 +112,7 @@ class TopKRouter(Router):
           self.make_rng("router"), x_TD.shape, jnp.float32,
           1.0 - self.jitter, 1.0 + self.jitter)
       x_TD = x_TD * noise_TD
-    logits_TE = nn.Dense(
-        self.num_experts, use_bias=False, dtype=jnp.float32,
-        param_dtype=jnp.float32, name="gate",
-        kernel_init=nn.with_logical_partitioning(
-            nn.initializers.normal(0.02), ("embed", None)))(x_TD)
+    logits_TE = gate_logits(x_TD, self.num_experts)
     if self.score == "sigmoid":
       scores_TE = jax.nn.sigmoid(logits_TE)
       # The balance loss and entropy read normalised affinities.
