@@ -287,8 +287,8 @@ class _Run:
            **self.probe.record(step, out["routes"], out["trace"])}
     reference = self.replay.trace()
     if reference is not None:
-      replayed = program.probe({**state.variables(), **replay_variables(reference)},
-                               self.probe_batch)
+      variables = {**state.variables(), **replay_variables(reference)}
+      replayed = program.probe(variables, self.probe_batch)
       row["probe/replay_loss"] = float(jax.device_get(replayed["loss"]))
     return row
 
