@@ -14,6 +14,7 @@ from moejax.moe.reference import moe_loop
 from moejax.parallel import MeshConfig, make_mesh
 from moejax.routing import ROUTER_STATE, adapt_l1_coef, make_router, remoe_l1
 from moejax.train import parse, train_and_evaluate
+from tests.conftest import assert_matches_loop, tiny_config
 
 
 def test_l1_by_hand():
@@ -70,7 +71,6 @@ def test_bad_options_and_capacity_path_are_errors():
 
 
 def parse_tiny(**overrides):
-  from tests.conftest import tiny_config  # pylint: disable=g-import-not-at-top
   return parse(tiny_config(**{"model__dispatch": "dropless", **overrides}))
 
 
@@ -103,16 +103,10 @@ def test_layer_matches_naive_loop(mesh_shape):
                  routing.mask_TK, p["experts"]["w_in"], p["experts"]["w_out"])
     return y.reshape(B, L, D)
 
-  np.testing.assert_allclose(jax.jit(fast)(params), naive(params), rtol=1e-5,
-                             atol=1e-5)
-  g_fast = jax.jit(jax.grad(lambda p: jnp.sum(fast(p) ** 2)))(params)
-  if mesh is None:
-    g_ref = jax.grad(lambda p: jnp.sum(naive(p) ** 2))(params)
-  else:  # The single-device layer, checked against the loop above.
-    one = MoELayer(router, num_experts=E, d_ff=F, dispatch="dropless")
-    g_ref = jax.jit(jax.grad(lambda p: jnp.sum(fast(p, one) ** 2)))(params)
-  for a, b in zip(jax.tree.leaves(g_fast), jax.tree.leaves(g_ref), strict=True):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  # With a mesh, gradients against the single-device layer (checked here too).
+  one = MoELayer(router, num_experts=E, d_ff=F, dispatch="dropless")
+  assert_matches_loop(fast, naive, params,
+                      None if mesh is None else lambda p: fast(p, one))
 
 
 def test_small_run_reaches_its_target_sparsity(tmp_path, tiny):
