@@ -69,7 +69,8 @@ def test_router_stream_feeds_training_randomness():
 
 def test_nnx_layer_on_a_mesh():
   mesh = make_mesh(MeshConfig(data=2, expert=4), num_experts=E)
-  kw = {**KW, "router_options": {}}
+  # One balance-loss group on both (the `aux` default is one per device).
+  kw = {**KW, "router_options": {"micro_batches": 1}}
   sharded = moe_nnx.shard(
       moe_nnx.MoELayer(D, **kw, mesh=mesh, rngs=nnx.Rngs(0)), mesh)
   alone = moe_nnx.MoELayer(D, **kw, rngs=nnx.Rngs(0))

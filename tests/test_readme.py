@@ -17,11 +17,14 @@ def python_blocks(section: str) -> list[str]:
   return re.findall(r"```python\n(.*?)```", body, flags=re.S)
 
 
-@pytest.mark.parametrize("section", ["Use the MoE layer in your own Flax model"])
-def test_readme_example_runs(section):
+@pytest.mark.parametrize("section,names", [
+    ("Use the MoE layer in your own Flax model", ("y_BLD", "w_in")),
+    ("Modern routing: balancing, traces and replay", ("bias_E",)),
+])
+def test_readme_example_runs(section, names):
   blocks = python_blocks(section)
   assert blocks, f"no python example under '{section}'"
   namespace = {}
   for block in blocks:
     exec(compile(block, f"README:{section}", "exec"), namespace)  # pylint: disable=exec-used
-  assert "y_BLD" in namespace and "w_in" in namespace  # Both examples ran.
+  assert all(n in namespace for n in names)  # Every example ran to its end.

@@ -17,6 +17,7 @@ import numpy as np
 from etils import epath
 
 from moejax.errors import storage_error
+from moejax.metrics.trace import write_trace
 from moejax.paths import as_path
 
 PROBE_DIR = "probes"
@@ -56,8 +57,11 @@ class FluctuationProbe:
     with (self.dir / f"step_{step}.npz").open("rb") as fh, np.load(fh) as f:
       return {k: f[k] for k in f.files}
 
-  def record(self, step: int, routes: dict[str, np.ndarray]) -> dict[str, float]:
-    """Stores `routes` (layer -> int[N]) and returns the fluctuation metrics."""
+  def record(self, step: int, routes: dict[str, np.ndarray],
+             trace: dict[str, dict[str, np.ndarray]] | None = None
+             ) -> dict[str, float]:
+    """Stores `routes` (layer -> int[N]) and the full routing `trace` (see
+    `moejax.metrics.trace`); returns the fluctuation metrics."""
     routes = {k: np.asarray(v) for k, v in routes.items()}
     if self.enabled:
       path = self.dir / f"step_{step}.npz"
@@ -67,6 +71,8 @@ class FluctuationProbe:
         with tmp.open("wb") as f:
           np.savez(f, **routes)
         tmp.replace(path)  # Atomic: a kill never leaves half a probe.
+        if trace:
+          write_trace(self.dir, step, trace)
       except OSError as e:
         raise storage_error("routing probes to", path, e) from None
     metrics = {}

@@ -19,9 +19,12 @@ class MoEConfig:
     router_options: extra router fields as sorted (name, value) pairs.
     dispatch: `capacity` or `dropless`.
     capacity_factor: C = ceil(capacity_factor * T * K / E) per MoE layer.
-    d_ff: F of each expert (None: the dense FFN width).
+    d_ff: F of each expert, routed and shared (None: the dense FFN width;
+      configs built by `moejax.train.parse` set it, see `expert_width`).
     matmul: grouped matmul of the dropless path (`moejax.kernels.MATMUL_IMPLS`:
       xla, pallas, megablox, auto).
+    num_shared_experts: K_s FFNs every token uses besides its routed experts
+      (DeepSeekMoE's shared experts).
   """
 
   num_experts: int = 8
@@ -32,6 +35,14 @@ class MoEConfig:
   capacity_factor: float = 1.25
   d_ff: int | None = None
   matmul: str = "xla"
+  num_shared_experts: int = 0
+
+
+def expert_width(d_ff: int, top_k: int, num_shared_experts: int = 0) -> int:
+  """F_e = F // (K + K_s): the expert width at which a token's K routed and K_s
+  shared experts do the dense FFN's active FLOPs (fine-grained experts: m times
+  the experts and m times K give width F / m). At least 1."""
+  return max(1, d_ff // (top_k + num_shared_experts))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -106,8 +106,10 @@ class Block(nn.Module):
     y_BLD, aux = MoELayer(
         router=router, num_experts=moe.num_experts, d_ff=moe.d_ff or cfg.d_ff,
         dispatch=moe.dispatch, capacity_factor=moe.capacity_factor, dtype=dtype,
-        matmul=moe.matmul, mesh=self.mesh, name="moe")(h_BLD, token_ids_BL=token_ids_BL, step=step,
-                    deterministic=deterministic)
+        matmul=moe.matmul, mesh=self.mesh,
+        num_shared_experts=moe.num_shared_experts, name="moe")(
+            h_BLD, token_ids_BL=token_ids_BL, step=step,
+            deterministic=deterministic)
     return x_BLD + y_BLD, aux
 
 
@@ -116,9 +118,12 @@ class TransformerLM(nn.Module):
 
   `__call__` returns `(logits_BLV, aux)` where `aux = {"aux_loss": float32[] sum
   over MoE layers, "layers": {"layer_<i>": metrics dict}, "routes": {"layer_<i>":
-  int32[B*L] top expert per token}, "loads": {"layer_<i>": float32[E]}}`. Training passes `deterministic=False`, an rng
-  stream named `router`, and `step` (steps into the current stage) for routers
-  with schedules.
+  int32[B*L] top expert per token}, "loads": {"layer_<i>": float32[E]},
+  "trace": {"layer_<i>": {"expert", "weight", "mask": [B*L, K]}}}` (the
+  routing trace, `moejax.routing.replay`). Training passes
+  `deterministic=False`, an rng stream named `router`, and `step` (steps into
+  the current stage) for routers with schedules, and applies the model with the
+  `router_state` collection mutable (`moejax.routing.ROUTER_STATE`).
 
   With a `mesh` (`moejax.parallel.make_mesh`) the MoE layers run expert-parallel:
   dispatch, experts and combine inside `shard_map`, tokens moved by all-to-all.
@@ -161,7 +166,7 @@ class TransformerLM(nn.Module):
       pos_LD = jax.lax.dynamic_slice_in_dim(pos, cache_at, length)
     x_BLD = (embed[tokens_BL] + pos_LD).astype(dtype)
     aux_loss = jnp.zeros((), jnp.float32)
-    layers, routes, loads = {}, {}, {}
+    layers, routes, loads, trace = {}, {}, {}, {}
     for i in range(cfg.num_layers):
       x_BLD, aux = Block(cfg, i in cfg.moe_layers, mesh=self.mesh,
                          name=f"block_{i}")(
@@ -171,7 +176,8 @@ class TransformerLM(nn.Module):
         layers[f"layer_{i}"] = aux.metrics
         routes[f"layer_{i}"] = aux.top_expert_T
         loads[f"layer_{i}"] = aux.load_E
+        trace[f"layer_{i}"] = aux.trace
     x_BLD = _norm("final_norm", dtype)(x_BLD)
     logits_BLV = jnp.einsum("bld,vd->blv", x_BLD.astype(jnp.float32), embed)
     return logits_BLV, {"aux_loss": aux_loss, "layers": layers, "routes": routes,
-                        "loads": loads}
+                        "loads": loads, "trace": trace}

@@ -92,3 +92,47 @@ class Experts(nn.Module):
     return grouped_ffn(x_MD, *self._weights(), group_sizes_E, self.activation,
                        ragged_dot=functools.partial(grouped_matmul,
                                                     impl=self.matmul))
+
+
+def shared_ffn(x_TD: jax.Array, w_in_SDF: jax.Array, w_out_SFD: jax.Array,
+               activation: Callable[[jax.Array], jax.Array] = nn.gelu
+               ) -> jax.Array:
+  """The sum of S dense FFNs over every token: [T, D] -> [T, D], in w's dtype."""
+  h_TSF = activation(jnp.einsum("td,sdf->tsf", x_TD.astype(w_in_SDF.dtype),
+                                w_in_SDF))
+  return jnp.einsum("tsf,sfd->td", h_TSF, w_out_SFD)
+
+
+class SharedExperts(nn.Module):
+  """DeepSeekMoE's shared experts: S FFNs every token uses, outputs summed.
+
+  Stored stacked like the routed experts ([S, D, F], [S, F, D]) but replicated
+  on every device (no `expert` axis): every token needs all of them.
+
+  Attributes:
+    num_shared: S.
+    d_model: D.
+    d_ff: F of each shared expert (the routed experts' width).
+    dtype: compute dtype (params stay `param_dtype`).
+    param_dtype: storage dtype of the weights.
+    activation: the nonlinearity between the two matmuls.
+  """
+
+  num_shared: int
+  d_model: int
+  d_ff: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  activation: Callable[[jax.Array], jax.Array] = nn.gelu
+
+  @nn.compact
+  def __call__(self, x_TD: jax.Array) -> jax.Array:
+    """[T, D] -> [T, D]."""
+    w_in = self.param(
+        "w_in", nn.with_logical_partitioning(EXPERT_INIT, (None, "embed", "mlp")),
+        (self.num_shared, self.d_model, self.d_ff), self.param_dtype)
+    w_out = self.param(
+        "w_out", nn.with_logical_partitioning(EXPERT_INIT, (None, "mlp", "embed")),
+        (self.num_shared, self.d_ff, self.d_model), self.param_dtype)
+    return shared_ffn(x_TD, w_in.astype(self.dtype), w_out.astype(self.dtype),
+                      self.activation)

@@ -5,6 +5,7 @@ E experts, C capacity, K slots per token.
 """
 
 import functools
+import math
 from typing import Any, Mapping
 
 import flax
@@ -16,10 +17,14 @@ from moejax.errors import ConfigError
 from moejax.kernels import grouped_matmul
 from moejax.metrics.router import load_metrics
 from moejax.moe import budgets, dispatch
-from moejax.moe.experts import Dtype, Experts
-from moejax.routing.contract import Router
+from moejax.moe.experts import Dtype, Experts, SharedExperts
+from moejax.parallel import expert_parallel
+from moejax.parallel.rules import TOKEN_AXES
+from moejax.routing.contract import Router, TokenLayout
 from moejax.routing.losses import expert_fractions
 from moejax.routing.registry import make_router
+from moejax.routing.replay import (REPLAY_COLLECTION, TRACE_FIELDS,
+                                   replay_routing, routing_trace)
 
 
 @flax.struct.dataclass
@@ -32,12 +37,15 @@ class MoEAux:
     top_expert_T: int32[T] each token's highest-weight used expert (-1: none),
       what routing-fluctuation probes record.
     load_E: float32[E] share of the routed slots each expert received.
+    trace: the routing used, `{"expert", "weight", "mask"}` each [T, K]
+      (`moejax.routing.replay`).
   """
 
   aux_loss: jax.Array
   metrics: dict[str, jax.Array]
   top_expert_T: jax.Array
   load_E: jax.Array
+  trace: dict[str, jax.Array] = flax.struct.field(default_factory=dict)
 
 
 def top_expert(expert_TK: jax.Array, weight_TK: jax.Array,
@@ -53,6 +61,12 @@ class MoELayer(nn.Module):
   """A sparse FFN: each token is processed by the experts its router picks.
 
   Tokens dropped for capacity get 0 here; the block's residual carries them.
+  Shared experts (DeepSeekMoE), when there are any, process every token and
+  their outputs are added to the routed output.
+
+  Routes recorded earlier can be forced: when the variables hold a `replay`
+  collection with this layer's `expert`, `weight` and `mask` [T, K]
+  (`moejax.routing.replay`), those slots are dispatched instead of the router's.
 
   Attributes:
     router: a router name (`moejax.routing.ROUTERS`), built here with E, `top_k`,
@@ -73,6 +87,8 @@ class MoELayer(nn.Module):
     router_options: options of a router given by name (its dataclass fields).
     vocab_size: V, for routers given by name that read token ids (hash,
       stablemoe).
+    num_shared_experts: S dense FFNs of width `d_ff` every token also uses
+      (replicated, outside the expert-parallel exchange).
 
   Routers whose tokens use a variable number of their K slots
   (`Routing.sparse_slots`) cost what the batch uses, not K slots per token
@@ -91,6 +107,7 @@ class MoELayer(nn.Module):
   top_k: int | None = None
   router_options: Mapping[str, Any] | None = None
   vocab_size: int = 0
+  num_shared_experts: int = 0
 
   def _router(self) -> Router:
     """The router module; E, K and V given once (ConfigError where they clash)."""
@@ -114,6 +131,11 @@ class MoELayer(nn.Module):
           "router_options={...})) or make the router with these values")
     return self.router
 
+  def _token_shards(self) -> int:
+    if self.mesh is None:
+      return 1
+    return int(math.prod(self.mesh.shape[axis] for axis in TOKEN_AXES))
+
   @nn.compact
   def __call__(self, x_BLD: jax.Array, *, token_ids_BL: jax.Array | None = None,
                step: jax.Array | None = None,
@@ -126,10 +148,18 @@ class MoELayer(nn.Module):
     batch, length, d_model = x_BLD.shape
     x_TD = x_BLD.reshape(batch * length, d_model)
     token_ids_T = None if token_ids_BL is None else token_ids_BL.reshape(-1)
+    if self.mesh is not None and not self.is_initializing():
+      # Before routing: a batch the mesh cannot split is the error to report.
+      expert_parallel.check_mesh(self.mesh, batch * length, self.num_experts)
     router = self._router()
     extra = {"step": step} if router.needs_step else {}
+    if router.needs_layout:
+      extra["layout"] = TokenLayout(batch, length, self._token_shards())
     routing = router(x_TD, token_ids_T=token_ids_T,
                      deterministic=deterministic, **extra)
+    if self.has_variable(REPLAY_COLLECTION, "expert"):
+      routing = replay_routing(routing, {
+          f: self.get_variable(REPLAY_COLLECTION, f) for f in TRACE_FIELDS})
     experts = Experts(self.num_experts, d_model, self.d_ff, dtype=self.dtype,
                       param_dtype=self.param_dtype, matmul=self.matmul,
                       name="experts")
@@ -140,6 +170,11 @@ class MoELayer(nn.Module):
         capacity_factor=self.capacity_factor, activation=experts.activation,
         ragged_dot=functools.partial(grouped_matmul, impl=experts.matmul),
         mesh=mesh)
+    if self.num_shared_experts:
+      y_TD = y_TD + SharedExperts(
+          self.num_shared_experts, d_model, self.d_ff, dtype=self.dtype,
+          param_dtype=self.param_dtype, activation=experts.activation,
+          name="shared_experts")(x_TD).astype(y_TD.dtype)
     metrics = dict(routing.metrics)
     load_E = expert_fractions(routing.expert_TK, routing.mask_TK,
                               self.num_experts)
@@ -150,4 +185,4 @@ class MoELayer(nn.Module):
         aux_loss=routing.aux_loss, metrics=metrics,
         top_expert_T=top_expert(routing.expert_TK, routing.weight_TK,
                                 routing.mask_TK),
-        load_E=load_E)
+        load_E=load_E, trace=routing_trace(routing))

@@ -25,11 +25,15 @@ def capacity_keep_loop(expert_TK, mask_TK, num_experts: int,
 
 
 def moe_loop(x_TD, expert_TK, weight_TK, kept_TK, w_in_EDF, w_out_EFD,
-             activation=nn.gelu):
-  """y_t = sum over kept slots k of weight[t, k] * FFN_{expert[t, k]}(x_t)."""
+             activation=nn.gelu, shared=None):
+  """y_t = sum over kept slots k of weight[t, k] * FFN_{expert[t, k]}(x_t), plus
+  sum over shared experts s of FFN_s(x_t) when `shared` = (w_in [S, D, F],
+  w_out [S, F, D])."""
   rows = []
   for t in range(x_TD.shape[0]):
     y_D = jnp.zeros(x_TD.shape[1], x_TD.dtype)
+    for s in range(0 if shared is None else shared[0].shape[0]):
+      y_D = y_D + activation(x_TD[t] @ shared[0][s]) @ shared[1][s]
     for k in range(expert_TK.shape[1]):
       if kept_TK[t, k]:
         e = int(expert_TK[t, k])

@@ -2,19 +2,53 @@
 
 Shapes: T tokens, D model width, E experts, K routing slots per token.
 
-A router is a Flax module `router(x_TD, *, token_ids_T, deterministic) -> Routing`.
+A router is a Flax module `router(x_TD, *, token_ids_T, deterministic) -> Routing`
+(plus `step=` or `layout=` for routers that declare they need them).
 Slot k of token t sends the token to expert `expert_TK[t, k]` with weight
 `weight_TK[t, k]` when `mask_TK[t, k]` is set. Dispatch and combine read only this
 pytree, so a new router is one small module plus its registry entry.
 """
 
-from typing import ClassVar
+import dataclasses
+from typing import Any, ClassVar
 
 import flax
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from moejax.errors import ConfigError
+
+# The Flax collection of non-gradient router state (the aux-loss-free expert
+# bias, ReMoE's L1 coefficient): the train step applies the model with it
+# mutable and keeps the result in `TrainState.model_state`; checkpoints save it.
+ROUTER_STATE = "router_state"
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenLayout:
+  """How the T = batch * length tokens a router sees are laid out.
+
+  Attributes:
+    batch: B sequences (rows of T, each `length` tokens, row-major).
+    length: L tokens per sequence.
+    shards: devices that split the batch (each holds B / shards rows); 1
+      without a mesh. Micro-batch balance losses use one group per shard.
+  """
+
+  batch: int
+  length: int
+  shards: int = 1
+
+
+def gate_logits(x_TD: jax.Array, num_experts: int) -> jax.Array:
+  """float32[T, E] = h W_r, W_r a [D, E] param `gate/kernel` (no bias, init
+  N(0, 0.02)); call it inside a router's compact `__call__`."""
+  return nn.Dense(
+      num_experts, use_bias=False, dtype=jnp.float32, param_dtype=jnp.float32,
+      name="gate", kernel_init=nn.with_logical_partitioning(
+          nn.initializers.normal(0.02), ("embed", None)))(
+              x_TD.astype(jnp.float32))
 
 
 @flax.struct.dataclass
@@ -68,6 +102,9 @@ class Router(nn.Module):
   # Whether `__call__` takes `step=` (steps into the current training stage),
   # for routers with schedules (the DTS gate's temperature).
   needs_step: ClassVar[bool] = False
+  # Whether `__call__` takes `layout=` (a TokenLayout), for balance losses
+  # over sequences or micro-batches.
+  needs_layout: ClassVar[bool] = False
   # Routers that send each token to one expert reject model.top_k > 1.
   top1_only: ClassVar[bool] = False
   # What model.top_k means for this router (said in errors).
@@ -81,6 +118,13 @@ class Router(nn.Module):
     routers have none."""
     del num_experts, options, token_counts_V
     return model_state
+
+  @classmethod
+  def check_options(cls, options: dict[str, Any], *, num_experts: int,
+                    top_k: int) -> None:
+    """Raises ConfigError for option values that cannot work (`options` holds
+    every option, defaults included). Most routers check nothing here."""
+    del options, num_experts, top_k
 
   @classmethod
   def check(cls, num_experts: int, top_k: int) -> None:

@@ -10,6 +10,7 @@ from moejax.routing.dselect import DSelectKRouter
 from moejax.routing.dts import DTSRouter
 from moejax.routing.expert_choice import ExpertChoiceRouter
 from moejax.routing.hashing import HashRouter
+from moejax.routing.remoe import ReMoERouter
 from moejax.routing.stablemoe import StableMoERouter
 from moejax.routing.topk import SwitchRouter, TopKRouter
 
@@ -22,6 +23,7 @@ ROUTERS: dict[str, type[Router]] = {
     "dselect_k": DSelectKRouter,
     "stablemoe": StableMoERouter,
     "dts": DTSRouter,
+    "remoe": ReMoERouter,
 }
 
 _COMMON_FIELDS = ("num_experts", "top_k", "vocab_size", "parent", "name")
@@ -58,6 +60,8 @@ def check_router(name: str, *, num_experts: int, top_k: int,
       raise ConfigError(
           f"router {name!r} has no option {key!r}; valid options: "
           f"{', '.join(sorted(valid)) or '(none)'}")
+  cls.check_options({**valid, **(options or {})}, num_experts=num_experts,
+                    top_k=top_k)
   return cls
 
 

@@ -1,36 +1,110 @@
-"""Softmax top-k routers: Switch (top-1) and GShard-style top-k.
+"""Top-k routers: Switch (top-1), GShard-style top-k, and DeepSeek-V3-style
+sigmoid top-k with an aux-loss-free bias and group-limited routing.
 
-Shapes: T tokens, D model width, E experts, K = top_k.
+Shapes: T tokens, D model width, E experts, K = top_k, G expert groups.
 """
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from moejax.errors import ConfigError
 from moejax.routing import losses
-from moejax.routing.contract import Router, Routing
+from moejax.routing.balancing import Balancing, parse_policy
+from moejax.routing.contract import Router, Routing, TokenLayout, gate_logits
+
+SCORES = ("softmax", "sigmoid")
+
+
+def group_limited_mask(select_TE: jax.Array, num_groups: int,
+                       top_groups: int) -> jax.Array:
+  """bool[T, E]: the experts of each token's `top_groups` best expert groups.
+
+  Experts are split into G contiguous groups (e.g. one per device or node); a
+  group's score is the sum of its two highest selection scores (one if a group
+  has one expert), as in DeepSeek-V3's node-limited routing.
+  """
+  num_tokens, num_experts = select_TE.shape
+  per_group = num_experts // num_groups
+  select_TGP = select_TE.reshape(num_tokens, num_groups, per_group)
+  best_TGP, _ = jax.lax.top_k(select_TGP, min(2, per_group))
+  _, groups_TK = jax.lax.top_k(jnp.sum(best_TGP, axis=-1), top_groups)
+  keep_TG = jnp.any(jax.nn.one_hot(groups_TK, num_groups, dtype=jnp.bool_), 1)
+  return jnp.repeat(keep_TG, per_group, axis=1)
 
 
 class TopKRouter(Router):
-  """p = softmax(W_r h) in float32; each token goes to its k most probable experts.
+  """Each token goes to the k experts with the highest (biased) scores.
+
+  scores = softmax(W_r h) or sigmoid(W_r h), in float32; the k best of
+  scores + b (b: the `bias` policy's per-expert bias, else 0), optionally only
+  among the best expert groups; gates = the chosen scores, renormalised to sum
+  to 1 when `renormalize` and k > 1, times `routed_scaling`.
 
   Attributes:
     jitter: multiplicative input noise U(1-eps, 1+eps) in training (Switch), 0: off.
-    aux_loss_coef: weight alpha of the load-balancing loss.
+    aux_loss_coef: weight alpha of the balance loss.
     z_loss_coef: weight beta of the router z-loss.
-    renormalize: rescale the k gates to sum to 1 (GShard top-2); ignored for k=1.
+    renormalize: rescale the k gates to sum to 1 (GShard top-2, DeepSeek-V3's
+      sigmoid gates); ignored for k=1.
+    score: `softmax` or `sigmoid` (DeepSeek-V3).
+    routed_scaling: factor on the gates (DeepSeek-V3's routed scaling factor).
+    num_groups: split the experts into this many groups for group-limited
+      routing (0 or 1: off).
+    top_groups: groups each token may use (group-limited routing).
+    balance: balancing policy (`moejax.routing.balancing`): `aux`, `sequence`,
+      `global`, `bias`, `none`, or `bias+<loss>`.
+    micro_batches: micro-batches of the `aux` loss (0: one per device that
+      splits the batch).
+    bias_rate: update per step of the `bias` policy's expert bias.
+    bias_recenter: keep the expert bias at zero mean.
   """
 
   jitter: float = 0.0
   aux_loss_coef: float = 1e-2
   z_loss_coef: float = 1e-3
   renormalize: bool = True
+  score: str = "softmax"
+  routed_scaling: float = 1.0
+  num_groups: int = 0
+  top_groups: int = 0
+  balance: str = "aux"
+  micro_batches: int = 0
+  bias_rate: float = 1e-3
+  bias_recenter: bool = True
+
+  needs_layout: ClassVar[bool] = True
+
+  @classmethod
+  def check_options(cls, options: dict[str, Any], *, num_experts: int,
+                    top_k: int) -> None:
+    if options["score"] not in SCORES:
+      raise ConfigError(f"router option score={options['score']!r}; choose one "
+                        f"of {', '.join(SCORES)}")
+    parse_policy(options["balance"])
+    for key in ("micro_batches", "num_groups", "top_groups"):
+      if options[key] < 0:
+        raise ConfigError(f"router option {key} must be >= 0, got {options[key]}")
+    if options["bias_rate"] < 0 or not options["routed_scaling"] > 0:
+      raise ConfigError("router options need bias_rate >= 0 and routed_scaling "
+                        "> 0")
+    groups, top = options["num_groups"], options["top_groups"]
+    if groups > 1:
+      if num_experts % groups or not 1 <= top <= groups:
+        raise ConfigError(
+            f"group-limited routing needs num_groups dividing {num_experts} "
+            f"experts and 1 <= top_groups <= num_groups, got num_groups={groups}"
+            f", top_groups={top}")
+      if top_k > top * (num_experts // groups):
+        raise ConfigError(f"top_k={top_k} exceeds the {top} groups x "
+                          f"{num_experts // groups} experts a token may use")
 
   @nn.compact
   def __call__(self, x_TD: jax.Array, *, token_ids_T: jax.Array | None = None,
-               deterministic: bool = True) -> Routing:
+               deterministic: bool = True,
+               layout: TokenLayout | None = None) -> Routing:
     del token_ids_T  # Routing depends on hidden states only.
     x_TD = x_TD.astype(jnp.float32)
     if self.jitter > 0 and not deterministic:
@@ -38,24 +112,41 @@ class TopKRouter(Router):
           self.make_rng("router"), x_TD.shape, jnp.float32,
           1.0 - self.jitter, 1.0 + self.jitter)
       x_TD = x_TD * noise_TD
-    logits_TE = nn.Dense(
-        self.num_experts, use_bias=False, dtype=jnp.float32,
-        param_dtype=jnp.float32, name="gate",
-        kernel_init=nn.with_logical_partitioning(
-            nn.initializers.normal(0.02), ("embed", None)))(x_TD)
-    probs_TE = jax.nn.softmax(logits_TE, axis=-1)
-    weight_TK, expert_TK = jax.lax.top_k(probs_TE, self.top_k)
+    logits_TE = gate_logits(x_TD, self.num_experts)
+    if self.score == "sigmoid":
+      scores_TE = jax.nn.sigmoid(logits_TE)
+      # The balance loss and entropy read normalised affinities.
+      probs_TE = scores_TE / jnp.sum(scores_TE, axis=-1, keepdims=True)
+    elif self.score == "softmax":
+      scores_TE = probs_TE = jax.nn.softmax(logits_TE, axis=-1)
+    else:
+      raise ConfigError(f"router option score={self.score!r}; choose one of "
+                        f"{', '.join(SCORES)}")
+    balancing = Balancing(
+        self.num_experts, policy=self.balance, coef=self.aux_loss_coef,
+        micro_batches=self.micro_batches, bias_rate=self.bias_rate,
+        bias_recenter=self.bias_recenter, name="balance")
+    # The bias only chooses experts: it never enters the gates or a gradient.
+    select_TE = jax.lax.stop_gradient(scores_TE + balancing.selection_bias())
+    if self.num_groups > 1:
+      select_TE = jnp.where(
+          group_limited_mask(select_TE, self.num_groups, self.top_groups),
+          select_TE, -jnp.inf)
+    _, expert_TK = jax.lax.top_k(select_TE, self.top_k)
+    weight_TK = jnp.take_along_axis(scores_TE, expert_TK, axis=-1)
     if self.renormalize and self.top_k > 1:
       weight_TK = weight_TK / jnp.sum(weight_TK, axis=-1, keepdims=True)
+    weight_TK = weight_TK * self.routed_scaling
     mask_TK = jnp.ones(expert_TK.shape, jnp.bool_)
-    balance = losses.load_balancing_loss(probs_TE, expert_TK, mask_TK)
+    balance_loss, metrics = balancing(probs_TE, expert_TK, mask_TK,
+                                      layout=layout, training=not deterministic)
     z_loss = losses.router_z_loss(logits_TE)
     return Routing(
         expert_TK=expert_TK.astype(jnp.int32),
         weight_TK=weight_TK,
         mask_TK=mask_TK,
-        aux_loss=self.aux_loss_coef * balance + self.z_loss_coef * z_loss,
-        metrics={"balance_loss": balance, "z_loss": z_loss,
+        aux_loss=balance_loss + self.z_loss_coef * z_loss,
+        metrics={**metrics, "z_loss": z_loss,
                  "entropy": losses.mean_entropy(probs_TE)})
 
 
@@ -63,4 +154,3 @@ class SwitchRouter(TopKRouter):
   """Switch Transformer routing: top-1 of a float32 softmax, gate = p_a."""
 
   top1_only: ClassVar[bool] = True
-

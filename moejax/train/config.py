@@ -14,6 +14,7 @@ is one stage, `train`, of `train.steps` steps.
 import copy
 import dataclasses
 import math
+import os
 import re
 from typing import Any
 
@@ -24,7 +25,7 @@ from moejax.data.config import DataConfig
 from moejax.errors import ConfigError
 from moejax.kernels import check_impl
 from moejax.models.config import (DTYPES, MoEConfig, TransformerConfig,
-                                  resolve_moe_layers)
+                                  expert_width, resolve_moe_layers)
 from moejax.models.sizes import apply_size
 from moejax.moe.dispatch import DISPATCH_PATHS
 from moejax.parallel.mesh import MeshConfig
@@ -42,6 +43,9 @@ class TrainConfig:
     probe_every: steps between routing-fluctuation probes (0: off).
     init_from: workdir of a finished run whose params the first stage starts
       from (its transform, e.g. `upcycle`, maps them to the new model).
+    replay_routes: at every probe, also route the probe tokens by a recorded
+      trace and log their loss as `probe/replay_loss` (`first`: this run's
+      first probe; or a `probes/trace_<step>.npz` path; "": off).
   """
 
   steps: int = 400
@@ -53,6 +57,7 @@ class TrainConfig:
   seed: int = 0
   probe_every: int = 50
   init_from: str = ""
+  replay_routes: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +96,7 @@ def default_config() -> ml_collections.ConfigDict:
       moe_layers="every_other", num_experts=8, top_k=1, router="switch",
       router_options=ml_collections.ConfigDict(), dispatch="capacity",
       capacity_factor=1.25, expert_d_ff=config_dict.placeholder(int),
-      matmul="xla", size=""))
+      matmul="xla", size="", num_shared_experts=0))
   c.data = ml_collections.ConfigDict(dataclasses.asdict(DataConfig()))
   c.data.tfds_data_dir = config_dict.placeholder(str)
   c.data.cache_dir = config_dict.placeholder(str)
@@ -129,6 +134,10 @@ def _model(m: dict[str, Any], data: DataConfig) -> TransformerConfig:
     raise ConfigError(f"model.capacity_factor must be > 0, got {m['capacity_factor']}")
   if m["expert_d_ff"] is not None:
     _positive("model", m, ("expert_d_ff",))
+  shared = m["num_shared_experts"]
+  if not isinstance(shared, int) or isinstance(shared, bool) or shared < 0:
+    raise ConfigError(f"model.num_shared_experts must be an integer >= 0, got "
+                      f"{shared!r}")
   check_impl(m["matmul"])
   moe_layers = resolve_moe_layers(m["moe_layers"], m["num_layers"])
   options = dict(m["router_options"])
@@ -142,8 +151,12 @@ def _model(m: dict[str, Any], data: DataConfig) -> TransformerConfig:
   moe = MoEConfig(
       num_experts=m["num_experts"], top_k=m["top_k"], router=m["router"],
       router_options=tuple(sorted(options.items())), dispatch=m["dispatch"],
-      capacity_factor=float(m["capacity_factor"]), d_ff=m["expert_d_ff"],
-      matmul=m["matmul"])
+      capacity_factor=float(m["capacity_factor"]),
+      # Unset: equal active FLOPs with the dense FFN (fine-grained and shared
+      # experts included).
+      d_ff=(m["expert_d_ff"] if m["expert_d_ff"] is not None
+            else expert_width(m["d_ff"], m["top_k"], shared)),
+      matmul=m["matmul"], num_shared_experts=shared)
   return TransformerConfig(
       vocab_size=data.vocab_size, max_len=data.seq_len, num_layers=m["num_layers"],
       d_model=m["d_model"], num_heads=m["num_heads"], d_ff=m["d_ff"],
@@ -230,6 +243,10 @@ def parse(config: ml_collections.ConfigDict) -> RunConfig:
   if c["train"]["probe_every"] < 0:
     raise ConfigError("train.probe_every must be >= 0 (0: no probes), got "
                       f"{c['train']['probe_every']}")
+  replay = c["train"]["replay_routes"]
+  if replay not in ("", "first") and not os.path.isfile(replay):
+    raise ConfigError(f"train.replay_routes={replay!r} is not a file; give a "
+                      "probes/trace_<step>.npz of a run, 'first' or ''")
   _positive("data", c["data"], ("seq_len", "vocab_size", "eval_batches"))
   o = c["optim"]
   _choice("optim.schedule", o["schedule"], SCHEDULES)

@@ -23,6 +23,7 @@ from moejax.errors import (CheckpointError, Interrupted, StorageError,
 from moejax.metrics.fluctuation import FluctuationProbe, write_curve
 from moejax.metrics.perf import (StepTimer, peak_flops, perf_metrics,
                                  train_flops_per_token)
+from moejax.metrics.trace import ReplayReference
 from moejax.metrics.writers import MetricWriter
 from moejax.models.config import TransformerConfig, transformer_config_from_json
 from moejax.models.transformer import TransformerLM
@@ -32,6 +33,7 @@ from moejax.parallel.rules import (batch_sharding, logical_shardings, shard_batc
                                    with_shardings)
 from moejax.paths import as_path
 from moejax.routing.registry import router_class
+from moejax.routing.replay import replay_variables
 from moejax.stages.machine import check_frozen, enter_stage, transition_key
 from moejax.stages.stage import Stage, boundaries
 from moejax.train.checkpoint import StageCheckpoints, restore_params
@@ -188,9 +190,11 @@ class _Run:
     self.writer = MetricWriter(workdir, enabled=is_main, config=config.to_json())
     self.peak_flops = peak_flops()
     self.probe = FluctuationProbe(workdir, enabled=is_main)
-    self.probe_inputs = data.eval_batches[0]["inputs"]
+    self.probe_batch = _model_inputs(data.eval_batches[0])
+    self.replay = ReplayReference(tc.replay_routes, self.probe.dir)
     if tc.probe_every:
-      self.probe.save_inputs(self.probe_inputs, data.eval_batches[0]["domains"],
+      self.probe.save_inputs(self.probe_batch["inputs"],
+                             data.eval_batches[0]["domains"],
                              data.domain_names)
     self.progress_enabled = verbose and is_main
     self.progress: Progress | None = None
@@ -319,6 +323,22 @@ class _Run:
         + (f", after {program.stage.transform}" if program.stage.transform else ""))
     return state
 
+  def _probe(self, program: StageProgram, state: TrainState, step: int
+             ) -> dict[str, Any]:
+    """Routes the probe tokens: saves their routes, returns the fluctuation
+    metrics, the probe loss and, with `train.replay_routes`, the probe loss
+    under the reference routes."""
+    out = hosts.fetch(program.probe(state.variables(), self.probe_batch))
+    row = {"probe/loss": float(out["loss"]),
+           **self.probe.record(step, out["routes"], out["trace"])}
+    self.replay.observe(out["trace"])
+    reference = self.replay.trace()
+    if reference is not None:
+      variables = {**state.variables(), **replay_variables(reference)}
+      replayed = program.probe(variables, self.probe_batch)
+      row["probe/replay_loss"] = float(hosts.fetch(replayed["loss"]))
+    return row
+
   def _loop(self, program: StageProgram, state: TrainState, next_batch: int):
     tc = self.config.train
     tokens_per_step = tc.batch_size * self.config.data.seq_len
@@ -357,10 +377,7 @@ class _Run:
         self.progress.update(step, row)
         self.summary.update({k: v for k, v in row.items() if jnp.ndim(v) == 0})
       if probe:
-        routes = hosts.fetch(program.probe(state.variables(), self.probe_inputs))
-        row = self.probe.record(step, routes)
-        if row:
-          self.write(program, step, row)
+        self.write(program, step, self._probe(program, state, step))
       if evaluate:
         row = program.evaluate(state.variables())
         self.write(program, step, row)

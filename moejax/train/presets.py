@@ -1,12 +1,19 @@
 """One base model, every routing method: the configs of the router comparison.
 
-All methods share the model (4 blocks, D=128, MoE in blocks 1 and 3, 8 experts),
-the data, the batch and the step budget. Active FFN FLOPs per token are equal to
-the dense model's: top-1 methods use experts of the dense width F, top-2 uses
-F/2 (two experts per token). EvoMoE's soft phase and DSelect-k's early phase
-use several experts per token, as in their papers; their dropless path runs
-the platform's grouped matmul (`model.matmul=auto`). StableMoE and EvoMoE
-follow the reference code's settings (README, Fidelity to the reference code).
+All methods share the model (4 blocks, D=128, MoE in blocks 1 and 3, 8 experts,
+except DeepSeek-style fine-grained experts), the data, the batch and the step
+budget. Active FFN FLOPs per token are equal to the dense model's: top-1
+methods use experts of the dense width F, top-2 uses F/2 (two experts per
+token), DeepSeek-style 3 routed + 1 shared experts of width F/4. EvoMoE's soft
+phase, DSelect-k's early phase and ReMoE's dense start use several experts per
+token, as in their papers; their dropless path runs the platform's grouped
+matmul (`model.matmul=auto`). StableMoE and EvoMoE follow the reference code's
+settings (README, Fidelity to the reference code).
+
+The Switch-form aux loss of `switch` and `topk` is per micro-batch, with
+MICRO_BATCHES micro-batches (4 of 4 sequences at batch 16, as on 4
+data-parallel devices), so that `qwen` (the same top-2 router with the
+global-batch loss) differs from `topk` on a single device too.
 """
 
 import ml_collections
@@ -16,7 +23,9 @@ from moejax.models.config import resolve_moe_layers
 from moejax.train.config import default_config, stage_config
 
 ROUTERS = ("switch", "topk", "expert_choice", "base", "hash", "dselect_k")
-METHODS = ("dense",) + ROUTERS + ("stablemoe", "evomoe", "upcycle")
+MODERN = ("deepseek", "qwen", "remoe")
+METHODS = ("dense",) + ROUTERS + ("stablemoe", "evomoe", "upcycle") + MODERN
+MICRO_BATCHES = 4
 
 
 def base_config(steps: int = 600) -> ml_collections.ConfigDict:
@@ -46,11 +55,30 @@ def method_config(method: str, steps: int = 600) -> ml_collections.ConfigDict:
   if method == "dense":
     c.model.moe_layers = "none"
   elif method == "switch":
-    _router(c, "switch", aux_loss_coef=0.01, z_loss_coef=1e-3, jitter=0.0)
-  elif method == "topk":
-    _router(c, "topk", aux_loss_coef=0.01, z_loss_coef=1e-3)
+    _router(c, "switch", aux_loss_coef=0.01, z_loss_coef=1e-3, jitter=0.0,
+            micro_batches=MICRO_BATCHES)
+  elif method in ("topk", "qwen"):
+    # Qwen (Qiu et al. 2025): the same router with the global-batch loss.
+    balance = dict(balance="global") if method == "qwen" else dict(
+        micro_batches=MICRO_BATCHES)
+    _router(c, "topk", aux_loss_coef=0.01, z_loss_coef=1e-3, **balance)
     c.model.top_k = 2
     c.model.expert_d_ff = c.model.d_ff // 2
+  elif method == "deepseek":
+    # DeepSeekMoE / DeepSeek-V3: 4x finer experts (32 of width F/4), 3 routed
+    # + 1 shared per token; sigmoid scores, normalised gates, aux-loss-free
+    # bias (u = 1e-3) and a tiny sequence-wise loss (alpha = 1e-4).
+    _router(c, "topk", score="sigmoid", renormalize=True, routed_scaling=1.0,
+            balance="bias+sequence", bias_rate=1e-3, aux_loss_coef=1e-4,
+            z_loss_coef=0.0)
+    c.model.num_experts = 32
+    c.model.top_k = 3
+    c.model.num_shared_experts = 1  # Width F // (3 + 1) by the FLOPs rule.
+  elif method == "remoe":
+    # ReMoE (Wang et al. 2025): ReLU gates, lambda_0 = 1e-8, alpha = 1.2,
+    # target sparsity 1 - 1/8.
+    _router(c, "remoe", l1_coef_init=1e-8, l1_alpha=1.2)
+    c.model.dispatch = "dropless"
   elif method == "expert_choice":
     _router(c, "expert_choice", capacity_factor=1.0)
   elif method == "base":

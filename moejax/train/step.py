@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from moejax.routing.contract import ROUTER_STATE
 from moejax.train.state import TrainState
 
 Batch = dict[str, jax.Array]
@@ -45,19 +46,21 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
 
   The step's randomness is `fold_in(rng, state.step)`, so a resumed run draws the
   same numbers as an uninterrupted one. Routers with schedules see the steps
-  taken since `stage_start`.
+  taken since `stage_start`. Non-gradient router state (the `router_state`
+  collection: expert biases, ReMoE's L1 coefficient) is updated by the forward
+  pass from this step's batch and kept in `state.model_state`.
   """
 
   def loss_fn(params, model_state, batch, step_rng, stage_step):
-    logits_BLV, aux = model.apply(
+    (logits_BLV, aux), updated = model.apply(
         {"params": params, **model_state}, batch["inputs"], deterministic=False,
-        step=stage_step, rngs={"router": step_rng})
+        step=stage_step, rngs={"router": step_rng}, mutable=[ROUTER_STATE])
     ce = jnp.mean(cross_entropy(logits_BLV, batch["targets"]))
-    return ce + aux["aux_loss"], (ce, aux)
+    return ce + aux["aux_loss"], (ce, aux, updated)
 
   def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
     step_rng = jax.random.fold_in(rng, state.step)
-    grads, (ce, aux) = jax.grad(loss_fn, has_aux=True)(
+    grads, (ce, aux, updated) = jax.grad(loss_fn, has_aux=True)(
         state.params, state.model_state, batch, step_rng,
         state.step - stage_start)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -73,18 +76,23 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
            for layer, load_E in aux["loads"].items()},
     }
     new_state = state.replace(step=state.step + 1, params=params,
-                              opt_state=opt_state)
+                              opt_state=opt_state,
+                              model_state={**state.model_state, **updated})
     return new_state, metrics
 
   return train_step
 
 
-def make_probe_step(model: nn.Module) -> Callable[[dict, jax.Array], dict]:
-  """Builds `(variables, inputs_BL) -> {layer: int32[B*L] top expert}`
-  (deterministic routing, as at evaluation)."""
+def make_probe_step(model: nn.Module) -> Callable[[dict, Batch], dict]:
+  """Builds `(variables, batch) -> {"routes": {layer: int32[B*L] top expert},
+  "trace": {layer: {"expert", "weight", "mask"}}, "loss": float32[]}`
+  (deterministic routing, as at evaluation). Variables holding a `replay`
+  collection (`moejax.routing.replay.replay_variables`) force recorded routes."""
 
-  def probe_step(variables, inputs_BL):
-    return model.apply(variables, inputs_BL, deterministic=True)[1]["routes"]
+  def probe_step(variables, batch: Batch):
+    logits_BLV, aux = model.apply(variables, batch["inputs"], deterministic=True)
+    return {"routes": aux["routes"], "trace": aux["trace"],
+            "loss": jnp.mean(cross_entropy(logits_BLV, batch["targets"]))}
 
   return probe_step
 

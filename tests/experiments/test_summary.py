@@ -61,3 +61,17 @@ def test_paper_claims_say_which_orderings_hold():
   table = report.paper_claims(runs)
   assert "| switch < dense (valid PPL) | 19.79 < 23.02 | 20.00 vs 23.00 | yes |" in table
   assert "| stablemoe < switch (valid PPL) | 19.28 < 19.79 | 21.00 vs 20.00 | **no** |" in table
+
+
+def test_modern_methods_are_checked_against_their_baselines():
+  runs = [run("topk", [30.0, 22.0]), run("qwen", [30.0, 21.0]),
+          run("switch", [30.0, 20.0]), run("remoe", [30.0, 20.5]),
+          run("stablemoe", [30.0, 25.0], changed=0.0),
+          run("deepseek", [30.0, 24.0], changed=0.3)]
+  table = report.paper_claims(runs)
+  assert "| qwen < topk (valid PPL): global-batch" in table
+  assert "| lower PPL | 21.00 vs 22.00 | yes |" in table
+  assert "| lower PPL | 20.50 vs 20.00 | **no** |" in table  # remoe vs switch.
+  assert "| lower PPL | 24.00 vs 22.00 | **no** |" in table  # deepseek vs topk.
+  # Their routing fluctuation is set beside StableMoE's.
+  assert "deepseek 30.0%" in table

@@ -25,10 +25,13 @@ B, L, D, F, E = 16, 4, 8, 16, 8  # T = 64 tokens: 8 per device.
 ROUTERS = {1: "switch", 2: "topk"}
 
 
-def _layers(top_k, path, mesh, capacity_factor, router=None):
+def _layers(top_k, path, mesh, capacity_factor, router=None, ref_options=None):
+  """(single-device layer, expert-parallel layer); `ref_options` go to the
+  single-device layer's router only."""
   name = router or ROUTERS[top_k]
   kw = dict(num_experts=E, d_ff=F, dispatch=path, capacity_factor=capacity_factor)
-  return (MoELayer(make_router(name, num_experts=E, top_k=top_k), **kw),
+  return (MoELayer(make_router(name, num_experts=E, top_k=top_k,
+                               options=ref_options), **kw),
           MoELayer(make_router(name, num_experts=E, top_k=top_k), mesh=mesh, **kw))
 
 
@@ -67,7 +70,10 @@ def test_matches_single_device_layer(params, path, top_k, mesh_shape):
   """Forward, metrics and gradients equal; the compiled program has all-to-all."""
   # cf = E / K gives C = S per device: no slot can be dropped on any device.
   mesh = make_mesh(MeshConfig(*mesh_shape), num_experts=E)
-  ref, ep = _layers(top_k, path, mesh, capacity_factor=E / top_k)
+  # The aux balance loss is per micro-batch, one per device splitting the batch
+  # (8 here): the single-device layer computes it on the same 8 groups.
+  ref, ep = _layers(top_k, path, mesh, capacity_factor=E / top_k,
+                    ref_options={"micro_batches": 8})
   x_BLD = _inputs()
   ep_step = _compiled_loss_and_grads(ep, params, x_BLD)
   # On the dropless path the all-to-all is the CPU fallback's dense exchange.

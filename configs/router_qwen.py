@@ -1,0 +1,13 @@
+"""The router comparison's `qwen` run: the shared 4-block model, MoE in blocks 1
+and 3, equal active FLOPs (see moejax/train/presets.py).
+
+  moejax-train --config configs/router_qwen.py --workdir /tmp/moejax-router-qwen
+
+Results of the whole comparison: README, "Reproduce the paper comparisons".
+"""
+
+from moejax.train.presets import method_config
+
+
+def get_config():
+  return method_config("qwen")
