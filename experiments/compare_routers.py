@@ -101,11 +101,8 @@ def build_config(method: str, args: argparse.Namespace, source: str,
   # Router health is logged at least as often as the routing is probed.
   c.train.log_every = min(c.train.log_every, args.probe_every)
   c.train.checkpoint_every = min(c.train.checkpoint_every, steps)
-  d_ff, expert_d_ff = c.model.d_ff, c.model.expert_d_ff
   for assignment in args.set:
     _override(c, method, assignment)
-  if c.model.d_ff != d_ff and expert_d_ff and c.model.expert_d_ff == expert_d_ff:
-    c.model.expert_d_ff = c.model.d_ff // c.model.top_k  # Keep active FLOPs equal.
   return parse(c)
 
 

@@ -16,6 +16,7 @@ from moejax.kernels import grouped_matmul
 from moejax.metrics.router import load_metrics
 from moejax.moe import dispatch
 from moejax.moe.experts import Dtype, Experts
+from moejax.moe.ffn_init import FFNInit
 from moejax.parallel import expert_parallel
 from moejax.routing.contract import Router
 from moejax.routing.losses import expert_fractions
@@ -63,6 +64,7 @@ class MoELayer(nn.Module):
     dtype: compute dtype of the experts (the router always computes in float32).
     param_dtype: storage dtype of the expert weights.
     matmul: grouped matmul of the dropless path (`moejax.kernels.MATMUL_IMPLS`).
+    ffn_init: initializer of the experts (`moejax.moe.ffn_init`).
     mesh: a `("data", "expert")` mesh (`moejax.parallel.make_mesh`) to run
       dispatch -> experts -> combine expert-parallel on, with capacity per
       device (`moejax.parallel.expert_parallel`); None: one program, global plan.
@@ -77,6 +79,7 @@ class MoELayer(nn.Module):
   param_dtype: Dtype = jnp.float32
   matmul: str = "xla"
   mesh: jax.sharding.Mesh | None = None
+  ffn_init: FFNInit = FFNInit()
 
   @nn.compact
   def __call__(self, x_BLD: jax.Array, *, token_ids_BL: jax.Array | None = None,
@@ -95,7 +98,7 @@ class MoELayer(nn.Module):
                           deterministic=deterministic, **extra)
     experts = Experts(self.num_experts, d_model, self.d_ff, dtype=self.dtype,
                       param_dtype=self.param_dtype, matmul=self.matmul,
-                      name="experts")
+                      ffn_init=self.ffn_init, name="experts")
     # Init needs only shapes: any token count works, however the mesh splits.
     if self.mesh is not None and not self.is_initializing():
       w_in_EDF, w_out_EFD = experts.weights()

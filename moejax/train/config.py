@@ -24,8 +24,10 @@ from moejax.data.config import DataConfig
 from moejax.errors import ConfigError
 from moejax.kernels import check_impl
 from moejax.models.config import (DTYPES, MoEConfig, TransformerConfig,
+                                  active_ffn_flops_per_token, expert_width,
                                   resolve_moe_layers)
 from moejax.moe.dispatch import DISPATCH_PATHS
+from moejax.moe.ffn_init import DEFAULT_FFN_INIT, FFN_INITS
 from moejax.parallel.mesh import MeshConfig
 from moejax.routing.registry import check_router
 from moejax.stages.stage import Stage
@@ -66,7 +68,11 @@ class RunConfig:
   mesh: MeshConfig = MeshConfig()
 
   def to_json(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
+    """The config as written to config.json, plus `derived`: what follows from
+    it (each stage's active FFN FLOPs per token, forward)."""
+    flops = {st.name: active_ffn_flops_per_token(st.model) for st in self.stages}
+    return {**dataclasses.asdict(self),
+            "derived": {"active_ffn_flops_per_token": flops}}
 
 
 def stage_config(name: str, *, steps: int = 0, fraction: float = 0.0,
@@ -90,7 +96,7 @@ def default_config() -> ml_collections.ConfigDict:
       moe_layers="every_other", num_experts=8, top_k=1, router="switch",
       router_options=ml_collections.ConfigDict(), dispatch="capacity",
       capacity_factor=1.25, expert_d_ff=config_dict.placeholder(int),
-      matmul="xla"))
+      equal_flops=True, matmul="xla", ffn_init=DEFAULT_FFN_INIT))
   c.data = ml_collections.ConfigDict(dataclasses.asdict(DataConfig()))
   c.data.tfds_data_dir = config_dict.placeholder(str)
   c.train = ml_collections.ConfigDict(dataclasses.asdict(TrainConfig()))
@@ -119,6 +125,7 @@ def _model(m: dict[str, Any], data: DataConfig) -> TransformerConfig:
                          "num_experts", "top_k"))
   _choice("model.dtype", m["dtype"], DTYPES)
   _choice("model.dispatch", m["dispatch"], DISPATCH_PATHS)
+  _choice("model.ffn_init", m["ffn_init"], FFN_INITS)
   if m["d_model"] % m["num_heads"]:
     raise ConfigError(f"model.d_model={m['d_model']} is not divisible by "
                       f"model.num_heads={m['num_heads']}")
@@ -139,12 +146,14 @@ def _model(m: dict[str, Any], data: DataConfig) -> TransformerConfig:
   moe = MoEConfig(
       num_experts=m["num_experts"], top_k=m["top_k"], router=m["router"],
       router_options=tuple(sorted(options.items())), dispatch=m["dispatch"],
-      capacity_factor=float(m["capacity_factor"]), d_ff=m["expert_d_ff"],
+      capacity_factor=float(m["capacity_factor"]),
+      d_ff=expert_width(m["d_ff"], top_k=m["top_k"], expert_d_ff=m["expert_d_ff"],
+                        equal_flops=bool(m["equal_flops"])),
       matmul=m["matmul"])
   return TransformerConfig(
       vocab_size=data.vocab_size, max_len=data.seq_len, num_layers=m["num_layers"],
       d_model=m["d_model"], num_heads=m["num_heads"], d_ff=m["d_ff"],
-      moe_layers=moe_layers, moe=moe, dtype=m["dtype"])
+      moe_layers=moe_layers, moe=moe, dtype=m["dtype"], ffn_init=m["ffn_init"])
 
 
 def _stage_lengths(entries: list[dict], total: int) -> list[int]:

@@ -2,9 +2,9 @@
 
 All methods share the model (4 blocks, D=128, MoE in blocks 1 and 3, 8 experts),
 the data, the batch and the step budget. Active FFN FLOPs per token are equal to
-the dense model's: top-1 methods use experts of the dense width F, top-2 uses
-F/2 (two experts per token). EvoMoE's soft phase and DSelect-k's early phase
-use several experts per token, as in their papers.
+the dense model's (`model.equal_flops`): top-1 methods use experts of the dense
+width F, top-2 uses F/2 (two experts per token). EvoMoE's soft phase and
+DSelect-k's early phase use several experts per token, as in their papers.
 """
 
 import ml_collections
@@ -46,8 +46,7 @@ def method_config(method: str, steps: int = 600) -> ml_collections.ConfigDict:
     _router(c, "switch", aux_loss_coef=0.01, z_loss_coef=1e-3, jitter=0.0)
   elif method == "topk":
     _router(c, "topk", aux_loss_coef=0.01, z_loss_coef=1e-3)
-    c.model.top_k = 2
-    c.model.expert_d_ff = c.model.d_ff // 2
+    c.model.top_k = 2  # Experts of width F/2 (model.equal_flops).
   elif method == "expert_choice":
     _router(c, "expert_choice", capacity_factor=1.0)
   elif method == "base":
