@@ -20,6 +20,10 @@ class DataConfig:
     tfds_data_dir: data_dir for `tfds:` sources (None: the TFDS default).
     tokenizer_max_sentences: lines sampled from the training split to train
       SentencePiece.
+    test_fraction: share of what validation leaves carved out as a test split
+      that neither training, the tokenizer nor evaluation during training sees
+      (`Datasets.test_batches`; 0: none). For `tfds:` sources, the dataset's
+      `test` split when validation is another split.
   """
 
   source: str = "embedded"
@@ -31,3 +35,4 @@ class DataConfig:
   seed: int = 0
   tfds_data_dir: str | None = None
   tokenizer_max_sentences: int = 200_000
+  test_fraction: float = 0.0
