@@ -155,7 +155,9 @@ def main(argv: Sequence[str] | None = None) -> pathlib.Path:
       for seed in range(args.seeds):
         config = runs.build_config(method, args, seed=seed, point=point)
         workdir = runs.run_dir(root, method, config)
-        print(f"== {method} {point} seed {seed}: {workdir}", flush=True)
+        name = (f"{method} ffn_init={point.ffn_init} lr={point.learning_rate:g} "
+                f"seed {seed}")
+        print(f"== {name}: {workdir}", flush=True)
         try:
           outcome = runs.train_run(root, workdir, config, not args.quiet)
           record = validation_record(workdir)
@@ -164,8 +166,8 @@ def main(argv: Sequence[str] | None = None) -> pathlib.Path:
           outcome = f"failed ({type(e).__name__})"
           record = {"valid_ppl": math.inf, "router_entropy": None,
                     "router_drift": None, "step_s": None}
-        print(f"== {method} {point} seed {seed}: {outcome}, valid PPL "
-              f"{record['valid_ppl']:.2f}", flush=True)
+        print(f"== {name}: {outcome}, valid PPL {record['valid_ppl']:.2f}",
+              flush=True)
         for key, value in record.items():
           entry[key].append(value)
       grid.append(entry)
