@@ -23,8 +23,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moejax.data import DataConfig, load_datasets
 from moejax.models import TransformerLM
 from moejax.models.config import transformer_config_from_json
+from moejax.train.checkpoint import restore_params
+from moejax.train.loop import Evaluator, run_keys
 
 FINAL_STATE_FILE = "final_state.json"
 
@@ -60,9 +63,6 @@ def _last_step(workdir: pathlib.Path) -> int:
 def final_state(workdir: str | pathlib.Path, *, test: bool) -> dict:
   """{"step", "router_drift": {layer: float | None}, and with `test` "test":
   {"loss", "ppl"} or None} of the run in `workdir` (cached)."""
-  from moejax.data import DataConfig, load_datasets  # pylint: disable=g-import-not-at-top
-  from moejax.train.checkpoint import restore_params  # pylint: disable=g-import-not-at-top
-  from moejax.train.loop import Evaluator, run_keys  # pylint: disable=g-import-not-at-top
   workdir = pathlib.Path(workdir)
   cache = workdir / FINAL_STATE_FILE
   step = _last_step(workdir)

@@ -26,8 +26,10 @@ import ml_collections
 from experiments.final_state import FINAL_STATE_FILE
 from experiments.routing import ROUTES_FILE
 from experiments.summary import WALL_TIME_FILE
+from moejax.data import load_datasets
 from moejax.metrics.writers import read_metrics
 from moejax.train.config import RunConfig, parse
+from moejax.train.loop import train_and_evaluate
 from moejax.train.presets import METHODS, method_config
 
 DATA_DIR = "_data"
@@ -177,7 +179,6 @@ def _link_tree(src: pathlib.Path, dst: pathlib.Path) -> None:
 def prepare_data(root: pathlib.Path, config: RunConfig) -> tuple[str, ...]:
   """Trains the shared tokenizer and builds the data cache once; returns the
   domain names."""
-  from moejax.data import load_datasets  # pylint: disable=g-import-not-at-top
   data = load_datasets(config.data, workdir=root / DATA_DIR,
                        batch_size=config.train.batch_size)
   print(data.describe(), flush=True)
@@ -187,7 +188,6 @@ def prepare_data(root: pathlib.Path, config: RunConfig) -> tuple[str, ...]:
 def train_run(root: pathlib.Path, workdir: pathlib.Path, config: RunConfig,
               verbose: bool) -> str:
   """Trains (or resumes) one run in `workdir`; returns 'trained' or 'skipped'."""
-  from moejax.train.loop import train_and_evaluate  # pylint: disable=g-import-not-at-top
   saved = workdir / "config.json"
   if saved.exists():
     steps = json.loads(saved.read_text())["train"]["steps"]

@@ -147,8 +147,9 @@ def _model(m: dict[str, Any], data: DataConfig) -> TransformerConfig:
       num_experts=m["num_experts"], top_k=m["top_k"], router=m["router"],
       router_options=tuple(sorted(options.items())), dispatch=m["dispatch"],
       capacity_factor=float(m["capacity_factor"]),
-      d_ff=expert_width(m["d_ff"], top_k=m["top_k"], expert_d_ff=m["expert_d_ff"],
-                        equal_flops=bool(m["equal_flops"])),
+      d_ff=(expert_width(m["d_ff"], top_k=m["top_k"], expert_d_ff=m["expert_d_ff"],
+                         equal_flops=bool(m["equal_flops"]))
+            if moe_layers else m["expert_d_ff"]),
       matmul=m["matmul"])
   return TransformerConfig(
       vocab_size=data.vocab_size, max_len=data.seq_len, num_layers=m["num_layers"],

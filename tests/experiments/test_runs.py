@@ -44,8 +44,8 @@ def test_a_seed_fixes_data_order_and_shared_init_across_methods():
   # FFNs of blocks 0 and 2, attention, norms, embeddings), and there are many.
   flat = {m: dict(jax.tree_util.tree_flatten_with_path(p)[0])
           for m, p in params.items()}
-  shared = [k for k in flat["dense"]
-            if k in flat["switch"] and flat["dense"][k].shape == flat["switch"][k].shape]
+  shared = [k for k, v in flat["dense"].items()
+            if k in flat["switch"] and v.shape == flat["switch"][k].shape]
   assert len(shared) >= 20
   for key in shared:
     np.testing.assert_array_equal(flat["dense"][key], flat["switch"][key])
