@@ -1,17 +1,19 @@
-"""`report.md` of a router comparison: the table, the papers' claims checked
-against it, and the figures."""
+"""`report.md` of a router comparison: tables of mean ± std over seeds, the
+papers' orderings judged by the spread rule of `experiments.stats`, figures."""
 
+import dataclasses
+import math
 import pathlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-from experiments import plots
-from experiments.summary import (LAST_PROBES, SETTLE_AT, TAIL, RunSummary, fmt)
+from experiments import plots, stats
+from experiments.stats import Spread, spread
+from experiments.summary import LAST_PROBES, SETTLE_AT, TAIL, RunSummary
 
 # Headline valid PPL of the StableMoE paper (LM, base size); lower is better.
 PAPER_PPL = {"stablemoe": 19.28, "hash": 19.63, "switch": 19.79, "base": 20.04,
              "dense": 23.02}
 PAPER_BASE_CHANGED_AFTER_20 = 0.409  # BASE tokens that change expert after 20%.
-PAPER_EVOMOE_SPEEDUP = 2.0  # EvoMoE reaches Switch's PPL with 2x fewer samples.
 # Later methods against the baseline their papers beat: (method, baseline,
 # what the paper reports).
 MODERN_CLAIMS = (
@@ -22,6 +24,10 @@ MODERN_CLAIMS = (
     ("remoe", "switch", "ReLU routing beats top-k routing at equal active "
      "FLOPs (Wang et al. 2025)"),
 )
+# EvoMoE reaches Switch's final PPL with 2x fewer samples (1.42x fewer FLOPs);
+# a token ratio at most this counts as reproduced.
+EVOMOE_TOKEN_RATIO = 0.6
+LATE_FLUCTUATION = 0.10  # Learned routers still change > 10% of tokens late.
 FIGURES = {
     "ppl_vs_tokens.png": "Valid perplexity against training tokens",
     "fluctuation.png": "Routing fluctuation against training step",
@@ -30,117 +36,204 @@ FIGURES = {
 }
 
 
-def choose_target(runs: Sequence[RunSummary], given: float | None
+@dataclasses.dataclass
+class MethodResult:
+  """A method's runs, one per seed."""
+
+  method: str
+  runs: list[RunSummary]
+
+  def spread(self, measure: str | Callable[[RunSummary], float | None]
+             ) -> Spread | None:
+    """A measure (a RunSummary attribute or a function of one) over the seeds."""
+    get = measure if callable(measure) else (lambda r: getattr(r, measure))
+    return spread(get(r) for r in self.runs)
+
+
+def group(runs: Sequence[RunSummary]) -> list[MethodResult]:
+  """Runs grouped by method, in order of first appearance, seeds ascending."""
+  out: dict[str, MethodResult] = {}
+  for r in runs:
+    out.setdefault(r.method, MethodResult(r.method, [])).runs.append(r)
+  for result in out.values():
+    result.runs.sort(key=lambda r: r.seed)
+  return list(out.values())
+
+
+def quality(results: Sequence[MethodResult]) -> tuple[str, str]:
+  """(RunSummary attribute, name) of the PPL the claims judge: the test split's
+  when every run has one (selection never saw it), else validation's."""
+  if results and all(r.test_ppl is not None for m in results for r in m.runs):
+    return "test_ppl", "test PPL"
+  return "final_ppl", "valid PPL"
+
+
+def choose_target(results: Sequence[MethodResult], given: float | None
                   ) -> tuple[float | None, str]:
-  """(target PPL, the rule that chose it) for the 'tokens to reach' column."""
+  """(target valid PPL, the rule that chose it) for 'tokens to reach'."""
   if given is not None:
     return given, "given with --target-ppl"
-  by_method = {r.method: r for r in runs}
-  if "dense" in by_method and by_method["dense"].final_ppl is not None:
-    return by_method["dense"].final_ppl, "the dense model's final valid PPL"
-  finals = [r.final_ppl for r in runs if r.final_ppl is not None]
-  if not finals:
+  finals = {m.method: m.spread("final_ppl") for m in results}
+  if finals.get("dense") is not None:
+    return finals["dense"].mean, "the dense model's final valid PPL (mean over seeds)"
+  means = [s.mean for s in finals.values() if s is not None]
+  if not means:
     return None, "none (no run has an evaluation)"
-  return max(finals), "the worst final valid PPL among the methods (no dense run)"
+  return max(means), "the worst mean final valid PPL among the methods (no dense run)"
 
 
-def _tokens(n: int | None) -> str:
-  return "not reached" if n is None else f"{n / 1e6:.2f}M"
+def _tokens(result: MethodResult, target: float | None) -> str:
+  if target is None:
+    return "-"
+  reached = [r.tokens_to_reach(target) for r in result.runs]
+  hits = spread(t / 1e6 for t in reached if t is not None)
+  if hits is None:
+    return "not reached"
+  text = hits.format(".2f") + "M"
+  return text if hits.n == len(reached) else f"{text} ({hits.n}/{len(reached)} seeds)"
 
 
-def results_table(runs: Sequence[RunSummary], target: float | None) -> str:
-  head = ("| method | valid PPL | tokens to PPL <= target | fluctuation, last "
-          f"{LAST_PROBES} probes | changed expert after {SETTLE_AT:.0%} (probe step) "
-          "| load CV | drop fraction | expert-domain NMI | wall time (s) |")
-  lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
-  for r in runs:
-    reach = r.tokens_to_reach(target) if target is not None else None
-    changed = ("-" if r.changed_after is None else
-               f"{r.changed_after:.1%} ({r.changed_after_step})")
-    lines.append(
-        f"| {r.method} | {fmt(r.final_ppl, '.2f')} | {_tokens(reach)} | "
-        f"{fmt(None if r.final_fluctuation is None else 100 * r.final_fluctuation, '.2f')}"
-        f"{'%' if r.final_fluctuation is not None else ''} | {changed} | "
-        f"{fmt(r.load_cv)} | {fmt(r.drop_frac)} | {fmt(r.domain_nmi)} | "
-        f"{fmt(r.wall_s, '.0f')} |")
-  return "\n".join(lines)
+def _row(cells: Sequence[str]) -> str:
+  return "| " + " | ".join(cells) + " |"
 
 
-def _verdict(ok: bool | str) -> str:
-  if isinstance(ok, str):
-    return ok
-  return "yes" if ok else "**no**"
+def _table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+  lines = [_row(head), "|" + "---|" * len(head)]
+  return "\n".join(lines + [_row(r) for r in rows])
 
 
-def paper_claims(runs: Sequence[RunSummary]) -> str:
-  """The papers' orderings that this comparison can test, each with its numbers."""
-  ppl = {r.method: r.final_ppl for r in runs if r.final_ppl is not None}
+def _pct(s: Spread | None) -> str:
+  return "-" if s is None else Spread(tuple(100 * v for v in s.values)).format(".1f")
+
+
+def results_tables(results: Sequence[MethodResult], target: float | None) -> str:
+  """Quality, routing and cost tables, one row per method."""
+  quality_rows, routing_rows, cost_rows = [], [], []
+  for m in results:
+    entropy = m.spread(lambda r: None if not r.num_experts or r.router_entropy is None
+                       else r.router_entropy / math.log(max(r.num_experts, 2)))
+    flops = m.spread("active_ffn_flops")
+    quality_rows.append([
+        m.method, str(len(m.runs)), stats.fmt(m.spread("final_ppl")),
+        stats.fmt(m.spread("test_ppl")), _tokens(m, target),
+        stats.fmt(None if flops is None else Spread(tuple(v / 1e6 for v in
+                                                          flops.values)), ".2f")])
+    step = m.runs[0].changed_after_step
+    routing_rows.append([
+        m.method, _pct(m.spread("final_fluctuation")),
+        _pct(m.spread("changed_after")) + ("" if step is None else f" ({step})"),
+        stats.fmt(m.spread("load_cv"), ".3f"), stats.fmt(m.spread("drop_frac"), ".3f"),
+        stats.fmt(m.spread("domain_nmi"), ".3f"), stats.fmt(entropy, ".3f"),
+        stats.fmt(m.spread("router_drift"), ".3f")])
+    cost_rows.append([m.method, stats.fmt(m.spread("step_s"), ".3f"),
+                      stats.fmt(m.spread("wall_s"), ".0f")])
+  return "\n\n".join([
+      "**Quality**\n\n" + _table(
+          ["method", "seeds", "valid PPL", "test PPL",
+           "tokens to valid PPL <= target", "active FFN MFLOPs/token"],
+          quality_rows),
+      "**Routing**\n\n" + _table(
+          ["method", f"fluctuation, last {LAST_PROBES} probes (%)",
+           f"changed expert after {SETTLE_AT:.0%} (%) (probe step)", "load CV",
+           "drop fraction", "expert-domain NMI", "router entropy / log E",
+           "router drift"], routing_rows),
+      "**Cost**\n\n" + _table(["method", "s/step (median)", "wall time per run (s)"],
+                              cost_rows)])
+
+
+def paper_claims(results: Sequence[MethodResult]) -> str:
+  """The papers' claims that this comparison can test, each with its numbers
+  and a verdict by the spread rule."""
+  attr, name = quality(results)
+  by = {m.method: m for m in results}
+  ppl = {m.method: m.spread(attr) for m in results}
+  ppl = {k: v for k, v in ppl.items() if v is not None}
   rows = []
   order = [m for m in sorted(PAPER_PPL, key=PAPER_PPL.get) if m in ppl]
   for i, a in enumerate(order):  # Every pair the paper orders, best first.
     for b in order[i + 1:]:
-      rows.append((f"{a} < {b} (valid PPL)", f"{PAPER_PPL[a]} < {PAPER_PPL[b]}",
-                   f"{ppl[a]:.2f} vs {ppl[b]:.2f}", ppl[a] < ppl[b]))
-  if len(order) > 2:
-    here = sorted(order, key=ppl.get)
-    rows.append(("rank order of " + ", ".join(order), " < ".join(order),
-                 " < ".join(f"{m} {ppl[m]:.2f}" for m in here), here == order))
+      rows.append((f"{a} < {b} ({name})", f"{PAPER_PPL[a]} < {PAPER_PPL[b]}",
+                   f"{ppl[a].format()} vs {ppl[b].format()}",
+                   stats.less(ppl[a], ppl[b])))
   moe = [m for m in ppl if m != "dense"]
   if "dense" in ppl and moe:
-    worse = [m for m in moe if ppl[m] >= ppl["dense"]]
-    rows.append(("every MoE method beats dense", "all MoE < 23.02",
-                 f"dense {ppl['dense']:.2f}; not better: "
-                 + (", ".join(f"{m} {ppl[m]:.2f}" for m in worse) or "none"),
-                 not worse))
-  by = {r.method: r for r in runs}
-  if "evomoe" in by and "switch" in by and by["switch"].final_ppl is not None:
-    sw = by["switch"]
-    sw_tokens = sw.tokens_to_reach(sw.final_ppl)
-    evo_tokens = by["evomoe"].tokens_to_reach(sw.final_ppl)
-    speedup = sw_tokens / evo_tokens if evo_tokens else None
-    here = (f"Switch {sw.final_ppl:.2f} at {_tokens(sw_tokens)}; evomoe at "
-            f"{_tokens(evo_tokens)}" + (f" ({speedup:.2f}x)" if speedup else ""))
-    if "dense" in by:
-      here += f"; dense at {_tokens(by['dense'].tokens_to_reach(sw.final_ppl))}"
-    verdict = ("yes" if speedup and speedup >= PAPER_EVOMOE_SPEEDUP else
-               "partly (fewer, not 2x)" if speedup and speedup > 1 else "**no**")
-    rows.append(("evomoe reaches Switch's final PPL with 2x fewer tokens",
-                 f"{PAPER_EVOMOE_SPEEDUP:.1f}x fewer", here, verdict))
+    verdicts = {m: stats.less(ppl[m], ppl["dense"]) for m in moe}
+    rows.append((f"every MoE method beats dense ({name})", "all MoE < 23.02",
+                 f"dense {ppl['dense'].format()}; "
+                 + ", ".join(f"{m} {ppl[m].format()} ({v})"
+                             for m, v in verdicts.items()),
+                 stats.all_less(list(verdicts.values()))))
+  if "evomoe" in by and "switch" in by:
+    rows.append(_evomoe_claim(by["evomoe"], by["switch"]))
   for method, baseline, claim in MODERN_CLAIMS:
     if method in ppl and baseline in ppl:
-      rows.append((f"{method} < {baseline} (valid PPL): {claim}", "lower PPL",
-                   f"{ppl[method]:.2f} vs {ppl[baseline]:.2f}",
-                   ppl[method] < ppl[baseline]))
-  changed = {r.method: r.changed_after for r in runs if r.changed_after is not None}
-  if "stablemoe" in changed:
-    rows.append((f"stablemoe: no token changes expert after stage 1 "
-                 f"({SETTLE_AT:.0%})", "0% by construction",
-                 f"{changed['stablemoe']:.1%}", changed["stablemoe"] == 0))
-    others = {m: v for m, v in changed.items() if m not in ("stablemoe", "hash")}
-    if others:
-      rows.append(("stablemoe changes fewer tokens after 20% than learned routers",
-                   f"BASE {PAPER_BASE_CHANGED_AFTER_20:.1%} vs StableMoE 0%",
-                   ", ".join(f"{m} {v:.1%}" for m, v in others.items()),
-                   all(changed["stablemoe"] < v for v in others.values())))
+      rows.append((f"{method} < {baseline} ({name}): {claim}", "lower PPL",
+                   f"{ppl[method].format()} vs {ppl[baseline].format()}",
+                   stats.less(ppl[method], ppl[baseline])))
+  if "stablemoe" in by:
+    changed = by["stablemoe"].spread("changed_after")
+    if changed is not None:
+      rows.append((f"stablemoe: no token changes expert after stage 1 "
+                   f"({SETTLE_AT:.0%})", "0% by construction", _pct(changed) + "%",
+                   stats.REPRODUCED if max(changed.values) == 0
+                   else stats.CONTRADICTED))
+  late = {m.method: m.spread("final_fluctuation") for m in results
+          if m.method not in ("dense", "stablemoe", "hash")}
+  late = {k: v for k, v in late.items() if v is not None}
+  if late:
+    rows.append((f"learned routers still change > {LATE_FLUCTUATION:.0%} of "
+                 f"tokens per probe late (last {LAST_PROBES} probes)",
+                 f"BASE {PAPER_BASE_CHANGED_AFTER_20:.1%} change after 20%",
+                 ", ".join(f"{m} {_pct(v)}%" for m, v in late.items()),
+                 stats.all_less([stats.above(v, LATE_FLUCTUATION)
+                                 for v in late.values()])))
   if not rows:
-    return "No method pair of the papers' headline is in this comparison.\n"
-  lines = ["| claim | paper | here | reproduced |", "|---|---|---|---|"]
-  lines += [f"| {c} | {p} | {h} | {_verdict(ok)} |" for c, p, h, ok in rows]
-  return "\n".join(lines) + "\n"
+    return "No claim of the papers can be checked with these methods.\n"
+  return _table(["claim", "paper", "here (mean ± std over seeds)", "reproduced"],
+                rows) + "\n"
+
+
+def _evomoe_claim(evo: MethodResult, switch: MethodResult) -> tuple:
+  """EvoMoE's tokens to reach Switch's final valid PPL, as a share of Switch's
+  tokens, per seed (the same seed's Switch run)."""
+  switch_by_seed = {r.seed: r for r in switch.runs}
+  ratios, missed = [], []
+  for r in evo.runs:
+    sw = switch_by_seed.get(r.seed)
+    if sw is None or sw.final_ppl is None:
+      continue
+    evo_tokens = r.tokens_to_reach(sw.final_ppl)
+    if evo_tokens is None:
+      missed.append(r.seed)
+    else:
+      ratios.append(evo_tokens / (sw.tokens_to_reach(sw.final_ppl) or 1))
+  ratio = spread(ratios)
+  here = ("never reached" if ratio is None else f"{ratio.format('.2f')}x Switch's "
+          "tokens") + (f"; not reached at seed(s) {missed}" if missed else "")
+  if missed:
+    verdict = stats.CONTRADICTED
+  elif ratio is None:
+    verdict = stats.ONE_SEED
+  else:
+    verdict = stats.below(ratio, EVOMOE_TOKEN_RATIO + 1e-12)
+  return ("evomoe reaches Switch's final valid PPL with <= "
+          f"{EVOMOE_TOKEN_RATIO}x its tokens", "2x fewer samples", here, verdict)
 
 
 def write_report(root: pathlib.Path, runs: Sequence[RunSummary], *,
                  target_ppl: float | None, setup: Sequence[str],
-                 command: str) -> pathlib.Path:
+                 command: str, tuning: str = "") -> pathlib.Path:
   """Writes `root/report.md` and its PNGs; returns the report's path."""
-  target, rule = choose_target(runs, target_ppl)
-  made = [plots.ppl_vs_tokens(runs, target, root / "ppl_vs_tokens.png"),
-          plots.fluctuation_vs_step(runs, root / "fluctuation.png"),
-          plots.load_heatmap(runs, root / "expert_load.png"),
-          plots.domain_heatmaps(runs, root / "expert_by_domain.png")]
+  results = group(runs)
+  target, rule = choose_target(results, target_ppl)
+  made = [plots.ppl_vs_tokens(results, target, root / "ppl_vs_tokens.png"),
+          plots.fluctuation_vs_step(results, root / "fluctuation.png"),
+          plots.load_heatmap(results, root / "expert_load.png"),
+          plots.domain_heatmaps(results, root / "expert_by_domain.png")]
   figures = [f"![{FIGURES[p.name]}]({p.name})\n" for p in made if p is not None]
   target_text = "-" if target is None else f"{target:.2f}"
   probe_domains = ", ".join(sorted({d for r in runs for d in r.probe_domains})) or "-"
+  _, judged = quality(results)
   text = f"""# Router comparison
 
 Written by `experiments/compare_routers.py`:
@@ -152,44 +245,48 @@ Written by `experiments/compare_routers.py`:
 ## Setup
 
 {chr(10).join(f"- {line}" for line in setup)}
-
+{tuning}
 ## Results
 
-Target PPL for "tokens to PPL <= target": **{target_text}**, {rule}.
+Every cell is the mean ± sample standard deviation over the seeds (one value:
+one seed). Target PPL for "tokens to valid PPL <= target": **{target_text}**,
+{rule}.
 
-{results_table(runs, target)}
+{results_tables(results, target)}
 
-- **valid PPL**: held-out perplexity at the last step. Every method saw the same
-  batches in the same order; the presets give every method the dense model's
-  active FFN FLOPs per token, except where a method's paper routes a token to
-  several experts (DSelect-k before its codes converge, EvoMoE's soft phase).
-- **tokens to PPL <= target**: tokens at the first evaluation whose PPL is at or
-  below the target (resolution: one evaluation interval).
-- **fluctuation**: share of probe tokens (the trainer's probe set, the first
-  held-out batch, routed as at evaluation; here from domain(s)
-  {probe_domains}) whose top expert changed since the previous probe, mean over
-  MoE layers and over the last {LAST_PROBES} probes.
+- **valid PPL / test PPL**: perplexity at the last step on the validation split
+  (which any tuning selected on) and on the test split (which neither training
+  nor selection saw). At seed s every method saw the same batches in the same
+  order and started from the same params wherever the shapes agree.
+- **tokens to valid PPL <= target**: tokens at the first evaluation at or below
+  the target (resolution: one evaluation interval), over the seeds that reach it.
+- **active FFN MFLOPs/token**: forward FLOPs of the FFNs per token
+  (`config.json` `derived`), equal across methods by `model.equal_flops`;
+  nominal for routers that use several experts per token early (DSelect-k
+  before its codes converge, EvoMoE's soft phase).
+- **fluctuation**: share of probe tokens (the first held-out batch, routed as
+  at evaluation; domain(s) {probe_domains}) whose top expert changed since the
+  previous probe, mean over MoE layers and the last {LAST_PROBES} probes.
 - **changed expert after {SETTLE_AT:.0%}**: share of probe tokens whose expert
   still changed after the last probe at or before {SETTLE_AT:.0%} of training
-  (StableMoE's measure; from `fluctuation.json`). Where no probe is that early
-  (EvoMoE routes only after its dense stage) the first probe is used; the step
-  is in parentheses.
-- **load CV, drop fraction**: coefficient of variation of the expert loads and
-  share of routed slots dropped for capacity, mean over MoE layers and over the
-  last {TAIL:.0%} of steps.
+  (StableMoE's measure); where no probe is that early (EvoMoE routes only after
+  its dense stage) the first probe is used; its step in parentheses.
+- **load CV, drop fraction, router entropy**: over the last {TAIL:.0%} of steps,
+  mean over MoE layers; the entropy (of the router's distribution over experts,
+  per token) is divided by log E, so 1 is a uniform router.
+- **router drift**: ||r_T - r_0|| / ||r_0|| of each MoE layer's router params
+  between init and the last checkpoint, mean over layers (`-`: no params).
 - **expert-domain NMI**: I(expert; domain) / H(domain) of the top experts of all
-  held-out evaluation tokens at the last checkpoint, mean over MoE layers (0: routing ignores the domain; 1: the expert
-  identifies the domain).
-- **wall time**: measured by the script around training, summed over the
-  invocations that trained the method (compilation, evaluation and checkpoints
-  included; the machine may have been shared).
+  held-out evaluation tokens at the last checkpoint, mean over MoE layers.
+- **s/step, wall time**: the median logged step time and the time around each
+  run (compilation, evaluation and checkpoints included) on a machine that
+  may have been shared.
 
 ## The papers' orderings at this scale
 
-{paper_claims(runs)}
-One seed per method: the spread between seeds was not measured, so small
-differences may not be meaningful.
+Judged on the {judged}. {stats.RULE}
 
+{paper_claims(results)}
 ## Figures
 
 {chr(10).join(figures)}"""

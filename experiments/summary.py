@@ -3,8 +3,10 @@
 Shapes: E experts, G domains, N probe tokens.
 
 Read from the files the trainer writes (`metrics.jsonl`, `router_loads.jsonl`,
-`fluctuation.json`, `probes/`), `wall_time.json` (written by `compare_routers`),
-and the held-out routes of the last checkpoint (`experiments.routing`).
+`fluctuation.json`, `probes/`, `config.json`), `wall_time.json` (written by
+`experiments.runs`), the held-out routes of the last checkpoint
+(`experiments.routing`) and its router drift and test perplexity
+(`experiments.final_state`).
 """
 
 import dataclasses
@@ -14,6 +16,7 @@ import pathlib
 
 import numpy as np
 
+from experiments.final_state import final_state
 from experiments.routing import heldout_routes
 from moejax.metrics.writers import LOADS_FILE, read_metrics, series
 
@@ -48,6 +51,13 @@ class RunSummary:
   # tokens (all evaluation batches) per expert, last checkpoint.
   domain_nmi: float | None  # I(expert; domain) / H(domain), mean over layers.
   wall_s: float | None
+  seed: int = 0
+  num_experts: int | None = None  # None for a dense model.
+  router_entropy: float | None = None  # Nats, mean over layers, last 10%.
+  router_drift: float | None = None  # ||r_T - r_0|| / ||r_0||, mean over layers.
+  test_ppl: float | None = None  # On the test split (None: not evaluated).
+  step_s: float | None = None  # Median seconds per training step (logged).
+  active_ffn_flops: int | None = None  # Forward, per token, the last stage.
 
   @property
   def final_ppl(self) -> float | None:
@@ -147,11 +157,27 @@ def _domains(workdir: pathlib.Path, num_experts: int
   return names, matrices, (float(np.mean(nmi)) if nmi and len(names) > 1 else None)
 
 
-def read_run(workdir: str | pathlib.Path, method: str) -> RunSummary:
-  """The summary of the finished run in `workdir`."""
+def median_step_seconds(rows: list[dict], tokens_per_step: int) -> float | None:
+  """Median training-step time from the logged `perf/tokens_per_sec` (rows
+  without a timed step excluded)."""
+  rates = [float(r["perf/tokens_per_sec"]) for r in rows
+           if float(r.get("perf/tokens_per_sec", 0.0)) > 0]
+  return float(np.median([tokens_per_step / r for r in rates])) if rates else None
+
+
+def _mean_over_layers(values: dict) -> float | None:
+  kept = [v for v in values.values() if v is not None]
+  return float(np.mean(kept)) if kept else None
+
+
+def read_run(workdir: str | pathlib.Path, method: str, *,
+             test: bool = False) -> RunSummary:
+  """The summary of the finished run in `workdir`; with `test`, its test-split
+  perplexity too (never asked for by a tuning sweep)."""
   workdir = pathlib.Path(workdir)
   config = json.loads((workdir / "config.json").read_text())
   steps = config["train"]["steps"]
+  tokens_per_step = config["train"]["batch_size"] * config["data"]["seq_len"]
   rows = read_metrics(workdir)
   eval_steps, eval_ppl = series(rows, "eval/ppl")
   probe_steps, fluctuation = series(rows, "router/fluctuation")
@@ -161,9 +187,10 @@ def read_run(workdir: str | pathlib.Path, method: str) -> RunSummary:
                                         round(SETTLE_AT * steps))
   names, domain_GE, nmi = _domains(workdir, config["model"]["moe"]["num_experts"])
   wall = workdir / WALL_TIME_FILE
+  state = final_state(workdir, test=test)
+  flops = config.get("derived", {}).get("active_ffn_flops_per_token", {})
   return RunSummary(
-      method=method, steps=steps,
-      tokens_per_step=config["train"]["batch_size"] * config["data"]["seq_len"],
+      method=method, steps=steps, tokens_per_step=tokens_per_step,
       eval_steps=eval_steps, eval_ppl=_floats(eval_ppl),
       probe_steps=probe_steps, fluctuation=_floats(fluctuation),
       final_fluctuation=(float(np.mean(fluctuation[-LAST_PROBES:]))
@@ -175,7 +202,15 @@ def read_run(workdir: str | pathlib.Path, method: str) -> RunSummary:
       loads_E=_tail_loads(workdir, start),
       probe_domains=_probe_domains(workdir), domain_names=names,
       domain_GE=domain_GE, domain_nmi=nmi,
-      wall_s=(json.loads(wall.read_text())["seconds"] if wall.exists() else None))
+      wall_s=(json.loads(wall.read_text())["seconds"] if wall.exists() else None),
+      seed=config["train"]["seed"],
+      num_experts=(config["model"]["moe"]["num_experts"]
+                   if config["model"]["moe_layers"] else None),
+      router_entropy=_tail_mean(rows, "router/entropy", start),
+      router_drift=_mean_over_layers(state["router_drift"]),
+      test_ppl=(state.get("test") or {}).get("ppl"),
+      step_s=median_step_seconds(rows, tokens_per_step),
+      active_ffn_flops=list(flops.values())[-1] if flops else None)
 
 
 def fmt(value: float | None, spec: str = ".3f") -> str:

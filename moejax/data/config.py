@@ -23,6 +23,10 @@ class DataConfig:
     cache_dir: where prepared datasets, tokenizers and packed windows are kept
       for every run on the same corpus (None: the user cache dir, see
       `moejax.data.cache`; "": `<workdir>/data`, a cache per workdir).
+    test_fraction: share of what validation leaves carved out as a test split
+      that neither training, the tokenizer nor evaluation during training sees
+      (`Datasets.test_batches`; 0: none). For `tfds:` sources, the dataset's
+      `test` split when validation is another split.
   """
 
   source: str = "embedded"
@@ -35,3 +39,4 @@ class DataConfig:
   tfds_data_dir: str | None = None
   tokenizer_max_sentences: int = 200_000
   cache_dir: str | None = None
+  test_fraction: float = 0.0

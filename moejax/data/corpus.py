@@ -14,11 +14,13 @@ from moejax.errors import DataError
 
 @dataclasses.dataclass(frozen=True)
 class Corpus:
-  """Train and held-out documents of a source, and the key that identifies them."""
+  """Train and held-out documents of a source, and the key that identifies them;
+  `test` is empty unless `data.test_fraction` > 0."""
   source: str
   key: str
   train: Sequence[Document]
   validation: Sequence[Document]
+  test: Sequence[Document] = ()
 
 
 def corpus_key(*parts) -> str:

@@ -11,6 +11,12 @@ The held-out carve is deterministic and needs no randomness:
   `i % stride == stride - 1` (the effective held-out share is 1/stride);
 - a domain with two or more chunks but fewer than `stride` gets its last chunk held
   out, so every domain with two or more chunks has at least one validation chunk;
+- with a test share (`test_fraction` > 0), the same rule runs again on each domain's
+  chunks that validation left, numbered r = 0, 1, ... in order: chunk r goes to
+  test iff `r % test_stride == test_stride - 1`, `test_stride = round(1 /
+  test_fraction)` (a domain with two or more such chunks but fewer than the
+  stride gives its last one); the test share is `(1 - 1/stride) / test_stride`
+  of the corpus, and test text is disjoint from training and validation text;
 - consecutive chunks of one document that land in the same split are joined again, so
   an example (and an EOS after packing) never breaks a document except where a
   held-out chunk was cut out of it.
@@ -108,26 +114,44 @@ def chunk_text(text: str, chunk_bytes: int = CHUNK_BYTES) -> list[str]:
   return chunks
 
 
-def carve_chunks(docs: Sequence[Document], eval_fraction: float
-                 ) -> tuple[list[Chunk], list[Chunk]]:
-  """Assigns every chunk of `docs` to train or validation by the stride rule above."""
-  stride = max(2, round(1 / eval_fraction))
+class Splits(NamedTuple):
+  """Documents (or chunks) of each split; `test` is empty without a test share."""
+  train: list
+  validation: list
+  test: list
+
+
+def _every_stride(chunks: Sequence[Chunk], fraction: float) -> set[int]:
+  """Indices of the chunks the stride rule holds out (see the module docstring)."""
+  stride = max(2, round(1 / fraction))
+  picked = [c.index for r, c in enumerate(chunks) if r % stride == stride - 1]
+  if not picked and len(chunks) >= 2:
+    picked = [chunks[-1].index]
+  return set(picked)
+
+
+def carve_chunks(docs: Sequence[Document], eval_fraction: float,
+                 test_fraction: float = 0.0) -> Splits:
+  """Assigns every chunk of `docs` to train, validation or test by the stride
+  rules above."""
   by_domain: dict[str, list[Chunk]] = {}
   for d, doc in enumerate(docs):
     for text in chunk_text(doc.text):
       chunks = by_domain.setdefault(doc.domain, [])
       chunks.append(Chunk(text, doc.domain, d, len(chunks)))
-  held = set()
-  for chunks in by_domain.values():
-    picked = [c.index for c in chunks if c.index % stride == stride - 1]
-    if not picked and len(chunks) >= 2:
-      picked = [chunks[-1].index]
-    held.update((chunks[0].domain, i) for i in picked)
+  split_of: dict[tuple[str, int], str] = {}
+  for domain, chunks in by_domain.items():
+    valid = _every_stride(chunks, eval_fraction)
+    split_of.update(((domain, i), "validation") for i in valid)
+    if test_fraction > 0:
+      rest = [c for c in chunks if c.index not in valid]
+      split_of.update(((domain, i), "test")
+                      for i in _every_stride(rest, test_fraction))
   ordered = sorted((c for cs in by_domain.values() for c in cs),
                    key=lambda c: (c.doc, c.index))
-  train = [c for c in ordered if (c.domain, c.index) not in held]
-  valid = [c for c in ordered if (c.domain, c.index) in held]
-  return train, valid
+  return Splits(*([c for c in ordered
+                   if split_of.get((c.domain, c.index), "train") == split]
+                  for split in Splits._fields))
 
 
 def join_runs(chunks: Sequence[Chunk]) -> list[Document]:
@@ -146,5 +170,12 @@ def join_runs(chunks: Sequence[Chunk]) -> list[Document]:
 def carve(docs: Sequence[Document], eval_fraction: float
           ) -> tuple[list[Document], list[Document]]:
   """(train, validation) documents of `docs`, carved by the chunk-stride rule."""
-  train, valid = carve_chunks(docs, eval_fraction)
+  train, valid, _ = carve_chunks(docs, eval_fraction)
   return join_runs(train), join_runs(valid)
+
+
+def carve_splits(docs: Sequence[Document], eval_fraction: float,
+                 test_fraction: float) -> Splits:
+  """Train, validation and test documents of `docs` (test empty when
+  `test_fraction` is 0), carved by the chunk-stride rules."""
+  return Splits(*map(join_runs, carve_chunks(docs, eval_fraction, test_fraction)))

@@ -7,9 +7,10 @@ dropped). A window gives `inputs = w[:-1]` and `targets = w[1:]`; `domains` is t
 domain id of each input token (an EOS belongs to the document it ends).
 
 The packed arrays are cached under `<cache>/packed/<key>/` (key: corpus key,
-tokenizer hash, L): `{train,validation}_{tokens,domains}.npy` int32[N, L+1] and
-`domains.json` (the domain names, index = id), written last: a directory with it
-is complete. Local caches are memory-mapped; others are read whole.
+tokenizer hash, L): `{train,validation,test}_{tokens,domains}.npy` int32[N, L+1] (test: N = 0
+without a test split) and `domains.json` (the domain names, index = id),
+written last: a directory with it is complete. Local caches are memory-mapped;
+others are read whole.
 """
 
 import dataclasses
@@ -25,7 +26,7 @@ from moejax.data.documents import Document
 from moejax.data.tokenizer import EOS_ID
 from moejax.paths import as_path, is_local
 
-SPLITS = ("train", "validation")
+SPLITS = ("train", "validation", "test")
 _ENCODE_GROUP = 256  # Documents per SentencePiece call: bounds memory, uses threads.
 
 
@@ -59,11 +60,13 @@ def pack(tokens_T: np.ndarray, domains_T: np.ndarray, seq_len: int
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Packed:
-  """Packed windows of both splits, int32[N, L+1] each, and the domain names."""
+  """Packed windows of every split, int32[N, L+1] each, and the domain names."""
   train_tokens: np.ndarray
   train_domains: np.ndarray
   validation_tokens: np.ndarray
   validation_domains: np.ndarray
+  test_tokens: np.ndarray
+  test_domains: np.ndarray
   domain_names: tuple[str, ...]
   cache_dir: str
 
@@ -82,7 +85,11 @@ def _load_array(path: epath.Path) -> np.ndarray:
 
 def _load(cache: epath.Path) -> Packed:
   arrays = {f"{s}_{k}": _load_array(cache / f"{s}_{k}.npy")
-            for s in SPLITS for k in ("tokens", "domains")}
+            for s in SPLITS for k in ("tokens", "domains")
+            if (cache / f"{s}_{k}.npy").exists()}  # Caches older than test: none.
+  empty = np.zeros((0, arrays["train_tokens"].shape[1]), np.int32)
+  arrays.setdefault("test_tokens", empty)
+  arrays.setdefault("test_domains", empty)
   names = tuple(json.loads((cache / "domains.json").read_text()))
   return Packed(**arrays, domain_names=names, cache_dir=os.fspath(cache))
 
@@ -108,9 +115,9 @@ def _save(cache: epath.Path, arrays: dict[str, np.ndarray],
 
 
 def load_or_pack(train: Sequence[Document], validation: Sequence[Document], sp,
-                 seq_len: int, *, corpus_key: str,
-                 cache_root: str | os.PathLike) -> Packed:
-  """Packs both splits with one domain numbering (train first), cached on disk."""
+                 seq_len: int, *, corpus_key: str, cache_root: str | os.PathLike,
+                 test: Sequence[Document] = ()) -> Packed:
+  """Packs every split with one domain numbering (train first), cached on disk."""
   key = hashlib.sha256(
       f"{corpus_key}/{tokenizer_hash(sp)}/{seq_len}".encode()).hexdigest()[:16]
   cache = as_path(cache_root) / "packed" / key
@@ -118,7 +125,7 @@ def load_or_pack(train: Sequence[Document], validation: Sequence[Document], sp,
     return _load(cache)
   domain_ids: dict[str, int] = {}
   arrays = {}
-  for split, docs in zip(SPLITS, (train, validation)):
+  for split, docs in zip(SPLITS, (train, validation, test)):
     tokens, domains = pack(*encode_documents(sp, docs, domain_ids), seq_len)
     arrays[f"{split}_tokens"], arrays[f"{split}_domains"] = tokens, domains
   _save(cache, arrays, list(domain_ids))

@@ -49,11 +49,13 @@ class Datasets:
   """Training batches by index, fixed held-out batches, and what describes them."""
   train: grain.MapDataset  # ds.train[i]: batch i, endless.
   eval_batches: tuple[Batch, ...]  # In order; each of min(B, eval_sequences) rows.
+  test_batches: tuple[Batch, ...]  # The same from the test split; () without one.
   tokenizer: spm.SentencePieceProcessor
   vocab_size: int
   domain_names: tuple[str, ...]
   train_sequences: int  # Packed training windows (one epoch).
   eval_sequences: int  # Packed held-out windows (eval_batches use a spread subset).
+  test_sequences: int  # Packed test windows (0 without a test split).
   train_tokens: int  # Tokens in the packed training windows: sequences * (L + 1).
   token_counts: np.ndarray  # int64[V]: occurrences of each id in the training split.
   seq_len: int
@@ -75,7 +77,9 @@ class Datasets:
             f"({self.train_tokens:,} tokens, {self.steps_per_epoch:,} batches of "
             f"{self.batch_size}/epoch); eval {len(self.eval_batches)} batches of "
             f"{eval_b} from {self.eval_sequences:,} held-out sequences; "
-            f"cache {self.cache_dir}")
+            + (f"test {len(self.test_batches)} batches from "
+               f"{self.test_sequences:,} sequences; " if self.test_sequences else "")
+            + f"cache {self.cache_dir}")
 
 
 def _positive_int(name: str, value) -> None:
@@ -106,6 +110,11 @@ def validate(cfg: DataConfig) -> None:
       or not 0 < cfg.eval_fraction <= 0.5):
     raise DataError(f"data.eval_fraction must be in (0, 0.5], got "
                     f"{cfg.eval_fraction!r}; e.g. data.eval_fraction=0.05")
+  if (isinstance(cfg.test_fraction, bool)
+      or not isinstance(cfg.test_fraction, (int, float))
+      or not 0 <= cfg.test_fraction <= 0.5):
+    raise DataError(f"data.test_fraction must be in [0, 0.5] (0: no test split), "
+                    f"got {cfg.test_fraction!r}; e.g. data.test_fraction=0.05")
 
 
 def make_eval_batches(tokens_NxL1: np.ndarray, domains_NxL1: np.ndarray,
@@ -155,8 +164,9 @@ def _load(cfg: DataConfig, workdir, batch_size: int, *, writer: bool) -> Dataset
                                          cache_file=cache_file, may_train=writer)
     packed = packing.load_or_pack(corpus.train, corpus.validation, sp,
                                   cfg.seq_len, corpus_key=corpus.key,
-                                  cache_root=root)
+                                  cache_root=root, test=corpus.test)
   n_train, n_eval = len(packed.train_tokens), len(packed.validation_tokens)
+  n_test = len(packed.test_tokens)
   L = cfg.seq_len  # pylint: disable=invalid-name
   if n_train < batch_size:
     raise DataError(
@@ -167,6 +177,10 @@ def _load(cfg: DataConfig, workdir, batch_size: int, *, writer: bool) -> Dataset
     raise DataError(
         f"the held-out split yields 0 sequences of length {L}; lower data.seq_len, "
         "raise data.eval_fraction, or add text")
+  if cfg.test_fraction and n_test == 0:
+    raise DataError(
+        f"the test split yields 0 sequences of length {L}; lower data.seq_len, "
+        "raise data.test_fraction, or add text")
   if is_new and writer:  # Once the data is known to work: a bad run leaves none.
     tokenizer.save_tokenizer(sp, workdir / tokenizer.TOKENIZER_FILE)
   sequences = packing.PackedSequences(packed.train_tokens, packed.train_domains)
@@ -178,11 +192,15 @@ def _load(cfg: DataConfig, workdir, batch_size: int, *, writer: bool) -> Dataset
       eval_batches=make_eval_batches(packed.validation_tokens,
                                      packed.validation_domains, batch_size,
                                      cfg.eval_batches),
+      test_batches=(make_eval_batches(packed.test_tokens, packed.test_domains,
+                                      batch_size, cfg.eval_batches)
+                    if n_test else ()),
       tokenizer=sp,
       vocab_size=sp.vocab_size(),
       domain_names=packed.domain_names,
       train_sequences=n_train,
       eval_sequences=n_eval,
+      test_sequences=n_test,
       train_tokens=int(packed.train_tokens.size),
       token_counts=np.bincount(np.asarray(packed.train_tokens).reshape(-1),
                                minlength=sp.vocab_size()),

@@ -7,8 +7,9 @@ Forms of `data.source`:
 - `tfds:<name>[:split]`: a prepared TFDS dataset (array_record) in `data.tfds_data_dir`.
 `embedded` and `text:` are written once as the TFDS dataset `moejax_text` under
 `<cache>/tfds/<key>/` (`moejax.data.cache`), where `key` hashes the file list,
-sizes and mtimes, `max_bytes` and `eval_fraction`; a changed corpus gets a new key,
-an unchanged one is reused without reading the files again.
+sizes and mtimes, `max_bytes`, `eval_fraction` and `test_fraction` (when > 0); a
+changed corpus gets a new key, an unchanged one is reused without reading the
+files again.
 """
 
 import dataclasses
@@ -141,19 +142,22 @@ def _check_line_breaks(docs: Sequence[Document]) -> None:
           "paragraph per line)")
 
 
-def _carved(read: Callable[[], list[Document]], eval_fraction: float):
+def _carved(read: Callable[[], list[Document]], eval_fraction: float,
+            test_fraction: float):
   """Reads documents and carves them; a DataError when nothing can be held out."""
   def documents_fn():
     docs = read()
-    train, valid = docs_lib.carve(docs, eval_fraction)
-    if not valid:
-      _check_line_breaks(docs)
-      n = sum(len(docs_lib.chunk_text(d.text)) for d in docs)
-      raise DataError(
-          f"the corpus is too small to hold out validation text ({n} chunk(s) of "
-          f"~{docs_lib.CHUNK_BYTES // 1024} KiB, at least 2 per domain needed); "
-          "add text")
-    return train, valid
+    splits = docs_lib.carve_splits(docs, eval_fraction, test_fraction)
+    for split, need in (("validation", 2), ("test", 3)):
+      if not getattr(splits, split) and (split == "validation" or test_fraction):
+        if split == "validation":
+          _check_line_breaks(docs)
+        n = sum(len(docs_lib.chunk_text(d.text)) for d in docs)
+        raise DataError(
+            f"the corpus is too small to hold out {split} text ({n} chunk(s) of "
+            f"~{docs_lib.CHUNK_BYTES // 1024} KiB, at least {need} per domain "
+            "needed); add text")
+    return splits
   return documents_fn
 
 
@@ -161,13 +165,15 @@ def _built_corpus(source: str, key: str, read: Callable[[], list[Document]],
                   cfg: DataConfig, cache: os.PathLike) -> Corpus:
   """Writes (once) and opens the `moejax_text` dataset of an embedded/text: source."""
   from moejax.data import text_builder  # pylint: disable=g-import-not-at-top
-  builder = text_builder.prepare(_carved(read, cfg.eval_fraction),
-                                 os.path.join(os.fspath(cache), "tfds", key))
+  builder = text_builder.prepare(
+      _carved(read, cfg.eval_fraction, cfg.test_fraction),
+      os.path.join(os.fspath(cache), "tfds", key))
   splits = text_builder.data_sources(builder)
   domain_of = lambda r: r["domain"].decode("utf-8")
-  return Corpus(source, key,
-                RecordDocuments(splits["train"], "text", domain_of, source),
-                RecordDocuments(splits["validation"], "text", domain_of, source))
+  docs = {split: RecordDocuments(records, "text", domain_of, source)
+          for split, records in splits.items()}
+  return Corpus(source, key, docs["train"], docs["validation"],
+                docs.get("test", ()))
 
 
 def open_corpus(cfg: DataConfig, cache: str | os.PathLike) -> Corpus:
@@ -175,6 +181,8 @@ def open_corpus(cfg: DataConfig, cache: str | os.PathLike) -> Corpus:
   datasets built under `<cache>/tfds/` when absent)."""
   spec = parse_source(cfg.source)
   carve = (cfg.max_bytes, cfg.eval_fraction, docs_lib.CHUNK_BYTES, "v1")
+  if cfg.test_fraction:  # Keys (and caches) without a test split are unchanged.
+    carve += (("test_fraction", cfg.test_fraction),)
   if spec.kind == "embedded":
     from moejax.data import embedded  # pylint: disable=g-import-not-at-top
     key = corpus_key(embedded.fingerprint(), carve)

@@ -1,8 +1,8 @@
 """A TFDS dataset of text documents, written as array_record, read without TensorFlow.
 
 `embedded` and `text:` corpora become a real TFDS dataset, `moejax_text`, with features
-`{"text": Text, "domain": Text}` and splits `train` and `validation` (carved as
-described in `moejax.data.documents`), in file order (`disable_shuffling=True`). Once
+`{"text": Text, "domain": Text}` and splits `train`, `validation` and, when a
+test share is asked, `test` (carved as described in `moejax.data.documents`), in file order (`disable_shuffling=True`). Once
 prepared it is read back with `builder.as_data_source(split)`, or by name with
 `tfds.data_source("moejax_text", data_dir=...)`.
 """
@@ -18,13 +18,15 @@ from moejax.data.documents import Document
 from moejax.errors import DataError
 
 NAME = "moejax_text"
-SPLITS = ("train", "validation")
+SPLITS = ("train", "validation", "test")
 
-DocumentsFn = Callable[[], tuple[Sequence[Document], Sequence[Document]]]
+# () -> (train, validation, test) documents; an empty test list writes no split.
+DocumentsFn = Callable[[], tuple[Sequence[Document], ...]]
 
 
 class MoejaxText(tfds.core.GeneratorBasedBuilder):
-  """Text documents with their domain; `documents_fn` gives (train, validation)."""
+  """Text documents with their domain; `documents_fn` gives (train, validation,
+  test)."""
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Text and domain per document; train and validation."}
@@ -53,9 +55,9 @@ class MoejaxText(tfds.core.GeneratorBasedBuilder):
       raise DataError(
           f"{NAME} in {self.data_dir} is not prepared and has no documents to write; "
           "load it through moejax.data.load_datasets with a text: or embedded source")
-    train, validation = self._documents_fn()
-    return {"train": self._generate_examples(train),
-            "validation": self._generate_examples(validation)}
+    splits = dict(zip(SPLITS, self._documents_fn()))
+    return {split: self._generate_examples(docs) for split, docs in splits.items()
+            if docs or split != "test"}
 
   def _generate_examples(self, docs: Sequence[Document]):
     for i, doc in enumerate(docs):
@@ -74,5 +76,7 @@ def prepare(documents_fn: DocumentsFn, data_dir: str | os.PathLike) -> MoejaxTex
 
 
 def data_sources(builder: MoejaxText) -> dict[str, Sequence[dict]]:
-  """Random-access array_record readers of both splits (records hold bytes)."""
-  return {split: builder.as_data_source(split) for split in SPLITS}
+  """Random-access array_record readers of every split written (records hold
+  bytes)."""
+  return {split: builder.as_data_source(split) for split in SPLITS
+          if split in builder.info.splits}

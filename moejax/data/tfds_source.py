@@ -4,8 +4,10 @@
 - domain: a feature named `domain` (Text, string or ClassLabel), else the dataset name;
 - held out: the `validation` split, else `test`, else carved from the training split
   by the chunk-stride rule of `moejax.data.documents`;
+- test (`data.test_fraction` > 0): the `test` split when validation is another
+  split, else carved from the training split by the same rule;
 - `data.max_bytes` caps the training split; a held-out split is capped at
-  `max_bytes * eval_fraction`.
+  `max_bytes * eval_fraction` (test: `max_bytes * test_fraction`).
 """
 
 import math
@@ -84,19 +86,32 @@ def open_tfds(name: str, split: str, cfg: DataConfig) -> Corpus:
   held_out = next((s for s in _HELD_OUT_SPLITS if s in info.splits and s != split),
                   None)
   train_docs = docs_lib.cap_documents(train, cfg.max_bytes)
+
+  def held_docs(held: str, fraction: float):
+    records = RecordDocuments(_data_source(name, held, cfg.tfds_data_dir), text_key,
+                              domain_of, f"tfds:{name}:{held}")
+    cap = None if cfg.max_bytes is None else math.ceil(cfg.max_bytes * fraction)
+    return docs_lib.cap_documents(records, cap)
+
+  test_docs, test_split = [], None
   if held_out is None:
-    train_docs, valid_docs = docs_lib.carve(train_docs, cfg.eval_fraction)
+    train_docs, valid_docs, test_docs = docs_lib.carve_splits(
+        train_docs, cfg.eval_fraction, cfg.test_fraction)
   else:
-    valid = RecordDocuments(_data_source(name, held_out, cfg.tfds_data_dir), text_key,
-                            domain_of, f"tfds:{name}:{held_out}")
-    cap = (None if cfg.max_bytes is None
-           else math.ceil(cfg.max_bytes * cfg.eval_fraction))
-    valid_docs = docs_lib.cap_documents(valid, cap)
+    valid_docs = held_docs(held_out, cfg.eval_fraction)
+    if (cfg.test_fraction and held_out == "validation" and "test" in info.splits
+        and split != "test"):
+      test_split = "test"
+      test_docs = held_docs("test", cfg.test_fraction)
+    elif cfg.test_fraction:
+      train_docs, test_docs = docs_lib.carve(train_docs, cfg.test_fraction)
   if not train_docs:
     raise DataError(f"TFDS dataset {name!r} split {split!r} has no text; "
                     "pick another split or dataset in data.source")
   splits = {s: info.splits[s].num_examples for s in info.splits}
-  key = corpus_key("tfds", name, split, held_out, str(builder.data_dir),
-                   str(builder.version), splits, text_key, cfg.max_bytes,
-                   cfg.eval_fraction, docs_lib.CHUNK_BYTES)
-  return Corpus(cfg.source, key, train_docs, valid_docs)
+  parts = ("tfds", name, split, held_out, str(builder.data_dir),
+           str(builder.version), splits, text_key, cfg.max_bytes,
+           cfg.eval_fraction, docs_lib.CHUNK_BYTES)
+  if cfg.test_fraction:  # Keys without a test split are unchanged.
+    parts += (("test", test_split, cfg.test_fraction),)
+  return Corpus(cfg.source, corpus_key(*parts), train_docs, valid_docs, test_docs)

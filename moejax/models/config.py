@@ -4,6 +4,7 @@ import dataclasses
 from typing import Any
 
 from moejax.errors import ConfigError
+from moejax.moe.ffn_init import DEFAULT_FFN_INIT
 
 DTYPES = ("float32", "bfloat16")
 
@@ -38,13 +39,6 @@ class MoEConfig:
   num_shared_experts: int = 0
 
 
-def expert_width(d_ff: int, top_k: int, num_shared_experts: int = 0) -> int:
-  """F_e = F // (K + K_s): the expert width at which a token's K routed and K_s
-  shared experts do the dense FFN's active FLOPs (fine-grained experts: m times
-  the experts and m times K give width F / m). At least 1."""
-  return max(1, d_ff // (top_k + num_shared_experts))
-
-
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
   """A pre-norm decoder-only Transformer whose chosen FFN layers are MoE.
@@ -60,6 +54,8 @@ class TransformerConfig:
     moe: the MoE FFN settings.
     dtype: compute dtype, `float32` or `bfloat16` (params stay float32; router
       logits, softmax and the output logits are always float32).
+    ffn_init: initializer of every FFN, dense and expert alike
+      (`moejax.moe.ffn_init.FFN_INITS`).
   """
 
   vocab_size: int
@@ -71,6 +67,7 @@ class TransformerConfig:
   moe_layers: tuple[int, ...] = ()
   moe: MoEConfig = MoEConfig()
   dtype: str = "float32"
+  ffn_init: str = DEFAULT_FFN_INIT
 
 
 def resolve_moe_layers(spec: Any, num_layers: int) -> tuple[int, ...]:
@@ -105,3 +102,42 @@ def transformer_config_from_json(d: dict[str, Any]) -> TransformerConfig:
   moe["router_options"] = tuple(tuple(kv) for kv in moe["router_options"])
   return TransformerConfig(**{**d, "moe": MoEConfig(**moe),
                               "moe_layers": tuple(d["moe_layers"])})
+
+
+def experts_per_token(top_k: int, num_shared: int = 0) -> int:
+  """Experts that process each token: K routed (nominal) plus any shared ones."""
+  return top_k + num_shared
+
+
+def expert_width(d_ff: int, *, top_k: int, expert_d_ff: int | None,
+                 equal_flops: bool, num_shared: int = 0) -> int:
+  """F of each expert: `expert_d_ff` when set; else, under the equal-active-FLOPs
+  rule (`equal_flops`), the dense width split over the experts each token uses,
+  F / (top_k + num_shared); else F.
+
+  A ConfigError when F does not split evenly (set `model.expert_d_ff`).
+  """
+  if expert_d_ff is not None:
+    return expert_d_ff
+  per_token = experts_per_token(top_k, num_shared)
+  if not equal_flops or per_token == 1:
+    return d_ff
+  if d_ff % per_token:
+    raise ConfigError(
+        f"model.equal_flops splits model.d_ff={d_ff} over {per_token} experts per "
+        f"token, which does not divide it; set model.expert_d_ff or "
+        "model.equal_flops=False")
+  return d_ff // per_token
+
+
+def active_ffn_flops_per_token(cfg: TransformerConfig) -> int:
+  """Forward FLOPs of the FFNs (dense and experts, router excluded) per token,
+  summed over blocks: 2 matmuls x 2 D F per dense FFN, (top_k + shared) x 2 x 2
+  D F_e per MoE layer (top_k nominal: routers that use a varying number of
+  experts per token, such as DSelect-k early or EvoMoE's soft phase, may spend
+  more)."""
+  dense_blocks = cfg.num_layers - len(cfg.moe_layers)
+  expert_ff = cfg.moe.d_ff or cfg.d_ff
+  per_token = experts_per_token(cfg.moe.top_k, cfg.moe.num_shared_experts)
+  return (4 * cfg.d_model * (dense_blocks * cfg.d_ff
+                             + len(cfg.moe_layers) * per_token * expert_ff))

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from moejax.errors import ConfigError
 from moejax.models.config import DTYPES, TransformerConfig
+from moejax.moe.ffn_init import FFNInit
 from moejax.moe.layer import MoELayer
 from moejax.routing.registry import make_router
 
@@ -63,18 +64,22 @@ class CausalSelfAttention(nn.Module):
 
 
 class DenseFFN(nn.Module):
-  """GELU FFN D -> F -> D."""
+  """GELU FFN D -> F -> D, initialized as every expert is (`ffn_init`)."""
 
   d_ff: int
   dtype: jnp.dtype = jnp.float32
+  ffn_init: FFNInit = FFNInit()
 
   @nn.compact
   def __call__(self, x_BLD: jax.Array) -> jax.Array:
+    init = self.ffn_init
     h_BLF = nn.Dense(self.d_ff, use_bias=False, dtype=self.dtype,
-                     kernel_init=_kernel(("embed", "mlp")), name="w_in")(x_BLD)
+                     kernel_init=nn.with_logical_partitioning(
+                         init.w_in, ("embed", "mlp")), name="w_in")(x_BLD)
     return nn.Dense(x_BLD.shape[-1], use_bias=False, dtype=self.dtype,
-                    kernel_init=_kernel(("mlp", "embed")), name="w_out")(
-                        nn.gelu(h_BLF))
+                    kernel_init=nn.with_logical_partitioning(
+                        init.w_out, ("mlp", "embed")), name="w_out")(
+                            nn.gelu(h_BLF))
 
 
 def _norm(name: str, dtype) -> nn.RMSNorm:
@@ -97,8 +102,9 @@ class Block(nn.Module):
     x_BLD = x_BLD + CausalSelfAttention(cfg.num_heads, dtype, name="attn")(
         _norm("attn_norm", dtype)(x_BLD), cache_at, cfg.max_len)
     h_BLD = _norm("ffn_norm", dtype)(x_BLD)
+    ffn_init = FFNInit(cfg.ffn_init, cfg.num_layers)
     if not self.is_moe:
-      return x_BLD + DenseFFN(cfg.d_ff, dtype, name="ffn")(h_BLD), None
+      return x_BLD + DenseFFN(cfg.d_ff, dtype, ffn_init, name="ffn")(h_BLD), None
     moe = cfg.moe
     router = make_router(moe.router, num_experts=moe.num_experts, top_k=moe.top_k,
                          vocab_size=cfg.vocab_size,
@@ -107,7 +113,7 @@ class Block(nn.Module):
         router=router, num_experts=moe.num_experts, d_ff=moe.d_ff or cfg.d_ff,
         dispatch=moe.dispatch, capacity_factor=moe.capacity_factor, dtype=dtype,
         matmul=moe.matmul, mesh=self.mesh,
-        num_shared_experts=moe.num_shared_experts, name="moe")(
+        num_shared_experts=moe.num_shared_experts, ffn_init=ffn_init, name="moe")(
             h_BLD, token_ids_BL=token_ids_BL, step=step,
             deterministic=deterministic)
     return x_BLD + y_BLD, aux

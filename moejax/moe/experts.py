@@ -11,12 +11,9 @@ import jax
 import jax.numpy as jnp
 
 from moejax.kernels import check_impl, grouped_matmul
+from moejax.moe.ffn_init import FFNInit
 
 Dtype = jnp.dtype | str
-
-EXPERT_INIT = nn.initializers.variance_scaling(
-    1.0, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1,
-    batch_axis=(0,))
 
 
 def capacity_ffn(x_ECD: jax.Array, w_in_EDF: jax.Array, w_out_EFD: jax.Array,
@@ -55,6 +52,7 @@ class Experts(nn.Module):
     activation: the nonlinearity between the two matmuls.
     matmul: grouped matmul impl of the dropless path, one of
       `moejax.kernels.MATMUL_IMPLS` (`xla`, `pallas`, `megablox`, `auto`).
+    ffn_init: the FFN initializer, the dense FFN's (`moejax.moe.ffn_init`).
   """
 
   num_experts: int
@@ -64,16 +62,19 @@ class Experts(nn.Module):
   param_dtype: Dtype = jnp.float32
   activation: Callable[[jax.Array], jax.Array] = nn.gelu
   matmul: str = "xla"
+  ffn_init: FFNInit = FFNInit()
 
   def setup(self):
     check_impl(self.matmul)  # Fails loudly on a typo, whichever path runs.
     shape_in = (self.num_experts, self.d_model, self.d_ff)
     shape_out = (self.num_experts, self.d_ff, self.d_model)
     self.w_in = self.param(
-        "w_in", nn.with_logical_partitioning(EXPERT_INIT, ("expert", "embed", "mlp")),
+        "w_in", nn.with_logical_partitioning(self.ffn_init.w_in,
+                                             ("expert", "embed", "mlp")),
         shape_in, self.param_dtype)
     self.w_out = self.param(
-        "w_out", nn.with_logical_partitioning(EXPERT_INIT, ("expert", "mlp", "embed")),
+        "w_out", nn.with_logical_partitioning(self.ffn_init.w_out,
+                                              ("expert", "mlp", "embed")),
         shape_out, self.param_dtype)
 
   def _weights(self):
@@ -116,6 +117,7 @@ class SharedExperts(nn.Module):
     dtype: compute dtype (params stay `param_dtype`).
     param_dtype: storage dtype of the weights.
     activation: the nonlinearity between the two matmuls.
+    ffn_init: the FFN initializer, the routed experts' (`moejax.moe.ffn_init`).
   """
 
   num_shared: int
@@ -124,15 +126,18 @@ class SharedExperts(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   activation: Callable[[jax.Array], jax.Array] = nn.gelu
+  ffn_init: FFNInit = FFNInit()
 
   @nn.compact
   def __call__(self, x_TD: jax.Array) -> jax.Array:
     """[T, D] -> [T, D]."""
     w_in = self.param(
-        "w_in", nn.with_logical_partitioning(EXPERT_INIT, (None, "embed", "mlp")),
+        "w_in", nn.with_logical_partitioning(self.ffn_init.w_in,
+                                             (None, "embed", "mlp")),
         (self.num_shared, self.d_model, self.d_ff), self.param_dtype)
     w_out = self.param(
-        "w_out", nn.with_logical_partitioning(EXPERT_INIT, (None, "mlp", "embed")),
+        "w_out", nn.with_logical_partitioning(self.ffn_init.w_out,
+                                              (None, "mlp", "embed")),
         (self.num_shared, self.d_ff, self.d_model), self.param_dtype)
     return shared_ffn(x_TD, w_in.astype(self.dtype), w_out.astype(self.dtype),
                       self.activation)

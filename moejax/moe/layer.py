@@ -18,6 +18,7 @@ from moejax.kernels import grouped_matmul
 from moejax.metrics.router import load_metrics
 from moejax.moe import budgets, dispatch
 from moejax.moe.experts import Dtype, Experts, SharedExperts
+from moejax.moe.ffn_init import FFNInit
 from moejax.parallel import expert_parallel
 from moejax.parallel.rules import TOKEN_AXES
 from moejax.routing.contract import Router, TokenLayout
@@ -80,6 +81,7 @@ class MoELayer(nn.Module):
     dtype: compute dtype of the experts (the router always computes in float32).
     param_dtype: storage dtype of the expert weights.
     matmul: grouped matmul of the dropless path (`moejax.kernels.MATMUL_IMPLS`).
+    ffn_init: initializer of the experts (`moejax.moe.ffn_init`).
     mesh: a `("data", "expert")` mesh (`moejax.parallel.make_mesh`) to run
       dispatch -> experts -> combine expert-parallel on, with capacity per
       device (`moejax.parallel.expert_parallel`); None: one program, global plan.
@@ -108,6 +110,7 @@ class MoELayer(nn.Module):
   router_options: Mapping[str, Any] | None = None
   vocab_size: int = 0
   num_shared_experts: int = 0
+  ffn_init: FFNInit = FFNInit()
 
   def _router(self) -> Router:
     """The router module; E, K and V given once (ConfigError where they clash)."""
@@ -162,7 +165,7 @@ class MoELayer(nn.Module):
           f: self.get_variable(REPLAY_COLLECTION, f) for f in TRACE_FIELDS})
     experts = Experts(self.num_experts, d_model, self.d_ff, dtype=self.dtype,
                       param_dtype=self.param_dtype, matmul=self.matmul,
-                      name="experts")
+                      ffn_init=self.ffn_init, name="experts")
     # Init needs only shapes: any token count works, however the mesh splits.
     mesh = None if self.is_initializing() else self.mesh
     y_TD, kept_TK = budgets.routed_ffn(
@@ -174,7 +177,7 @@ class MoELayer(nn.Module):
       y_TD = y_TD + SharedExperts(
           self.num_shared_experts, d_model, self.d_ff, dtype=self.dtype,
           param_dtype=self.param_dtype, activation=experts.activation,
-          name="shared_experts")(x_TD).astype(y_TD.dtype)
+          ffn_init=self.ffn_init, name="shared_experts")(x_TD).astype(y_TD.dtype)
     metrics = dict(routing.metrics)
     load_E = expert_fractions(routing.expert_TK, routing.mask_TK,
                               self.num_experts)

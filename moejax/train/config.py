@@ -25,9 +25,11 @@ from moejax.data.config import DataConfig
 from moejax.errors import ConfigError
 from moejax.kernels import check_impl
 from moejax.models.config import (DTYPES, MoEConfig, TransformerConfig,
-                                  expert_width, resolve_moe_layers)
+                                  active_ffn_flops_per_token, expert_width,
+                                  resolve_moe_layers)
 from moejax.models.sizes import apply_size
 from moejax.moe.dispatch import DISPATCH_PATHS
+from moejax.moe.ffn_init import DEFAULT_FFN_INIT, FFN_INITS
 from moejax.parallel.mesh import MeshConfig
 from moejax.routing.registry import check_router
 from moejax.stages.stage import Stage
@@ -72,7 +74,11 @@ class RunConfig:
   mesh: MeshConfig = MeshConfig()
 
   def to_json(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
+    """The config as written to config.json, plus `derived`: what follows from
+    it (each stage's active FFN FLOPs per token, forward)."""
+    flops = {st.name: active_ffn_flops_per_token(st.model) for st in self.stages}
+    return {**dataclasses.asdict(self),
+            "derived": {"active_ffn_flops_per_token": flops}}
 
 
 def stage_config(name: str, *, steps: int = 0, fraction: float = 0.0,
@@ -96,7 +102,8 @@ def default_config() -> ml_collections.ConfigDict:
       moe_layers="every_other", num_experts=8, top_k=1, router="switch",
       router_options=ml_collections.ConfigDict(), dispatch="capacity",
       capacity_factor=1.25, expert_d_ff=config_dict.placeholder(int),
-      matmul="xla", size="", num_shared_experts=0))
+      equal_flops=True, matmul="xla", size="", num_shared_experts=0,
+      ffn_init=DEFAULT_FFN_INIT))
   c.data = ml_collections.ConfigDict(dataclasses.asdict(DataConfig()))
   c.data.tfds_data_dir = config_dict.placeholder(str)
   c.data.cache_dir = config_dict.placeholder(str)
@@ -127,6 +134,7 @@ def _model(m: dict[str, Any], data: DataConfig) -> TransformerConfig:
                          "num_experts", "top_k"))
   _choice("model.dtype", m["dtype"], DTYPES)
   _choice("model.dispatch", m["dispatch"], DISPATCH_PATHS)
+  _choice("model.ffn_init", m["ffn_init"], FFN_INITS)
   if m["d_model"] % m["num_heads"]:
     raise ConfigError(f"model.d_model={m['d_model']} is not divisible by "
                       f"model.num_heads={m['num_heads']}")
@@ -152,15 +160,16 @@ def _model(m: dict[str, Any], data: DataConfig) -> TransformerConfig:
       num_experts=m["num_experts"], top_k=m["top_k"], router=m["router"],
       router_options=tuple(sorted(options.items())), dispatch=m["dispatch"],
       capacity_factor=float(m["capacity_factor"]),
-      # Unset: equal active FLOPs with the dense FFN (fine-grained and shared
-      # experts included).
-      d_ff=(m["expert_d_ff"] if m["expert_d_ff"] is not None
-            else expert_width(m["d_ff"], m["top_k"], shared)),
+      # Unset: equal active FLOPs with the dense FFN (`model.equal_flops`;
+      # fine-grained and shared experts included).
+      d_ff=(expert_width(m["d_ff"], top_k=m["top_k"], expert_d_ff=m["expert_d_ff"],
+                         equal_flops=bool(m["equal_flops"]), num_shared=shared)
+            if moe_layers else m["expert_d_ff"]),
       matmul=m["matmul"], num_shared_experts=shared)
   return TransformerConfig(
       vocab_size=data.vocab_size, max_len=data.seq_len, num_layers=m["num_layers"],
       d_model=m["d_model"], num_heads=m["num_heads"], d_ff=m["d_ff"],
-      moe_layers=moe_layers, moe=moe, dtype=m["dtype"])
+      moe_layers=moe_layers, moe=moe, dtype=m["dtype"], ffn_init=m["ffn_init"])
 
 
 def _stage_lengths(entries: list[dict], total: int) -> list[int]:

@@ -47,6 +47,13 @@ from moejax.train.step import make_eval_step, make_probe_step, make_train_step
 from moejax.train.workdir import check_workdir, record_config, saved_config
 
 
+def run_keys(seed: int) -> tuple[jax.Array, jax.Array]:
+  """(init key, step key) of a run with `train.seed = seed`: every stage's
+  fresh params come from the init key, so anyone can redraw a run's init."""
+  init_rng, step_rng = jax.random.split(jax.random.key(seed))
+  return init_rng, step_rng
+
+
 def init_state(model: nn.Module, tx: optax.GradientTransformation,
                rng: jax.Array, seq_len: int) -> TrainState:
   """Fresh variables (logical-axis boxes removed) and optimizer state at step 0."""
@@ -199,7 +206,7 @@ class _Run:
     self.progress_enabled = verbose and is_main
     self.progress: Progress | None = None
     self.schedule = learning_rate_schedule(config.optim, tc.steps)
-    self.init_rng, self.step_rng = jax.random.split(jax.random.key(tc.seed))
+    self.init_rng, self.step_rng = run_keys(tc.seed)
     self.last_saved: int | None = None
     self.summary: dict[str, Any] = {}
     self._programs: dict[int, StageProgram] = {}

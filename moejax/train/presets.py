@@ -2,7 +2,8 @@
 
 All methods share the model (4 blocks, D=128, MoE in blocks 1 and 3, 8 experts,
 except DeepSeek-style fine-grained experts), the data, the batch and the step
-budget. Active FFN FLOPs per token are equal to the dense model's: top-1
+budget. Active FFN FLOPs per token are equal to the dense model's
+(`model.equal_flops`): top-1
 methods use experts of the dense width F, top-2 uses F/2 (two experts per
 token), DeepSeek-style 3 routed + 1 shared experts of width F/4. EvoMoE's soft
 phase, DSelect-k's early phase and ReMoE's dense start use several experts per
@@ -62,8 +63,7 @@ def method_config(method: str, steps: int = 600) -> ml_collections.ConfigDict:
     balance = dict(balance="global") if method == "qwen" else dict(
         micro_batches=MICRO_BATCHES)
     _router(c, "topk", aux_loss_coef=0.01, z_loss_coef=1e-3, **balance)
-    c.model.top_k = 2
-    c.model.expert_d_ff = c.model.d_ff // 2
+    c.model.top_k = 2  # Experts of width F/2 (model.equal_flops).
   elif method == "deepseek":
     # DeepSeekMoE / DeepSeek-V3: 4x finer experts (32 of width F/4), 3 routed
     # + 1 shared per token; sigmoid scores, normalised gates, aux-loss-free

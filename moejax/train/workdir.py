@@ -16,7 +16,8 @@ from moejax.paths import PathLike, as_path
 CONFIG_FILE = "config.json"
 # Config keys that decide the shapes in a checkpoint or the data it was trained on.
 _MUST_MATCH = ("model", "stages", "data.source", "data.seq_len", "data.vocab_size",
-               "data.eval_fraction", "data.max_bytes", "data.seed")
+               "data.eval_fraction", "data.max_bytes", "data.seed",
+               "data.test_fraction")
 
 
 def _as_json(resolved: dict[str, Any]) -> dict[str, Any]:

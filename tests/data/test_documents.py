@@ -44,8 +44,9 @@ def test_chunks_rejoin_and_close_at_line_ends():
 
 def test_carve_is_a_deterministic_partition_by_stride():
   docs = [Document(t, d) for d, t in stdlib_texts().items()]
-  train, valid = docs_lib.carve_chunks(docs, 0.25)  # stride 4
-  assert (train, valid) == docs_lib.carve_chunks(docs, 0.25)
+  train, valid, test = docs_lib.carve_chunks(docs, 0.25)  # stride 4
+  assert (train, valid, test) == docs_lib.carve_chunks(docs, 0.25)
+  assert test == []  # No test share asked.
   ids = lambda cs: {(c.domain, c.index) for c in cs}
   assert not ids(train) & ids(valid)
   everything = {(d.domain, i) for d in docs
@@ -62,15 +63,36 @@ def test_carve_is_a_deterministic_partition_by_stride():
 def test_small_domain_holds_out_its_last_chunk():
   line = "x" * 99 + "\n"
   docs = [Document(line * 25, "two"), Document("short\n", "one")]  # 2 chunks, 1 chunk
-  train, valid = docs_lib.carve_chunks(docs, 0.05)  # stride 20 > 2 chunks
+  train, valid, _ = docs_lib.carve_chunks(docs, 0.05)  # stride 20 > 2 chunks
   assert [(c.domain, c.index) for c in valid] == [("two", 1)]
   assert [(c.domain, c.index) for c in train] == [("two", 0), ("one", 0)]
 
 
 def test_carve_rejoins_consecutive_train_chunks():
   docs = [Document(stdlib_texts()["wrap"], "wrap")]
-  train_chunks, valid_chunks = docs_lib.carve_chunks(docs, 0.25)
+  train_chunks, valid_chunks, _ = docs_lib.carve_chunks(docs, 0.25)
   train, valid = docs_lib.carve(docs, 0.25)
   assert "".join(d.text for d in train) == "".join(c.text for c in train_chunks)
   assert len(valid) == len(valid_chunks)  # Held-out chunks are never adjacent.
   assert len(train) == len(valid) + ((len(train_chunks) + len(valid)) % 4 != 0)
+
+
+def test_test_split_is_carved_from_what_validation_leaves():
+  docs = [Document(t, d) for d, t in stdlib_texts().items()]
+  train, valid, test = docs_lib.carve_chunks(docs, 0.25, test_fraction=1 / 3)
+  ids = lambda cs: {(c.domain, c.index) for c in cs}
+  # Validation is exactly the split without a test share: asking for a test
+  # split takes text from training only.
+  no_test_train, no_test_valid, _ = docs_lib.carve_chunks(docs, 0.25)
+  assert ids(valid) == ids(no_test_valid)
+  assert ids(train) | ids(test) == ids(no_test_train)
+  assert not ids(train) & ids(test)
+  assert {c.domain for c in test} == {"prose", "wrap", "json"}
+  for domain in ("prose", "wrap", "json"):
+    # Validation takes chunks 3, 7, ...; of the rest (0, 1, 2, 4, 5, 6, 8, ...)
+    # test takes every third: 2, 6, 10, ...
+    rest = sorted(c.index for c in train + test if c.domain == domain)
+    held = [c.index for c in test if c.domain == domain]
+    assert held == [i for r, i in enumerate(rest) if r % 3 == 2], domain
+  splits = docs_lib.carve_splits(docs, 0.25, 1 / 3)
+  assert "".join(d.text for d in splits.test) == "".join(c.text for c in test)

@@ -155,3 +155,47 @@ def test_text_builder_reads_back_by_name(tmp_path):
   text_builder.prepare(lambda: docs, tmp_path)
   got = tfds.data_source("moejax_text", split="validation", data_dir=str(tmp_path))
   assert [(r["text"], r["domain"]) for r in got] == [(b"held out\n", b"b")]
+
+
+def _rot13(text: str) -> str:
+  """The same bytes per line (ASCII letters rotated), different text."""
+  import codecs  # pylint: disable=g-import-not-at-top
+  return codecs.encode(text, "rot13")
+
+
+def test_test_split_is_never_seen_by_training_or_validation(tmp_path):
+  """Two corpora that differ only in the text carved out as test give the same
+  tokenizer, training batches and validation batches; only the test batches
+  differ."""
+  fractions = {"eval_fraction": 0.25, "test_fraction": 0.25}
+  folders = {}
+  for variant in ("a", "b"):
+    folder = folders[variant] = tmp_path / variant
+    folder.mkdir()
+    for stem, text in stdlib_texts().items():
+      chunks = docs_lib.carve_chunks([Document(text, stem)], **fractions)
+      test = {c.index for c in chunks.test}
+      assert test, stem
+      pieces = sorted(chunks.train + chunks.validation + chunks.test,
+                      key=lambda c: c.index)
+      (folder / f"{stem}.txt").write_text("".join(
+          _rot13(c.text) if variant == "b" and c.index in test else c.text
+          for c in pieces))
+  ds = {v: load_datasets(small_config(f"text:{f}/*.txt", **fractions),
+                         workdir=tmp_path / f"w{v}", batch_size=B)
+        for v, f in folders.items()}
+  a, b = ds["a"], ds["b"]
+  assert ((tmp_path / "wa/tokenizer.model").read_bytes()
+          == (tmp_path / "wb/tokenizer.model").read_bytes())
+  for i in range(a.steps_per_epoch):  # One whole epoch of training batches.
+    _same_batch(a.train[i], b.train[i])
+  for x, y in zip(a.eval_batches, b.eval_batches, strict=True):
+    _same_batch(x, y)
+  assert a.test_sequences > 0 and b.test_sequences > 0 and a.test_batches
+  # Rotated letters tokenize into other (more) pieces: other test windows.
+  assert not np.array_equal(a.test_batches[0]["inputs"], b.test_batches[0]["inputs"])
+  # Without a test share there are no test batches.
+  plain = load_datasets(small_config(f"text:{folders['a']}/*.txt",
+                                     eval_fraction=0.25),
+                        workdir=tmp_path / "plain", batch_size=B)
+  assert plain.test_batches == () and plain.test_sequences == 0

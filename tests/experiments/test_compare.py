@@ -1,13 +1,15 @@
-"""compare_routers on a tiny budget: a report row per method, the figures, and a
-second invocation that skips the finished runs."""
+"""compare_routers and tune on a tiny budget: a report row per method over seeds,
+the figures, choices made on validation only, and invocations that skip the
+finished runs."""
 
+import json
 import pathlib
 import sysconfig
 import time
 
-from experiments import compare_routers
+from experiments import compare_routers, tune
 
-METHODS = ("dense", "switch", "stablemoe")
+METHODS = ("dense", "switch")
 TINY_MODEL = ("model.num_layers=2", "model.d_model=32", "model.num_heads=2",
               "model.d_ff=64", "model.num_experts=4", "data.eval_batches=2")
 
@@ -24,34 +26,71 @@ def write_corpus(directory: pathlib.Path) -> str:
   return str(directory / "*.txt")
 
 
-def test_compare_writes_report_and_skips_finished_runs(tmp_path, capsys):
-  root = tmp_path / "compare"
-  argv = ["--corpus", write_corpus(tmp_path / "corpus"), "--budget-tokens",
-          str(20 * 8 * 32), "--routers", ",".join(METHODS), "--workdir", str(root),
-          "--seq-len", "32", "--batch-size", "8", "--vocab-size", "512",
-          "--eval-every", "10", "--probe-every", "5", "--quiet"]
+def tiny_args(corpus: str, root: pathlib.Path, methods) -> list[str]:
+  argv = ["--corpus", corpus, "--budget-tokens", str(20 * 8 * 32), "--routers",
+          ",".join(methods), "--workdir", str(root), "--seq-len", "32",
+          "--batch-size", "8", "--vocab-size", "512", "--eval-every", "10",
+          "--probe-every", "5", "--test-fraction", "0.1", "--quiet"]
   for assignment in TINY_MODEL:
     argv += ["--set", assignment]
+  return argv
 
+
+def test_tune_then_compare_over_seeds_on_the_test_split(tmp_path, capsys):
+  """The sweep chooses on validation only; the comparison at the choices reuses
+  the sweep's runs, adds seeds, reads the test split, and a second invocation
+  skips every finished run."""
+  root = tmp_path / "tune"
+  corpus = write_corpus(tmp_path / "corpus")
+  choices_path = tune.main(tiny_args(corpus, root, METHODS)
+                           + ["--inits", "normal", "--lrs", "1e-3,1e-2"])
+  saved = json.loads(choices_path.read_text())
+  # Every method trained at every point; each choice is its lowest valid PPL.
+  assert [(e["method"], e["learning_rate"]) for e in saved["grid"]] == [
+      ("dense", 1e-3), ("dense", 1e-2), ("switch", 1e-3), ("switch", 1e-2)]
+  for method in METHODS:
+    entries = [e for e in saved["grid"] if e["method"] == method]
+    best = min(entries, key=lambda e: e["valid_ppl"][0])
+    assert saved["choices"][method]["learning_rate"] == best["learning_rate"]
+  assert "test" not in json.dumps(saved["choices"]) + json.dumps(saved["grid"])
+  # The sweep never evaluated the test split.
+  states = list(root.glob("*/*/seed_0/final_state.json"))
+  assert len(states) == 4
+  assert all("test" not in json.loads(p.read_text()) for p in states)
+  assert "| **yes** |" in (root / "tuning.md").read_text()
+  capsys.readouterr()
+
+  argv = tiny_args(corpus, root, METHODS) + ["--choices", str(choices_path),
+                                             "--seeds", "2"]
   start = time.perf_counter()
   report = compare_routers.main(argv)
   first_s = time.perf_counter() - start
-
   printed = capsys.readouterr().out
+  runs = {(m, s): root / m / f"normal-lr{saved['choices'][m]['learning_rate']:g}"
+          / f"seed_{s}" for m in METHODS for s in (0, 1)}
+  for (method, seed), workdir in runs.items():
+    outcome = "skipped" if seed == 0 else "trained"  # Seed 0: the sweep's run.
+    assert f"== {method} seed {seed}: {outcome}" in printed, (method, seed)
+    config = json.loads((workdir / "config.json").read_text())
+    assert config["train"]["seed"] == config["data"]["seed"] == seed
+    state = json.loads((workdir / "final_state.json").read_text())
+    assert state["test"]["ppl"] > 1  # Only now is the test split read.
   text = report.read_text()
   for method in METHODS:
-    assert f"== {method}: trained" in printed, method
-    assert f"\n| {method} | " in text, method
+    assert f"\n| {method} | 2 | " in text, method  # Two seeds per row.
+  assert " ± " in text and "Judged on the test PPL" in text
+  assert "chosen on the validation split" in text
   for png in ("ppl_vs_tokens", "fluctuation", "expert_load", "expert_by_domain"):
     assert (root / f"{png}.png").stat().st_size > 0, png
-  metrics = {m: (root / m / "metrics.jsonl").read_bytes() for m in METHODS}
-  assert all(b'"eval/ppl"' in v for v in metrics.values())
+  metrics = {k: (w / "metrics.jsonl").read_bytes() for k, w in runs.items()}
+  # Another seed: other batches and another init.
+  first = {k: json.loads(v.splitlines()[0])["train/loss"] for k, v in metrics.items()}
+  assert first["dense", 0] != first["dense", 1]
 
   start = time.perf_counter()
   compare_routers.main(argv)
   second_s = time.perf_counter() - start
-
   printed = capsys.readouterr().out
-  assert all(f"== {m}: skipped" in printed for m in METHODS), printed
-  assert {m: (root / m / "metrics.jsonl").read_bytes() for m in METHODS} == metrics
+  assert all(f"== {m} seed {s}: skipped" in printed for m, s in runs), printed
+  assert {k: (w / "metrics.jsonl").read_bytes() for k, w in runs.items()} == metrics
   assert second_s < first_s / 2, (first_s, second_s)

@@ -1,6 +1,8 @@
 """Shared and fine-grained experts: both dispatch paths and the expert-parallel
 layer against the naive per-token loop; the equal-active-FLOPs width rule."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import pytest
@@ -64,11 +66,15 @@ def test_layer_matches_naive_loop(num_experts, top_k, d_ff, shared, path,
 
 def test_expert_width_rule():
   # F = 512: top-1 -> 512; top-2 -> 256; 4 experts per token (3 routed + 1
-  # shared) -> 128; 512 // 3 = 170 (active FLOPs within one row of F).
-  assert expert_width(512, 1) == 512
-  assert expert_width(512, 2) == 256
-  assert expert_width(512, 3, 1) == 128
-  assert expert_width(512, 2, 1) == 170
+  # shared) -> 128; 3 per token does not split 512: a one-line error.
+  width = functools.partial(expert_width, expert_d_ff=None, equal_flops=True)
+  assert width(512, top_k=1) == 512
+  assert width(512, top_k=2) == 256
+  assert width(512, top_k=3, num_shared=1) == 128
+  with pytest.raises(ConfigError, match="does not divide"):
+    width(512, top_k=2, num_shared=1)
+  assert expert_width(512, top_k=2, expert_d_ff=100, equal_flops=True) == 100
+  assert expert_width(512, top_k=2, expert_d_ff=None, equal_flops=False) == 512
 
 
 def test_config_keys_pick_width_and_shared_experts(tiny):
