@@ -20,6 +20,7 @@ ROUTER_PARAM_NAMES = {
     "hash": [], "dts": ["gate/kernel"],
     "dselect_k": ["code/kernel", "code/bias", "mix/kernel", "mix/bias"],
     "stablemoe": ["centroids", "distill_embedding", "distill_centroids"],
+    "remoe": ["gate/kernel"],
 }
 
 
@@ -27,6 +28,8 @@ def _params(router: str):
   c = tiny_config()
   c.model.router = router
   c.model.router_options = {"distill_dim": 8} if router == "stablemoe" else {}
+  if router == "remoe":
+    c.model.dispatch = "dropless"  # Its only path.
   model = TransformerLM(parse(c).model)
   shapes = nn.unbox(jax.eval_shape(model.init, jax.random.key(0),
                                    jnp.zeros((1, 8), jnp.int32)))["params"]
