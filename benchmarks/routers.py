@@ -100,6 +100,10 @@ def phases(method: str, run: train_config.RunConfig) -> list[Phase]:
   if method == "upcycle":
     return [Phase("dense stage", stage=0, sparse=False),
             Phase("upcycled", stage=1)]
+  if method == "remoe":
+    # ReLU gates of an untrained router open about half the experts; the
+    # target sparsity comes from training (its sparse phase is not timed here).
+    return [Phase("dense start (init)", sparse=False)]
   return [Phase("train")]
 
 

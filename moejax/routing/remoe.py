@@ -109,4 +109,5 @@ class ReMoERouter(Router):
         aux_loss=lam * l1,
         metrics={"l1_loss": l1, "l1_coef": lam, "sparsity": sparsity,
                  "experts_per_token": jnp.mean(
-                     jnp.sum(mask_TE.astype(jnp.float32), -1))})
+                     jnp.sum(mask_TE.astype(jnp.float32), -1))},
+        sparse_slots=True)  # Pays for the gates that are open (budgets).

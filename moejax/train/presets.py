@@ -8,7 +8,8 @@ methods use experts of the dense width F, top-2 uses F/2 (two experts per
 token), DeepSeek-style 3 routed + 1 shared experts of width F/4. EvoMoE's soft
 phase, DSelect-k's early phase and ReMoE's dense start use several experts per
 token, as in their papers; their dropless path runs the platform's grouped
-matmul (`model.matmul=auto`). StableMoE and EvoMoE follow the reference code's
+matmul (`model.matmul=auto`), and they pay for the slots a batch uses
+(`moejax.moe.budgets`). StableMoE and EvoMoE follow the reference code's
 settings (README, Fidelity to the reference code).
 
 The Switch-form aux loss of `switch` and `topk` is per micro-batch, with
@@ -79,6 +80,7 @@ def method_config(method: str, steps: int = 600) -> ml_collections.ConfigDict:
     # target sparsity 1 - 1/8.
     _router(c, "remoe", l1_coef_init=1e-8, l1_alpha=1.2)
     c.model.dispatch = "dropless"
+    c.model.matmul = "auto"
   elif method == "expert_choice":
     _router(c, "expert_choice", capacity_factor=1.0)
   elif method == "base":

@@ -17,7 +17,7 @@ from moejax.moe import budgets
 from moejax.moe.experts import Experts
 from moejax.moe.reference import capacity_keep_loop, moe_loop
 from moejax.parallel import MeshConfig, make_mesh
-from moejax.routing import Routing, make_router
+from moejax.routing import ROUTER_STATE, Routing, make_router
 
 T, D, F, E = 64, 8, 16, 8  # K = E slots: budgets for 1, 1.25, 2, 4, 8 per token.
 
@@ -205,3 +205,33 @@ def test_routers_cheap_dispatch_equals_k_slot_version(name, options, phases,
     for u, v in zip(jax.tree.leaves(g_cheap), jax.tree.leaves(g_full),
                     strict=True):
       np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-5)
+
+
+def test_remoe_cheap_dispatch_equals_k_slot_version():
+  """ReMoE's ReLU gates open a varying number of experts per token; the budget
+  its batch uses gives the E-slot program's outputs and gradients."""
+  router = make_router("remoe", num_experts=E_ROUTER)
+  x_TD = jax.random.normal(jax.random.key(5), (T, D))
+  variables = nn.unbox(router.init(jax.random.key(7), x_TD))
+  params = variables["params"]
+  state = {k: v for k, v in variables.items() if k != "params"}
+  w_in, w_out = (w[:E_ROUTER] for w in _weights(2))
+
+  def loss(p, w_in, w_out, use_budgets):
+    routing, _ = router.apply({"params": p, **state}, x_TD, deterministic=False,
+                              mutable=[ROUTER_STATE])
+    assert routing.sparse_slots
+    y_TD, _ = budgets.routed_ffn(x_TD, routing, w_in, w_out,
+                                 dispatch_path="dropless", budgets=use_budgets)
+    return jnp.sum(y_TD**2) + routing.aux_loss, (y_TD, routing.mask_TK)
+
+  grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True),
+                 static_argnums=3)
+  (_, (y_cheap, mask_cheap)), g_cheap = grad(params, w_in, w_out, True)
+  (_, (y_full, mask_full)), g_full = grad(params, w_in, w_out, False)
+  per_token = np.asarray(mask_full.sum(-1))
+  assert per_token.min() < per_token.max() <= E_ROUTER  # Really varying.
+  np.testing.assert_array_equal(mask_cheap, mask_full)
+  np.testing.assert_allclose(y_cheap, y_full, rtol=1e-5, atol=1e-6)
+  for u, v in zip(jax.tree.leaves(g_cheap), jax.tree.leaves(g_full), strict=True):
+    np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-5)
