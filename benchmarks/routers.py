@@ -40,7 +40,7 @@ import optax
 from moejax.models import TransformerLM
 from moejax.train import config as train_config
 from moejax.train import make_train_step
-from moejax.train.loop import init_state
+from moejax.train.program import init_state
 from moejax.train.optimizer import make_optimizer
 from moejax.train.presets import METHODS, method_config
 

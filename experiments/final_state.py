@@ -2,7 +2,7 @@
 
 - Router drift, per MoE layer: ||r_T - r_0|| / ||r_0|| over all the router's
   params (Frobenius norm of the concatenation), r_T at the last checkpoint, r_0
-  redrawn from the run's init key (`moejax.train.loop.run_keys`): every stage's
+  redrawn from the run's init key (`moejax.train.program.run_keys`): every stage's
   fresh params come from that key, and the routers of the presets are created
   by the last stage's fresh init (or carried unchanged into it), so r_0 is the
   fresh init of the last stage's model. None for routers without params (hash).
@@ -27,7 +27,7 @@ from moejax.data import DataConfig, load_datasets
 from moejax.models import TransformerLM
 from moejax.models.config import transformer_config_from_json
 from moejax.train.checkpoint import restore_params
-from moejax.train.loop import Evaluator, run_keys
+from moejax.train.program import Evaluator, run_keys
 
 FINAL_STATE_FILE = "final_state.json"
 

@@ -24,7 +24,7 @@ from moejax.parallel.mesh import make_mesh
 from moejax.parallel.rules import logical_shardings, with_shardings
 from moejax.train.config import RunConfig, parse
 from moejax.train.config_io import config_from_json
-from moejax.train.loop import init_state
+from moejax.train.program import init_state
 from moejax.train.optimizer import make_optimizer
 from moejax.train.state import state_specs
 from moejax.train.workdir import CONFIG_FILE

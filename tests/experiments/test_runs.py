@@ -11,7 +11,7 @@ import pytest
 
 from experiments import runs
 from moejax.models import TransformerLM
-from moejax.train.loop import run_keys
+from moejax.train.program import run_keys
 from moejax.train.presets import METHODS
 
 

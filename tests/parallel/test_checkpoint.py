@@ -16,7 +16,7 @@ from moejax.models.transformer import TransformerLM
 from moejax.parallel import (MeshConfig, logical_shardings, make_mesh,
                              shard_batch, with_shardings)
 from moejax.train.checkpoint import Checkpointer
-from moejax.train.loop import init_state
+from moejax.train.program import init_state
 from moejax.train.optimizer import OptimizerConfig, make_optimizer
 from moejax.train.state import state_specs
 from moejax.train.step import make_eval_step

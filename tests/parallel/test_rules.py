@@ -13,7 +13,7 @@ from moejax.models.transformer import TransformerLM
 from moejax.parallel import (MeshConfig, batch_sharding, logical_shardings,
                              make_mesh, shard_batch)
 from moejax.pytree import path_str
-from moejax.train.loop import init_state
+from moejax.train.program import init_state
 from moejax.train.optimizer import OptimizerConfig, make_optimizer
 from moejax.train.state import state_specs
 

@@ -12,7 +12,7 @@ import pytest
 from moejax.models import MoEConfig, TransformerConfig, TransformerLM
 from moejax.pytree import overlay
 from moejax.stages import Stage, carry_opt_state, diversify, enter_stage
-from moejax.train.loop import init_state
+from moejax.train.program import init_state
 from moejax.train.optimizer import OptimizerConfig, make_optimizer
 
 DENSE = TransformerConfig(vocab_size=64, max_len=16, num_layers=2, d_model=32,

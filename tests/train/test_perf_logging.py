@@ -4,7 +4,7 @@ import time
 
 from moejax.metrics.writers import read_metrics, series
 from moejax.train import parse, train_and_evaluate
-from moejax.train.loop import Evaluator
+from moejax.train.program import Evaluator
 
 
 def test_evaluation_time_is_not_training_time(tmp_path, tiny, monkeypatch,

@@ -8,7 +8,7 @@ import pytest
 from moejax.errors import CheckpointError, TrainingDiverged
 from moejax.metrics.writers import read_metrics, series
 from moejax.train import parse, train_and_evaluate
-from moejax.train.loop import MetricWriter
+from moejax.metrics.writers import MetricWriter
 
 
 def _snapshot(workdir: pathlib.Path) -> dict[str, bytes]:

@@ -1,0 +1,135 @@
+"""One stage of a run as a program: its mesh, model, optimizer, jitted train,
+eval and probe steps, and the shardings of its state.
+
+`build_program(config, index, data, init_rng, step_rng)` builds stage `index`;
+the loop (`moejax.train.loop`) runs the programs one after another.
+"""
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from moejax.models.transformer import TransformerLM
+from moejax.parallel import hosts
+from moejax.parallel.mesh import make_mesh
+from moejax.parallel.rules import batch_sharding, logical_shardings, shard_batch
+from moejax.routing.registry import router_class
+from moejax.stages.stage import Stage, boundaries
+from moejax.train.config import RunConfig
+from moejax.train.optimizer import make_optimizer
+from moejax.train.state import TrainState, state_specs
+from moejax.train.step import make_eval_step, make_probe_step, make_train_step
+
+
+def run_keys(seed: int) -> tuple[jax.Array, jax.Array]:
+  """(init key, step key) of a run with `train.seed = seed`: every stage's
+  fresh params come from the init key, so anyone can redraw a run's init."""
+  init_rng, step_rng = jax.random.split(jax.random.key(seed))
+  return init_rng, step_rng
+
+
+def init_state(model: nn.Module, tx: optax.GradientTransformation,
+               rng: jax.Array, seq_len: int) -> TrainState:
+  """Fresh variables (logical-axis boxes removed) and optimizer state at step 0."""
+  tokens_BL = jnp.zeros((1, seq_len), jnp.int32)
+  variables = dict(nn.unbox(model.init(rng, tokens_BL)))
+  params = variables.pop("params")
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    opt_state=tx.init(params), model_state=variables)
+
+
+class Evaluator:
+  """Mean next-token loss and perplexity over a fixed set of held-out batches."""
+
+  def __init__(self, model: nn.Module, batches):
+    self._step = jax.jit(make_eval_step(model))
+    self._batches = batches
+
+  def __call__(self, variables) -> dict[str, float]:
+    totals = None
+    for batch in self._batches:
+      out = self._step(variables, model_inputs(batch))
+      totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+    totals = hosts.fetch(totals)
+    loss = float(totals["loss_sum"] / totals["tokens"])
+    return {"eval/loss": loss,
+            "eval/ppl": math.exp(loss) if loss < 700 else float("inf")}
+
+
+@dataclasses.dataclass
+class StageProgram:
+  """The jitted functions of one stage, its shardings and the global steps it
+  covers."""
+
+  index: int
+  stage: Stage
+  start: int
+  end: int
+  mesh: jax.sharding.Mesh
+  init: Callable[[], TrainState]
+  abstract: TrainState
+  shardings: Any
+  train_step: Callable
+  evaluate: Evaluator
+  probe: Callable | None
+
+  def place(self, state: TrainState) -> TrainState:
+    """`state` laid out on this stage's mesh (after an eager transform)."""
+    return hosts.place(state, self.shardings)
+
+  def batch(self, batch) -> dict:
+    """The global batch (every process holds it whole) as a global array on the
+    mesh; each process places the rows of its own devices."""
+    return shard_batch(model_inputs(batch), self.mesh)
+
+
+def stage_mesh(config: RunConfig, index: int) -> jax.sharding.Mesh:
+  """The (data, expert) mesh of stage `index`; ConfigError when it cannot fit."""
+  return make_mesh(config.mesh,
+                   num_experts=config.stages[index].model.moe.num_experts)
+
+
+def build_program(config: RunConfig, index: int, data, init_rng: jax.Array,
+                  step_rng: jax.Array) -> StageProgram:
+  """The model, optimizer and jitted functions of stage `index`."""
+  stage = config.stages[index]
+  bounds = boundaries(config.stages)
+  mesh = stage_mesh(config, index)
+  # One device: the plain layer; more: expert-parallel MoE layers.
+  model = TransformerLM(stage.model, mesh=mesh if mesh.size > 1 else None)
+  tx = make_optimizer(config.optim, config.train.steps, stage.frozen)
+  init_fn = lambda: init_state(model, tx, init_rng, config.data.seq_len)  # noqa: E731
+  abstract = jax.eval_shape(init_fn)
+  shardings = logical_shardings(
+      state_specs(model, tx, config.data.seq_len), abstract, mesh)
+  jit_init = jax.jit(init_fn, out_shardings=shardings)
+  moe = stage.model.moe
+
+  def init() -> TrainState:
+    state = jit_init()
+    if not stage.model.moe_layers:
+      return state
+    model_state = router_class(moe.router).prepare_state(
+        state.model_state, num_experts=moe.num_experts,
+        options=dict(moe.router_options), token_counts_V=data.token_counts)
+    return hosts.place(state.replace(model_state=model_state), shardings)
+
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  step = jax.jit(make_train_step(model, tx, step_rng, stage_start=bounds[index]),
+                 in_shardings=(shardings, batch_sharding(mesh)),
+                 out_shardings=(shardings, replicated), donate_argnums=0)
+  probe = jax.jit(make_probe_step(model)) if stage.model.moe_layers else None
+  return StageProgram(index=index, stage=stage, start=bounds[index],
+                      end=bounds[index + 1], mesh=mesh, init=init,
+                      abstract=abstract, shardings=shardings, train_step=step,
+                      evaluate=Evaluator(model, data.eval_batches), probe=probe)
+
+
+def model_inputs(batch):
+  """The arrays of a data batch that the model reads (not its domains)."""
+  return {"inputs": batch["inputs"], "targets": batch["targets"]}
