@@ -87,6 +87,15 @@ def main_first(fn: Callable[[], T], *, name: str) -> T:
   return result
 
 
+def all_processes(ok: bool) -> bool:
+  """True when `ok` holds on every process (an all-gather of one flag each; no
+  collective in a single-process run). Every process must call it."""
+  if jax.process_count() == 1:
+    return bool(ok)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(np.all(multihost_utils.process_allgather(np.int32(bool(ok)))))
+
+
 def fetch(tree: Any) -> Any:
   """Numpy values of a pytree of (possibly global) arrays, on every process.
 

@@ -21,7 +21,6 @@ import re
 from typing import Any, Callable
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
@@ -68,13 +67,6 @@ def _os_error(error: BaseException) -> OSError | None:
       return OSError(code, os.strerror(code))
     error = error.__cause__ or error.__context__
   return None
-
-
-def _all_processes(ok: bool) -> bool:
-  """True when `ok` holds on every process."""
-  if jax.process_count() == 1:
-    return ok
-  return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
 
 
 def _tree_signature(tree) -> dict[str, tuple]:
@@ -280,7 +272,7 @@ class StageCheckpoints:
           damage = None
         except DamagedCheckpoint as e:
           damage = str(e)
-        if _all_processes(damage is None):
+        if hosts.all_processes(damage is None):
           return index, step, state, next_batch
         moved = checkpointer.move_aside(step)
         if hosts.is_writer():

@@ -17,9 +17,7 @@ import sys
 from typing import Iterator
 
 import jax
-import numpy as np
 from absl import logging as absl_logging
-from jax.experimental import multihost_utils
 
 from moejax.errors import MoejaxError, WorkdirBusy
 from moejax.parallel import hosts
@@ -75,10 +73,10 @@ def _process0_lock(workdir: str | os.PathLike
       lock.acquire()
     except MoejaxError as e:
       lock, failure = None, e
-  failed = multihost_utils.broadcast_one_to_all(np.int32(failure is not None))
+  locked = hosts.all_processes(failure is None)  # Only process 0 can fail.
   if failure is not None:
     raise failure
-  if int(failed):
+  if not locked:
     raise WorkdirBusy(f"process 0 could not lock workdir {workdir}; see its "
                       "message")
   try:

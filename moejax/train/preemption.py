@@ -32,8 +32,9 @@ import threading
 from typing import Callable
 
 import jax
-import numpy as np
 from jax.experimental import multihost_utils
+
+from moejax.parallel import hosts
 
 SIGINT_EXIT_CODE = 130  # 128 + SIGINT, what a shell reports for Ctrl-C.
 _NAMES = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT"}
@@ -100,9 +101,7 @@ class StopSignals:
     if self._mode == "jax":
       return multihost_utils.reached_preemption_sync_point(step)
     if self._mode == "allgather":
-      flags = multihost_utils.process_allgather(
-          np.int32(self.received is not None))
-      return bool(np.any(flags))
+      return not hosts.all_processes(self.received is None)
     return self.received is not None
 
   @property
