@@ -5,8 +5,10 @@ blocks, D=128, E=8 in blocks 1 and 3, batch 16 x 128 on the CPU sizes), through
 the project's own `make_train_step` (AdamW, the router's aux losses). Methods
 with phases are timed in each: stage methods per stage, EvoMoE's DTS gate in
 its soft phase (temperature tau_max, every expert above the threshold) and its
-hard phase (past `hard_step`: sampled top-1), DSelect-k at init (every expert
-active) and with binary selectors (codes saturated, <= k experts per token).
+hard phase (past `hard_step`: sampled top-1, timed on the one-slot program the
+trainer compiles for it, `moejax.train.program.phase_models`), DSelect-k at
+init (every expert active) and with binary selectors (codes saturated, <= k
+experts per token).
 The *sparse phase* of a method is the phase it spends most of training in at
 its target sparsity; that row's `step/switch` is the figure the router-cost
 target reads (every method <= 1.3x Switch, BASE <= 1.5x, on the CPU).
@@ -40,7 +42,8 @@ import optax
 from moejax.models import TransformerLM
 from moejax.train import config as train_config
 from moejax.train import make_train_step
-from moejax.train.program import init_state
+from moejax.stages.stage import boundaries
+from moejax.train.program import init_state, phase_models
 from moejax.train.optimizer import make_optimizer
 from moejax.train.presets import METHODS, method_config
 
@@ -55,6 +58,9 @@ class Phase:
     stage_step: steps into that stage at the first timed step (schedules).
     sparse: whether this is the method's sparse phase (the target's row).
     prepare: params -> params applied after init (e.g. saturated codes).
+    dropless: run the MoE layers on the dropless path (`model.matmul=auto`),
+      the path of the methods with a variable number of experts per token:
+      Switch on it is their like-for-like reference.
   """
 
   name: str
@@ -62,6 +68,7 @@ class Phase:
   stage_step: int = 0
   sparse: bool = True
   prepare: Callable[[dict], dict] | None = None
+  dropless: bool = False
 
 
 def saturate_dselect_codes(params: dict) -> dict:
@@ -104,6 +111,8 @@ def phases(method: str, run: train_config.RunConfig) -> list[Phase]:
     # ReLU gates of an untrained router open about half the experts; the
     # target sparsity comes from training (its sparse phase is not timed here).
     return [Phase("dense start (init)", sparse=False)]
+  if method == "switch":
+    return [Phase("train"), Phase("train, dropless", sparse=False, dropless=True)]
   return [Phase("train")]
 
 
@@ -136,7 +145,16 @@ class Timed:
 
   def __init__(self, run: train_config.RunConfig, phase: Phase, iters: int):
     stage = run.stages[phase.stage]
-    model = TransformerLM(stage.model)
+    bounds = boundaries(run.stages)
+    # The model the trainer compiles for this phase of the router, if it has
+    # static phases (the DTS gate's hard phase: one slot per token).
+    model_config = [m for first, m in phase_models(
+        stage.model, bounds[phase.stage + 1] - bounds[phase.stage])
+                    if phase.stage_step >= first][-1]
+    if phase.dropless:
+      model_config = dataclasses.replace(model_config, moe=dataclasses.replace(
+          model_config.moe, dispatch="dropless", matmul="auto"))
+    model = TransformerLM(model_config)
     tx = make_optimizer(run.optim, run.train.steps, stage.frozen)
     state = jax.jit(init_state, static_argnums=(0, 1, 3))(
         model, tx, jax.random.key(0), run.data.seq_len)

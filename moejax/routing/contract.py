@@ -120,6 +120,20 @@ class Router(nn.Module):
     return model_state
 
   @classmethod
+  def phases(cls, options: dict[str, Any], stage_steps: int
+             ) -> tuple[tuple[int, dict[str, Any]], ...]:
+    """The router's static phases in a stage of `stage_steps` steps:
+    ((first stage step, option overrides), ...), ascending from (0, {}).
+
+    From its first step on, a phase's overrides must route exactly as
+    `options` (every option, defaults included) do, and may do it with static
+    shapes that follow that phase's sparsity; the trainer compiles one train
+    step per phase (`moejax.train.program`). Most routers have one phase.
+    """
+    del options, stage_steps
+    return ((0, {}),)
+
+  @classmethod
   def check_options(cls, options: dict[str, Any], *, num_experts: int,
                     top_k: int) -> None:
     """Raises ConfigError for option values that cannot work (`options` holds

@@ -9,6 +9,13 @@ not renormalised. As tau anneals from tau_max to tau_min fewer experts pass the
 threshold: dense -> sparse. From `hard_step` on, each token goes to the argmax of
 its Gumbel sample only (sampled top-1). Evaluation: top-1.
 
+Slots follow the sparsity: the soft phase has K = E slots (or the cap) with a
+mask, and the MoE layer pays for the slots a batch uses (`moejax.moe.budgets`);
+evaluation, and a hard phase known at trace time (`hard_step` <= 0), have one
+slot per token, the cost of Switch. A trainer compiles the hard phase of a
+stage as such a program (`DTSRouter.phases`): from `hard_step` on, `hard_step`
+= -1 routes exactly alike.
+
 One combine weight in training and evaluation (`combine`, the reference's two
 options): `softmax` (its default) weighs a used expert by softmax(W h)_i in both
 and evaluates top-1 of softmax(W h); `gumbel` weighs it by g_i in both and
@@ -18,7 +25,7 @@ E^2 * mean_i(me_i * ce_i) over the masked combine weights (`balance`), or the
 Switch form.
 """
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -79,7 +86,7 @@ class DTSRouter(Router):
     threshold: an expert is used when its gate exceeds this (0.001).
     hard_step: stage step from which routing is sampled top-1, as the
       reference's switch step: -1 (or any value <= 0) is sampled top-1 from
-      the first step; None: never (soft throughout).
+      the first step, with one slot per token; None: never (soft throughout).
     combine: `softmax` (the reference's default) or `gumbel`: the combine
       weight in training and evaluation alike (module docstring).
     max_experts: most experts per token in the soft phase, the largest gates
@@ -122,6 +129,21 @@ class DTSRouter(Router):
                         ">= 0 (0: every expert above the threshold)")
     super().__post_init__()
 
+  @classmethod
+  def phases(cls, options: dict[str, Any], stage_steps: int
+             ) -> tuple[tuple[int, dict[str, Any]], ...]:
+    """Soft, then hard: from `hard_step` on, `step >= hard_step` holds at every
+    step, so `hard_step=-1` routes alike, with one slot per token, not E."""
+    hard_step = options.get("hard_step")
+    if hard_step is None or hard_step <= 0 or hard_step >= stage_steps:
+      return ((0, {}),)
+    return ((0, {}), (hard_step, {"hard_step": -1}))
+
+  @property
+  def one_slot_in_training(self) -> bool:
+    """Whether training is sampled top-1 at every step (static: one slot)."""
+    return self.hard_step is not None and self.hard_step <= 0
+
   def _noise(self, shape, deterministic: bool) -> jax.Array:
     if not deterministic or self.has_rng("router"):
       return jax.random.gumbel(self.make_rng("router"), shape)
@@ -153,10 +175,11 @@ class DTSRouter(Router):
       sample_TE = jax.nn.softmax(
           (logits_TE + self._noise(logits_TE.shape, deterministic)) / tau, -1)
     weight_TE = sample_TE if self.combine == "gumbel" else probs_TE
-    top1_TE = jax.nn.one_hot(
-        jnp.argmax(sample_TE if use_sample else logits_TE, -1), num_experts) > 0
+    choice_T = jnp.argmax(sample_TE if use_sample else logits_TE, -1)
+    top1_TE = jax.nn.one_hot(choice_T, num_experts) > 0
     cap = min(self.max_experts or num_experts, num_experts)
-    if deterministic:
+    one_slot = deterministic or self.one_slot_in_training
+    if one_slot:
       mask_TE = top1_TE
     else:
       soft_TE = sample_TE > self.threshold
@@ -172,9 +195,12 @@ class DTSRouter(Router):
           probs_TE, jnp.broadcast_to(jnp.arange(num_experts), mask_TE.shape),
           mask_TE)
     z_loss = losses.router_z_loss(logits_TE)
-    # Slots: expert e in slot e, or the `cap` largest samples (used ones first).
+    # Slots: the chosen expert alone (one slot); expert e in slot e; or the
+    # `cap` largest samples (used ones first).
     rank_TE = sample_TE if use_sample else probs_TE
-    if cap < num_experts:
+    if one_slot:
+      expert_TK = choice_T[:, None].astype(jnp.int32)
+    elif cap < num_experts:
       expert_TK = jax.lax.top_k(rank_TE, cap)[1].astype(jnp.int32)
     else:
       expert_TK = jnp.broadcast_to(jnp.arange(num_experts, dtype=jnp.int32),
@@ -188,4 +214,4 @@ class DTSRouter(Router):
                  "temperature": tau,
                  "experts_per_token": jnp.mean(
                      jnp.sum(mask_TE.astype(jnp.float32), -1))},
-        sparse_slots=True)
+        sparse_slots=not one_slot)

@@ -238,15 +238,18 @@ class _Run:
     tokens_per_step = tc.batch_size * self.config.data.seq_len
     flops_per_token = train_flops_per_token(program.stage.model,
                                             self.config.data.seq_len)
-    timer, previous, metrics = StepTimer(), None, None
+    timer, previous, metrics, current = StepTimer(), None, None, None
     for step in range(int(state.step) + 1, program.end + 1):
       self._stop_if_asked(program, step - 1, state, next_batch, metrics)
       batch = program.batch(self.data.train[next_batch])
-      if not timer.started:  # Compilation is not a training step.
-        state, metrics = self._first_step(program, state, batch)
+      train_step = program.train_step(step)
+      if train_step is not current:  # Compilation is not a training step.
+        timer.stop(previous)
+        state, metrics = self._first_step(program, train_step, state, batch)
+        current = train_step
         timer.start()
       else:
-        state, metrics = program.train_step(state, batch)
+        state, metrics = train_step(state, batch)
         timer.count()
         jax.block_until_ready(previous)  # At most two steps in flight.
         self.progress.advance(step - 1)
@@ -285,12 +288,18 @@ class _Run:
         timer.start()
     return state, next_batch
 
-  def _first_step(self, program: StageProgram, state: TrainState, batch):
-    """Compiles and runs the stage's first step, saying so (it takes a while)."""
+  def _first_step(self, program: StageProgram, train_step, state: TrainState,
+                  batch):
+    """Compiles and runs the first step of a stage or of one of its router's
+    phases, saying so (it takes a while)."""
     name = f"stage {program.index} ({program.stage.name})"
+    if len(program.train_steps) > 1:
+      phase = [fn for _, fn in program.train_steps].index(train_step)
+      name += (f", router phase {phase + 1} of {len(program.train_steps)} "
+               f"from step {program.train_steps[phase][0]}")
     self.progress.message(f"compiling the train step of {name} ...")
     start = time.perf_counter()
-    state, metrics = program.train_step(state, batch)
+    state, metrics = train_step(state, batch)
     jax.block_until_ready(metrics)
     self.progress.message(f"compiled {name} and ran its first step in "
                           f"{time.perf_counter() - start:.1f} s")

@@ -2,7 +2,10 @@
 eval and probe steps, and the shardings of its state.
 
 `build_program(config, index, data, init_rng, step_rng)` builds stage `index`;
-the loop (`moejax.train.loop`) runs the programs one after another.
+the loop (`moejax.train.loop`) runs the programs one after another. A stage
+whose router has static phases (`Router.phases`: EvoMoE's DTS gate, soft then
+hard) has one jitted train step per phase, over the same params and state:
+the hard phase's has one routing slot per token instead of E.
 """
 
 import dataclasses
@@ -14,11 +17,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from moejax.models.config import TransformerConfig
 from moejax.models.transformer import TransformerLM
 from moejax.parallel import hosts
 from moejax.parallel.mesh import make_mesh
 from moejax.parallel.rules import batch_sharding, logical_shardings, shard_batch
-from moejax.routing.registry import router_class
+from moejax.routing.registry import router_class, router_options
 from moejax.stages.stage import Stage, boundaries
 from moejax.train.config import RunConfig
 from moejax.train.optimizer import make_optimizer
@@ -61,10 +65,28 @@ class Evaluator:
             "eval/ppl": math.exp(loss) if loss < 700 else float("inf")}
 
 
+def phase_models(model: TransformerConfig, stage_steps: int
+                 ) -> tuple[tuple[int, TransformerConfig], ...]:
+  """(first stage step, model) of each static phase of a stage's router
+  (`Router.phases`); one phase, `model` itself, for most."""
+  moe = model.moe
+  if not model.moe_layers:
+    return ((0, model),)
+  given = dict(moe.router_options)
+  phases = router_class(moe.router).phases(
+      {**router_options(moe.router), **given}, stage_steps)
+  return tuple(
+      (start, model if not overrides else dataclasses.replace(
+          model, moe=dataclasses.replace(moe, router_options=tuple(
+              sorted({**given, **overrides}.items())))))
+      for start, overrides in phases)
+
+
 @dataclasses.dataclass
 class StageProgram:
   """The jitted functions of one stage, its shardings and the global steps it
-  covers."""
+  covers. `train_steps` holds (first global step, jitted step) per static
+  phase of the stage's router, ascending; `train_step(step)` picks one."""
 
   index: int
   stage: Stage
@@ -74,9 +96,13 @@ class StageProgram:
   init: Callable[[], TrainState]
   abstract: TrainState
   shardings: Any
-  train_step: Callable
+  train_steps: tuple[tuple[int, Callable], ...]
   evaluate: Evaluator
   probe: Callable | None
+
+  def train_step(self, step: int) -> Callable:
+    """The jitted step that takes the state from `step` - 1 to `step`."""
+    return [fn for first, fn in self.train_steps if step > first][-1]
 
   def place(self, state: TrainState) -> TrainState:
     """`state` laid out on this stage's mesh (after an eager transform)."""
@@ -101,7 +127,8 @@ def build_program(config: RunConfig, index: int, data, init_rng: jax.Array,
   bounds = boundaries(config.stages)
   mesh = stage_mesh(config, index)
   # One device: the plain layer; more: expert-parallel MoE layers.
-  model = TransformerLM(stage.model, mesh=mesh if mesh.size > 1 else None)
+  model_mesh = mesh if mesh.size > 1 else None
+  model = TransformerLM(stage.model, mesh=model_mesh)
   tx = make_optimizer(config.optim, config.train.steps, stage.frozen)
   init_fn = lambda: init_state(model, tx, init_rng, config.data.seq_len)  # noqa: E731
   abstract = jax.eval_shape(init_fn)
@@ -120,13 +147,18 @@ def build_program(config: RunConfig, index: int, data, init_rng: jax.Array,
     return hosts.place(state.replace(model_state=model_state), shardings)
 
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  step = jax.jit(make_train_step(model, tx, step_rng, stage_start=bounds[index]),
-                 in_shardings=(shardings, batch_sharding(mesh)),
-                 out_shardings=(shardings, replicated), donate_argnums=0)
+  steps = tuple(
+      (bounds[index] + first, jax.jit(
+          make_train_step(TransformerLM(phase, mesh=model_mesh), tx, step_rng,
+                          stage_start=bounds[index]),
+          in_shardings=(shardings, batch_sharding(mesh)),
+          out_shardings=(shardings, replicated), donate_argnums=0))
+      for first, phase in phase_models(stage.model,
+                                       bounds[index + 1] - bounds[index]))
   probe = jax.jit(make_probe_step(model)) if stage.model.moe_layers else None
   return StageProgram(index=index, stage=stage, start=bounds[index],
                       end=bounds[index + 1], mesh=mesh, init=init,
-                      abstract=abstract, shardings=shardings, train_step=step,
+                      abstract=abstract, shardings=shardings, train_steps=steps,
                       evaluate=Evaluator(model, data.eval_batches), probe=probe)
 
 

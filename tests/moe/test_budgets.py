@@ -235,3 +235,47 @@ def test_remoe_cheap_dispatch_equals_k_slot_version():
   np.testing.assert_allclose(y_cheap, y_full, rtol=1e-5, atol=1e-6)
   for u, v in zip(jax.tree.leaves(g_cheap), jax.tree.leaves(g_full), strict=True):
     np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("path,capacity_factor", [
+    ("dropless", 1.25),
+    # One slot: C = ceil(cf * T / E); E-slot: ceil(cf * T). At cf = E both hold
+    # every token, so nothing is dropped and the two must agree exactly.
+    ("capacity", float(E_ROUTER))])
+def test_dts_hard_phase_one_slot_equals_e_slot_version(path, capacity_factor):
+  """The DTS hard phase as the trainer compiles it (`hard_step=-1`: one slot
+  per token) against the E-slot router past its `hard_step`: same outputs,
+  aux loss and gradients (router params included)."""
+  x_TD = jax.random.normal(jax.random.key(5), (T, D))
+  rngs = {"router": jax.random.key(6)}
+  w_in, w_out = (w[:E_ROUTER] for w in _weights(2))
+  step = jnp.int32(7)
+  e_slot = make_router("dts", num_experts=E_ROUTER, options={"hard_step": 5})
+  one = make_router("dts", num_experts=E_ROUTER, options={"hard_step": -1})
+  params = nn.unbox(e_slot.init({"params": jax.random.key(7), **rngs}, x_TD,
+                                step=step))["params"]
+
+  def loss(router, p, w_in, w_out, x):
+    routing = router.apply({"params": p}, x, deterministic=False, rngs=rngs,
+                           step=step)
+    y_TD, kept_TK = budgets.routed_ffn(x, routing, w_in, w_out,
+                                       dispatch_path=path,
+                                       capacity_factor=capacity_factor,
+                                       budgets=False)
+    used = jnp.sum(jnp.where(kept_TK, 1.0, 0.0))
+    return jnp.sum(y_TD**2) + routing.aux_loss, (y_TD, used,
+                                                 routing.expert_TK.shape[1])
+
+  def run(router):
+    fn = jax.value_and_grad(functools.partial(loss, router), argnums=(0, 1, 2, 3),
+                            has_aux=True)
+    return fn(params, w_in, w_out, x_TD)
+
+  (l_e, (y_e, used_e, k_e)), g_e = run(e_slot)
+  (l_1, (y_1, used_1, k_1)), g_1 = run(one)
+  assert (k_e, k_1) == (E_ROUTER, 1)
+  assert int(used_e) == int(used_1) == T  # Every token, one slot each.
+  np.testing.assert_allclose(l_1, l_e, rtol=1e-6)
+  np.testing.assert_allclose(y_1, y_e, rtol=1e-5, atol=1e-6)
+  for u, v in zip(jax.tree.leaves(g_1), jax.tree.leaves(g_e), strict=True):
+    np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-5)

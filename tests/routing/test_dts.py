@@ -41,6 +41,13 @@ def _route(deterministic, step, **options):
   return routing, variables, x_TD
 
 
+def _expert_T(routing) -> np.ndarray:
+  """The expert of each token's used slot (one per token)."""
+  mask_TK = np.asarray(routing.mask_TK)
+  assert np.all(mask_TK.sum(-1) == 1)
+  return np.asarray(routing.expert_TK)[mask_TK]
+
+
 def _probs(variables, x_TD):
   return jax.nn.softmax(x_TD @ variables["params"]["gate"]["kernel"].value, -1)
 
@@ -61,8 +68,9 @@ def test_softmax_combine_is_one_definition_in_training_and_evaluation():
   probs_TE = np.asarray(_probs(variables, x_TD))
   np.testing.assert_allclose(soft.weight_TK, probs_TE, rtol=1e-6)
   ev, _, _ = _route(True, 0)
-  np.testing.assert_array_equal(np.argmax(ev.mask_TK, -1), probs_TE.argmax(-1))
-  np.testing.assert_allclose(ev.weight_TK, probs_TE, rtol=1e-6)
+  assert ev.expert_TK.shape == (256, 1) and not ev.sparse_slots  # One slot.
+  np.testing.assert_array_equal(_expert_T(ev), probs_TE.argmax(-1))
+  np.testing.assert_allclose(ev.weight_TK[:, 0], probs_TE.max(-1), rtol=1e-6)
 
 
 def test_gumbel_combine_evaluates_a_gumbel_sample_too():
@@ -94,10 +102,39 @@ def test_hard_phase_is_sampled_top1_and_evaluation_deterministic_top1():
   np.testing.assert_array_equal(hard.mask_TK.sum(-1), 1)
   probs_TE = np.asarray(_probs(variables, x_TD))
   # Sampled: not always the most probable expert.
-  assert np.any(np.argmax(hard.mask_TK, -1) != probs_TE.argmax(-1))
+  assert np.any(_expert_T(hard) != probs_TE.argmax(-1))
   ev, _, _ = _route(True, 0)
-  np.testing.assert_array_equal(np.argmax(ev.mask_TK, -1), probs_TE.argmax(-1))
-  np.testing.assert_array_equal(ev.mask_TK.sum(-1), 1)
+  np.testing.assert_array_equal(_expert_T(ev), probs_TE.argmax(-1))
+
+
+@pytest.mark.parametrize("combine", ["softmax", "gumbel"])
+def test_hard_phase_program_routes_as_the_e_slot_router(combine):
+  """From hard_step on, the phase's override (hard_step=-1) routes each token
+  to the same expert with the same weight, losses and metrics, in one slot
+  instead of E."""
+  router = make_router("dts", num_experts=8, options={"hard_step": 10})
+  phases = type(router).phases({"hard_step": 10}, stage_steps=30)
+  assert phases == ((0, {}), (10, {"hard_step": -1}))
+  for step in (10, 17):
+    e_slot, variables, x_TD = _route(False, step, hard_step=10, combine=combine)
+    one, _, _ = _route(False, step, combine=combine, **phases[1][1])
+    assert e_slot.sparse_slots and e_slot.expert_TK.shape == (256, 8)
+    assert not one.sparse_slots and one.expert_TK.shape == (256, 1)
+    np.testing.assert_array_equal(_expert_T(one), _expert_T(e_slot))
+    np.testing.assert_array_equal(
+        np.asarray(one.weight_TK)[:, 0],
+        np.asarray(e_slot.weight_TK)[np.asarray(e_slot.mask_TK)])
+    np.testing.assert_array_equal(one.aux_loss, e_slot.aux_loss)
+    for name, value in e_slot.metrics.items():
+      np.testing.assert_array_equal(one.metrics[name], value, err_msg=name)
+
+
+@pytest.mark.parametrize("hard_step,stage_steps", [
+    (None, 30), (-1, 30), (0, 30), (30, 30), (45, 30)])
+def test_one_phase_when_the_hard_phase_is_static_or_never_reached(hard_step,
+                                                                  stage_steps):
+  router = make_router("dts", num_experts=8, options={"hard_step": hard_step})
+  assert type(router).phases({"hard_step": hard_step}, stage_steps) == ((0, {}),)
 
 
 def test_max_experts_caps_the_soft_phase():
