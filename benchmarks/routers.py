@@ -43,7 +43,7 @@ from moejax.models import TransformerLM
 from moejax.train import config as train_config
 from moejax.train import make_train_step
 from moejax.stages.stage import boundaries
-from moejax.train.program import init_state, phase_models
+from moejax.train.program import init_state, phase_at, phase_models
 from moejax.train.optimizer import make_optimizer
 from moejax.train.presets import METHODS, method_config
 
@@ -148,9 +148,9 @@ class Timed:
     bounds = boundaries(run.stages)
     # The model the trainer compiles for this phase of the router, if it has
     # static phases (the DTS gate's hard phase: one slot per token).
-    model_config = [m for first, m in phase_models(
-        stage.model, bounds[phase.stage + 1] - bounds[phase.stage])
-                    if phase.stage_step >= first][-1]
+    model_config = phase_at(phase_models(
+        stage.model, bounds[phase.stage + 1] - bounds[phase.stage]),
+                            phase.stage_step)
     if phase.dropless:
       model_config = dataclasses.replace(model_config, moe=dataclasses.replace(
           model_config.moe, dispatch="dropless", matmul="auto"))

@@ -82,6 +82,12 @@ def phase_models(model: TransformerConfig, stage_steps: int
       for start, overrides in phases)
 
 
+def phase_at(phases: tuple[tuple[int, Any], ...], stage_step: int) -> Any:
+  """What `phases`, ((first step, x), ...) ascending, holds at `stage_step`
+  (the update from state step `stage_step` to the next)."""
+  return [x for first, x in phases if stage_step >= first][-1]
+
+
 @dataclasses.dataclass
 class StageProgram:
   """The jitted functions of one stage, its shardings and the global steps it
@@ -102,7 +108,7 @@ class StageProgram:
 
   def train_step(self, step: int) -> Callable:
     """The jitted step that takes the state from `step` - 1 to `step`."""
-    return [fn for first, fn in self.train_steps if step > first][-1]
+    return phase_at(self.train_steps, step - 1)
 
   def place(self, state: TrainState) -> TrainState:
     """`state` laid out on this stage's mesh (after an eager transform)."""
