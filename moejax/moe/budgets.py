@@ -16,6 +16,16 @@ a few static sizes, for k = 1, 1.25, 2, 4, ... slots per token up to K, and
 - capacity: buffer rows per expert per device, ceil(C * k / K); a batch needs
   min(C, the largest load of any expert on any device).
 
+A router whose first slots are used by (nearly) every token sets
+`Routing.fixed_slots` (DSelect-k: its k heaviest experts). On the dropless
+path, which drops nothing, the layer's output is then the sum of two
+independent programs: the fixed slots at their static size S * f, outside any
+conditional, and the other K - f slots through the switch over budgets of
+0, 1/32, 1/4, 1, 2, ... slots per token (`tail_ladder`), whose size 0 returns
+zeros. So once a router is as sparse as its fixed slots it pays one static
+program and an empty branch, and the few tokens not yet there cost a small
+budget, not a switch that holds the whole layer.
+
 Exact by construction: a size that holds every used (capacity: every kept)
 slot computes the same sums as the K-slot program, so values and gradients
 are equal (tested against the K-slot program and the naive loop, on both paths
@@ -51,13 +61,29 @@ def slot_ladder(top_k: int) -> tuple[float, ...]:
   return tuple(sorted(f for f in steps | {float(top_k)} if f <= top_k))
 
 
+def tail_ladder(top_k: int) -> tuple[float, ...]:
+  """Slots per token of the budgets for the slots after `Routing.fixed_slots`:
+  0, 1/32, 1/4, then powers of 2 below K, then K (K: the slots after them).
+
+  0 costs nothing (the batch uses the fixed slots only); 1/32 and 1/4 are for
+  a few tokens whose extra experts are not yet switched off.
+  """
+  steps = {0.0, 1 / 32, 0.25} | {float(2**i) for i in range(top_k.bit_length())}
+  return tuple(sorted(f for f in steps | {float(top_k)} if f <= top_k))
+
+
 def budget_sizes(path: str, *, tokens: int, top_k: int, capacity: int,
-                 sparse: bool) -> tuple[int, ...]:
+                 sparse: bool, tail: bool = False) -> tuple[int, ...]:
   """Ascending static sizes; the last one holds every slot (the K-slot program).
 
   dropless: sorted rows ceil(S * k); capacity: rows per expert ceil(C * k / K).
+  `tail`: the budgets of the slots after the fixed ones (`tail_ladder`,
+  dropless only), which start at 0 rows.
   """
-  ladder = slot_ladder(top_k) if sparse else (float(top_k),)
+  if tail:
+    ladder = tail_ladder(top_k)
+  else:
+    ladder = slot_ladder(top_k) if sparse else (float(top_k),)
   if path == "dropless":
     sizes = [min(tokens * top_k, math.ceil(tokens * k)) for k in ladder]
   else:
@@ -185,23 +211,56 @@ def routed_ffn(x_TD: jax.Array, routing: Routing, w_in_EDF: jax.Array,
           dispatch_path=dispatch_path, capacity_factor=capacity_factor,
           activation=activation, ragged_dot=ragged_dot, rows=size)
 
+  sparse = budgets and routing.sparse_slots
+  fixed = routing.fixed_slots if sparse and dispatch_path == "dropless" else 0
+  if 0 < fixed < top_k:
+    # Dropless drops nothing, so the fixed slots and the others are two
+    # independent sums: the fixed ones at a static size, outside the switch.
+    head, rest = (_slots(routing, s) for s in (slice(0, fixed),
+                                               slice(fixed, None)))
+    y_TD, _ = run(tokens * fixed, x_TD, head, w_in_EDF, w_out_EFD)
+    sizes = budget_sizes(dispatch_path, tokens=tokens, top_k=top_k - fixed,
+                         capacity=capacity, sparse=True, tail=True)
+    y_TD = y_TD + _budgeted(run, sizes, x_TD, rest, w_in_EDF, w_out_EFD,
+                            path=dispatch_path, capacity=capacity,
+                            shards=shards).astype(y_TD.dtype)
+    return y_TD, routing.mask_TK
   sizes = budget_sizes(dispatch_path, tokens=tokens, top_k=top_k,
-                       capacity=capacity,
-                       sparse=budgets and routing.sparse_slots)
+                       capacity=capacity, sparse=sparse)
   if len(sizes) == 1:
     return run(sizes[0], x_TD, routing, w_in_EDF, w_out_EFD)
-  need = rows_needed(routing.expert_TK, routing.mask_TK, path=dispatch_path,
+  y_TD = _budgeted(run, sizes, x_TD, routing, w_in_EDF, w_out_EFD,
+                   path=dispatch_path, capacity=capacity, shards=shards)
+  return y_TD, _kept(routing, path=dispatch_path, num_experts=num_experts,
+                     capacity=capacity, shards=shards)
+
+
+def _slots(routing: Routing, which: slice) -> Routing:
+  """The routing of some of the K slots (no aux loss, no metrics)."""
+  return routing.replace(
+      expert_TK=routing.expert_TK[:, which], weight_TK=routing.weight_TK[:, which],
+      mask_TK=routing.mask_TK[:, which], aux_loss=jnp.zeros(()), metrics={},
+      fixed_slots=0)
+
+
+def _budgeted(run, sizes, x_TD, routing, w_in_EDF, w_out_EFD, *, path,
+              capacity, shards) -> jax.Array:
+  """y [T, D] of `run` at the smallest of `sizes` that holds the batch; size 0
+  (no slot used) is a branch that returns zeros."""
+  num_experts = w_in_EDF.shape[0]
+  need = rows_needed(routing.expert_TK, routing.mask_TK, path=path,
                      num_experts=num_experts, capacity=capacity, shards=shards)
   index = jnp.sum(jnp.asarray(sizes[:-1], jnp.int32) < need)
 
   def branch(size, x_TD, weight_TK, w_in_EDF, w_out_EFD, expert_TK, mask_TK):
-    r = routing.replace(expert_TK=expert_TK, weight_TK=weight_TK,
-                        mask_TK=mask_TK, aux_loss=jnp.zeros(()), metrics={})
+    r = _slots(routing, slice(None)).replace(
+        expert_TK=expert_TK, weight_TK=weight_TK, mask_TK=mask_TK)
     return run(size, x_TD, r, w_in_EDF, w_out_EFD)[0]
 
-  y_TD = _switch_remat(
-      index, [functools.partial(branch, size) for size in sizes],
-      (x_TD, routing.weight_TK, w_in_EDF, w_out_EFD),
-      (routing.expert_TK, routing.mask_TK))
-  return y_TD, _kept(routing, path=dispatch_path, num_experts=num_experts,
-                     capacity=capacity, shards=shards)
+  branches = [functools.partial(branch, size) for size in sizes if size]
+  diff = (x_TD, routing.weight_TK, w_in_EDF, w_out_EFD)
+  fixed = (routing.expert_TK, routing.mask_TK)
+  if 0 in sizes:
+    out = jax.eval_shape(branches[0], *diff, *fixed)
+    branches.insert(0, lambda *_: jnp.zeros(out.shape, out.dtype))
+  return _switch_remat(index, branches, diff, fixed)

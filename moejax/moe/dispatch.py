@@ -152,14 +152,18 @@ def plan_dropless(expert_TK: jax.Array, mask_TK: jax.Array, num_experts: int,
                   rows: int | None = None) -> SortPlan:
   """Sorts the T*K slots by expert (stable), unused slots after all experts.
 
-  `rows` (default T*K) keeps the first M sorted rows: with M >= the used slots
+  `rows` (default T*K) allocates M rows: with M >= the used slots
   (`moejax.moe.budgets.rows_needed`) every used slot has its row and the
-  result is the same; used slots past M would get no row (`SortPlan.kept_TK`
-  says which).
+  result is the same; of more used slots than M, some get no row
+  (`SortPlan.kept_TK` says which). With M < T*K only the used slots are sorted
+  (`_plan_used_slots`), so a small budget's plan costs a prefix sum over the
+  T*K slots and a sort of M rows, not a sort of T*K.
   """
   num_tokens, top_k = expert_TK.shape
   num_slots = num_tokens * top_k
   rows = num_slots if rows is None else min(rows, num_slots)
+  if rows < num_slots:
+    return _plan_used_slots(expert_TK, mask_TK, num_experts, rows)
   expert_S = jnp.where(mask_TK, expert_TK, num_experts).reshape(-1)
   order_S = jnp.argsort(expert_S, stable=True)
   position_S = jnp.zeros_like(order_S).at[order_S].set(
@@ -173,6 +177,34 @@ def plan_dropless(expert_TK: jax.Array, mask_TK: jax.Array, num_experts: int,
       inverse_TK=inverse_S.reshape(num_tokens, top_k).astype(jnp.int32),
       group_sizes_E=group_sizes_E.astype(jnp.int32),
       source_M=order_M.astype(jnp.int32))
+
+
+def _plan_used_slots(expert_TK: jax.Array, mask_TK: jax.Array,
+                     num_experts: int, rows: int) -> SortPlan:
+  """plan_dropless for M < T*K rows: the first M used slots (in slot order),
+  sorted by expert (stable); rows past them are empty (token 0, source T*K,
+  so they carry weight 0)."""
+  num_tokens, top_k = expert_TK.shape
+  num_slots = num_tokens * top_k
+  used_S = mask_TK.reshape(-1)
+  rank_S = jnp.cumsum(used_S, dtype=jnp.int32) - 1
+  slot_M = jnp.full((rows + 1,), num_slots, jnp.int32).at[
+      jnp.where(used_S & (rank_S < rows), rank_S, rows)].set(
+          jnp.arange(num_slots, dtype=jnp.int32))[:rows]
+  real_M = slot_M < num_slots
+  expert_M = jnp.where(real_M, expert_TK.reshape(-1)[
+      jnp.where(real_M, slot_M, 0)], num_experts)
+  order_M = jnp.argsort(expert_M, stable=True)
+  source_M = slot_M[order_M]
+  inverse_S = jnp.full((num_slots + 1,), rows, jnp.int32).at[source_M].set(
+      jnp.arange(rows, dtype=jnp.int32))[:num_slots]
+  return SortPlan(
+      token_M=jnp.where(source_M < num_slots, source_M // top_k, 0).astype(
+          jnp.int32),
+      inverse_TK=inverse_S.reshape(num_tokens, top_k),
+      group_sizes_E=jnp.bincount(expert_M, length=num_experts + 1)[
+          :num_experts].astype(jnp.int32),
+      source_M=source_M)
 
 
 def dispatch_sorted(x_TD: jax.Array, plan: SortPlan) -> jax.Array:

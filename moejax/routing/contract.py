@@ -69,6 +69,11 @@ class Routing:
       slots, most of them unused (K = E slots with a mask: DTS, DSelect-k,
       expert choice). The MoE layer then pays only for the slots the batch
       uses, exactly (`moejax.moe.budgets`).
+    fixed_slots: static; with `sparse_slots`, the number of leading slots that
+      (nearly) every token uses, e.g. DSelect-k's k best experts once its
+      codes are binary. The dropless path computes them at a static size,
+      outside the run-time budget switch, which then covers only the slots
+      after them (and costs nothing when none of those is used).
   """
 
   expert_TK: jax.Array
@@ -78,6 +83,15 @@ class Routing:
   metrics: dict[str, jax.Array]
   capacity: int | None = flax.struct.field(pytree_node=False, default=None)
   sparse_slots: bool = flax.struct.field(pytree_node=False, default=False)
+  fixed_slots: int = flax.struct.field(pytree_node=False, default=0)
+
+  def expert_weights(self, num_experts: int) -> jax.Array:
+    """float32[T, E]: each expert's combine weight, summed over the used slots
+    that name it (0 for the experts a token does not use)."""
+    w_TK = jnp.where(self.mask_TK, self.weight_TK, 0.0).astype(jnp.float32)
+    return jnp.einsum("tk,tke->te", w_TK,
+                      jax.nn.one_hot(self.expert_TK, num_experts,
+                                     dtype=jnp.float32))
 
 
 class Router(nn.Module):

@@ -82,9 +82,14 @@ class DSelectKRouter(Router):
   float32, initialised as the reference code: uniform in +-gamma/100 (every
   S(z) starts in its cubic region, all experts active) and +-0.05. The
   entropy regulariser (weight `entropy_reg`) drives every selector to one
-  expert; it is the whole aux loss. Routing has K = E slots, slot e used iff
-  weight_e > 0. It fixes Routing.capacity = T, so the capacity path drops
-  nothing even in the dense early phase (it then costs E*T rows, like dropless).
+  expert; it is the whole aux loss. Routing has K = E slots, one per expert,
+  ordered by descending weight (ties: lower expert first), a slot used iff its
+  weight > 0. The first k slots are `Routing.fixed_slots`: once the codes are
+  binary they hold every used expert, so the dropless path computes them at a
+  static T*k rows and the run-time budget switch covers only the other E - k
+  (empty then, and nearly so while a few codes are still saturating). It fixes
+  Routing.capacity = T, so the capacity path drops nothing even in the dense
+  early phase (it then costs E*T rows, like dropless).
 
   Attributes:
     gamma: width of the smooth step's cubic region (the paper's default 1).
@@ -133,16 +138,17 @@ class DSelectKRouter(Router):
     sel_TIE = selector_weights(z_TIM, self.num_experts, self.gamma)
     weight_TE = jnp.einsum("ti,tie->te", alpha_TI, sel_TIE)
     entropy = selector_entropy(sel_TIE)
-    mask_TE = weight_TE > 0
+    # Every expert once, heaviest first (lax.top_k: lower index on ties).
+    weight_TK, expert_TK = jax.lax.top_k(weight_TE, self.num_experts)
+    mask_TK = weight_TK > 0
     return Routing(
-        expert_TK=jnp.broadcast_to(
-            jnp.arange(self.num_experts, dtype=jnp.int32), weight_TE.shape),
-        weight_TK=weight_TE,
-        mask_TK=mask_TE,
+        expert_TK=expert_TK.astype(jnp.int32),
+        weight_TK=weight_TK,
+        mask_TK=mask_TK,
         aux_loss=self.entropy_reg * entropy,
         metrics={"selector_entropy": entropy,
                  "entropy": losses.mean_entropy(weight_TE),
                  # Experts per token: E while dense, <= top_k once converged.
-                 "active_experts": jnp.mean(jnp.sum(mask_TE, axis=-1).astype(
+                 "active_experts": jnp.mean(jnp.sum(mask_TK, axis=-1).astype(
                      jnp.float32))},
-        capacity=num_tokens, sparse_slots=True)
+        capacity=num_tokens, sparse_slots=True, fixed_slots=num_selectors)

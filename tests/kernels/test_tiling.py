@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moejax.kernels import tiling
+from moejax.kernels import tiled, tiling
 
 
 def test_plan_by_hand():
@@ -60,3 +60,15 @@ def test_fit_tile():
   assert tiling.fit_tile(12, 128) == 16  # Next power of two, at least 16.
   assert tiling.fit_tile(40, 128) == 64
   assert tiling.fit_tile(40, 8) == 8  # A small requested tile is kept.
+
+
+def test_default_tm_follows_rows_per_group():
+  # M/G rounded up to a power of two, within [16, 128], at most M's power.
+  assert tiled.default_tm(2048, 8) == 128
+  assert tiled.default_tm(512, 8) == 64
+  assert tiled.default_tm(64, 8) == 16
+  assert tiled.default_tm(5, 8) == 8
+  for rows in range(1, 3000, 37):
+    tm = tiled.default_tm(rows, 8)
+    assert tm & (tm - 1) == 0 and tm <= 128
+    assert tm >= min(16, rows) and tm < 2 * max(rows, 1)

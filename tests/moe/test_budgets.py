@@ -147,6 +147,95 @@ def test_expert_parallel_budget_equals_k_slot_program(path, mesh_shape, density)
       functools.partial(run, budgets=False), x_TD, routing, w_in, w_out))
 
 
+def _fixed_routing(extra: str, seed: int = 0) -> Routing:
+  """K = E slots, slot 0 used by every token (`fixed_slots=1`) and the other
+  slots (distinct experts) used by no token, a few tokens, or every token."""
+  rng = np.random.default_rng(seed)
+  expert_TE = np.argsort(rng.uniform(size=(T, E)), axis=1).astype(np.int32)
+  mask_TE = np.zeros((T, E), bool)
+  mask_TE[:, 0] = True
+  if extra == "few":
+    mask_TE[3, 1] = True
+    mask_TE[17, 5] = True
+  elif extra == "all":
+    mask_TE[:] = True
+  return Routing(
+      expert_TK=jnp.asarray(expert_TE),
+      weight_TK=jnp.asarray(rng.uniform(0.1, 1.0, (T, E)), jnp.float32),
+      mask_TK=jnp.asarray(mask_TE), aux_loss=jnp.zeros(()), metrics={},
+      capacity=T, sparse_slots=True, fixed_slots=1)
+
+
+def test_tail_ladder_and_sizes():
+  assert budgets.tail_ladder(1) == (0, 1 / 32, 0.25, 1)
+  assert budgets.tail_ladder(7) == (0, 1 / 32, 0.25, 1, 2, 4, 7)
+  assert budgets.budget_sizes("dropless", tokens=64, top_k=7, capacity=64,
+                              sparse=True, tail=True) == (0, 2, 16, 64, 128,
+                                                          256, 448)
+
+
+@pytest.mark.parametrize("extra,tail_index", [("none", 0), ("few", 1),
+                                              ("all", 6)])
+@pytest.mark.parametrize("mesh_shape", [None, (2, 4)])
+def test_fixed_slots_outside_the_switch_equal_k_slot_program(extra, tail_index,
+                                                             mesh_shape):
+  """Dropless with `fixed_slots`: slot 0 at a static size plus the budgeted
+  tail (no tail slot used: the zero branch) equals the K-slot program and the
+  naive loop, values and gradients, on one device and expert-parallel."""
+  routing = _fixed_routing(extra)
+  x_TD = jax.random.normal(jax.random.key(1), (T, D))
+  w_in, w_out = _weights()
+  mesh = mesh_shape and make_mesh(MeshConfig(*mesh_shape), num_experts=E)
+  run = functools.partial(budgets.routed_ffn, dispatch_path="dropless")
+  cheap = _loss_and_grads(functools.partial(run, mesh=mesh), x_TD, routing,
+                          w_in, w_out)
+  full = _loss_and_grads(functools.partial(run, budgets=False), x_TD, routing,
+                         w_in, w_out)
+  _assert_same(cheap, full)
+  np.testing.assert_array_equal(cheap[0][1], routing.mask_TK)
+  y_loop = moe_loop(x_TD, routing.expert_TK, routing.weight_TK,
+                    routing.mask_TK, w_in, w_out)
+  np.testing.assert_allclose(cheap[0][0], y_loop, rtol=1e-5, atol=1e-5)
+  # The tail's budget on one device (sizes 0, 2, 16, ... rows): none used ->
+  # 0 rows (the zero branch); two slots -> 2 rows; every slot -> all 7 * 64.
+  sizes = budgets.budget_sizes("dropless", tokens=T, top_k=E - 1, capacity=T,
+                               sparse=True, tail=True)
+  need = budgets.rows_needed(routing.expert_TK[:, 1:], routing.mask_TK[:, 1:],
+                             path="dropless", num_experts=E, capacity=T,
+                             shards=1)
+  assert int(np.sum(np.asarray(sizes[:-1]) < int(need))) == tail_index
+
+
+def test_fixed_slots_are_not_in_the_conditional():
+  """The static part's grouped matmuls (`ragged_dot`) run outside the `case`;
+  a budget switch over all K slots has none outside it."""
+  x_TD = jnp.zeros((T, D))
+  w_in, w_out = _weights()
+
+  def dots(jaxpr):  # ragged_dot eqns, nested calls included, conds not.
+    count = 0
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "cond":
+        continue
+      count += eqn.primitive.name.startswith("ragged_dot")
+      for value in eqn.params.values():
+        for sub in value if isinstance(value, (tuple, list)) else [value]:
+          if isinstance(sub, jax.extend.core.ClosedJaxpr):
+            count += dots(sub.jaxpr)
+          elif isinstance(sub, jax.extend.core.Jaxpr):
+            count += dots(sub)
+    return count
+
+  def outside_dots(routing):
+    return dots(jax.make_jaxpr(functools.partial(
+        budgets.routed_ffn, dispatch_path="dropless"))(
+            x_TD, routing, w_in, w_out).jaxpr)
+
+  fixed = _fixed_routing("few")
+  assert outside_dots(fixed) == 2  # w_in and w_out of slot 0.
+  assert outside_dots(fixed.replace(fixed_slots=0)) == 0
+
+
 def _saturated_codes(params):
   """DSelect-k's code logits pushed past +-gamma/2: every selector is binary."""
   code = params["code"]

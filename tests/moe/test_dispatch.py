@@ -116,3 +116,39 @@ def test_dropless_group_sizes_count_used_slots():
       np.argsort(np.asarray(plan.inverse_TK).ravel())]
   used = int(expected.sum())
   assert list(sorted_experts[:used]) == sorted(sorted_experts[:used])
+
+
+@pytest.mark.parametrize("rows", [7, 12, 40])
+def test_dropless_plan_for_fewer_rows_than_slots(rows):
+  """rows < T*K sorts only the used slots; with rows >= the used slots it is
+  the full plan's first rows, and dispatch -> experts -> combine is the loop."""
+  x_TD, expert_TK, weight_TK, _, params = _problem(7, 2)
+  rng = np.random.default_rng(1)
+  mask_TK = jnp.asarray(rng.uniform(size=(T, 2)) < 0.2)  # 7 of 48 slots used.
+  used = int(mask_TK.sum())
+  assert used == 7 and rows < T * 2
+  full = dispatch.plan_dropless(expert_TK, mask_TK, E)
+  small = dispatch.plan_dropless(expert_TK, mask_TK, E, rows)
+  np.testing.assert_array_equal(small.group_sizes_E, full.group_sizes_E)
+  np.testing.assert_array_equal(small.source_M[:used], full.source_M[:used])
+  np.testing.assert_array_equal(small.token_M[:used], full.token_M[:used])
+  np.testing.assert_array_equal(small.kept_TK, mask_TK)
+  # Empty rows carry source T*K (weight 0) and a valid token.
+  assert np.all(np.asarray(small.source_M[used:]) == T * 2)
+  assert np.all(np.asarray(small.token_M) < T)
+
+  def fast(x, w, p):
+    y_MD = Experts(E, D, F).apply(p, dispatch.dispatch_sorted(x, small),
+                                  small.group_sizes_E, method=Experts.grouped)
+    return dispatch.combine_sorted(y_MD, small, w, mask_TK)
+
+  kept_TK = capacity_keep_loop(expert_TK, mask_TK, E, None)
+  y_loop = moe_loop(x_TD, expert_TK, weight_TK, kept_TK,
+                    params["params"]["w_in"], params["params"]["w_out"])
+  np.testing.assert_allclose(fast(x_TD, weight_TK, params), y_loop, rtol=1e-5,
+                             atol=1e-5)
+  # Too few rows: the used slots without a row are exactly the not-kept ones,
+  # and the output is the loop over the kept ones.
+  tight = dispatch.plan_dropless(expert_TK, mask_TK, E, 5)
+  kept = np.asarray(tight.kept_TK)
+  assert kept.sum() == 5 and not np.any(kept & ~np.asarray(mask_TK))

@@ -44,6 +44,36 @@ def test_selector_weights_by_hand():
       [[0, 1, 0, 0], [0.25] * 4, [0, 0, 0.5, 0.5]], atol=1e-7)
 
 
+def test_slots_are_the_experts_heaviest_first_and_k_fixed():
+  """K = E slots, every expert once, by descending weight; the first k are
+  `fixed_slots`; once the codes are binary no token uses a slot after them."""
+  num_experts, top_k = 8, 2
+  router = make_router("dselect_k", num_experts=num_experts, top_k=top_k)
+  x_TD = jax.random.normal(jax.random.key(0), (16, D))
+  params = nn.unbox(router.init(jax.random.key(1), x_TD))["params"]
+
+  def expected_weights(p):  # The selector maths over experts in order.
+    z_TIM = (x_TD @ p["code"]["kernel"] + p["code"]["bias"]).reshape(
+        16, top_k, 3)
+    alpha_TI = jax.nn.softmax(x_TD @ p["mix"]["kernel"] + p["mix"]["bias"])
+    return jnp.einsum("ti,tie->te", alpha_TI,
+                      selector_weights(z_TIM, num_experts, gamma=1.0))
+
+  binary = {**params, "code": {"kernel": jnp.zeros_like(params["code"]["kernel"]),
+                               "bias": jnp.where(params["code"]["bias"] >= 0,
+                                                 1.0, -1.0)}}
+  for p in (params, binary):
+    routing = router.apply({"params": p}, x_TD)
+    assert routing.fixed_slots == top_k and routing.sparse_slots
+    np.testing.assert_array_equal(np.sort(routing.expert_TK, axis=1),
+                                  np.tile(np.arange(num_experts), (16, 1)))
+    assert np.all(np.diff(np.asarray(routing.weight_TK), axis=1) <= 0)
+    np.testing.assert_allclose(routing.expert_weights(num_experts),
+                               expected_weights(p), rtol=1e-6, atol=1e-7)
+  assert np.all(routing.mask_TK[:, 0]) and not np.any(
+      routing.mask_TK[:, top_k:])
+
+
 def test_codes_beyond_e_fold_onto_real_experts():
   # E = 5 needs M = 3 bits; codes 5, 6, 7 drop their top bit (4) -> 1, 2, 3.
   np.testing.assert_array_equal(code_to_expert(5).argmax(axis=1),
@@ -80,7 +110,8 @@ def test_training_converges_to_at_most_k_experts_per_token():
   def loss(p):
     # Linear experts mixed by the router: a small regression plus the reg.
     routing = router.apply({"params": p["router"]}, x_TD)
-    pred_T = jnp.sum(routing.weight_TK * (x_TD @ p["experts"].T), axis=-1)
+    pred_T = jnp.sum(routing.expert_weights(num_experts)
+                     * (x_TD @ p["experts"].T), axis=-1)
     return jnp.mean((pred_T - y_T) ** 2) + routing.aux_loss
 
   tx = optax.adam(0.05)
@@ -96,7 +127,7 @@ def test_training_converges_to_at_most_k_experts_per_token():
 
   params = train(params)
   routing = router.apply({"params": params["router"]}, x_TD)
-  weight_TE = np.asarray(routing.weight_TK)
+  weight_TE = np.asarray(routing.expert_weights(num_experts))
   assert np.all((weight_TE > 1e-3).sum(axis=-1) <= top_k)
   np.testing.assert_allclose(weight_TE.sum(axis=-1), 1.0, rtol=1e-6)
   assert float(loss(params)) < float(jnp.mean(y_T**2))
