@@ -8,7 +8,8 @@ its soft phase (temperature tau_max, every expert above the threshold) and its
 hard phase (past `hard_step`: sampled top-1, timed on the one-slot program the
 trainer compiles for it, `moejax.train.program.phase_models`), DSelect-k at
 init (every expert active) and with binary selectors (codes saturated, <= k
-experts per token).
+experts per token), ReMoE at init and with its gates trained sparse (about
+top_k experts per token).
 The *sparse phase* of a method is the phase it spends most of training in at
 its target sparsity; that row's `step/switch` is the figure the router-cost
 target reads (every method <= 1.3x Switch, BASE <= 1.5x, on the CPU).
@@ -17,12 +18,13 @@ target reads (every method <= 1.3x Switch, BASE <= 1.5x, on the CPU).
   python benchmarks/routers.py --full           # accelerator sizes, bf16
   python benchmarks/routers.py --methods evomoe switch dense --iters 10
 
-Every phase's step is compiled first (its first step); then the phases are
-timed round-robin, `--iters` steps each split over `--rounds` passes, so a
-change in a shared machine's load reaches every phase alike; the median step
-time is reported. `slots/token` is the mean number of routed slots
-per token in the MoE layers of that phase (the sparsity the step should pay
-for); `rounds` is BASE's auction rounds.
+Every phase's step is compiled first (its first step) and trained a few steps
+into its phase (`Phase.warm_up`); then the phases are timed round-robin,
+`--iters` steps each split over `--rounds` passes, so a change in a shared
+machine's load reaches every phase alike, every step from the phase's state
+(on its own batch); the median step time is reported. `slots/token` is the mean
+number of routed slots per token in the MoE layers at that state (the sparsity
+the step should pay for); `rounds` is BASE's auction rounds.
 """
 
 import argparse
@@ -61,6 +63,9 @@ class Phase:
     dropless: run the MoE layers on the dropless path (`model.matmul=auto`),
       the path of the methods with a variable number of experts per token:
       Switch on it is their like-for-like reference.
+    warm_up: (step, state, batches) -> state, training run after compilation
+      to reach the phase (ReMoE's gates trained sparse); default
+      `train_steps` (a few plain steps, so the router has left its init).
   """
 
   name: str
@@ -69,6 +74,7 @@ class Phase:
   sparse: bool = True
   prepare: Callable[[dict], dict] | None = None
   dropless: bool = False
+  warm_up: Callable | None = None
 
 
 def saturate_dselect_codes(params: dict) -> dict:
@@ -90,6 +96,41 @@ def saturate_dselect_codes(params: dict) -> dict:
   return jax.tree_util.tree_map_with_path(fix, params)
 
 
+def train_steps(step, state, batches, steps: int = 8):
+  """`steps` plain training steps: timed phases start from a router that has
+  trained a little (Switch's first steps drop a third of its slots)."""
+  for batch in batches[:steps]:
+    state, _ = step(state, batch)
+  return state
+
+
+def train_remoe_gates_sparse(step, state, batches, most: float = 1.25,
+                             max_steps: int = 40):
+  """ReMoE's gates trained until a token opens at most `most` experts on
+  average (target 1 = top_k): its L1 coefficient starts at 1e-3 (the preset's
+  1e-8 takes ~80 steps of x1.2 to matter) and the train step runs until the
+  experts per token (mean over MoE layers) fall to `most`.
+
+  On the benchmark's random tokens the L1 keeps closing gates (about 10 steps
+  from 4 experts per token to 1, 5 more to none), so the phase is timed at the
+  first state whose step opened at most `most` (every timed step starts from
+  the phase's state, `Timed.time`).
+  """
+  def set_coef(path, leaf):
+    return jnp.full_like(leaf, 1e-3) if "l1_coef" in jax.tree_util.keystr(
+        path) else leaf
+
+  state = state.replace(model_state=jax.tree_util.tree_map_with_path(
+      set_coef, state.model_state))
+  for batch in batches[:max_steps]:
+    before = jax.tree.map(jnp.copy, state)  # The step donates its state.
+    state, metrics = step(state, batch)
+    if float(metrics["router/experts_per_token"]) <= most:
+      return before  # The state whose gates opened <= `most` on this batch.
+  raise RuntimeError(f"ReMoE's gates did not reach {most} experts per token "
+                     f"in {max_steps} steps")
+
+
 def phases(method: str, run: train_config.RunConfig) -> list[Phase]:
   """The phases of `method` worth timing, its sparse phase marked."""
   if method == "dselect_k":
@@ -109,8 +150,9 @@ def phases(method: str, run: train_config.RunConfig) -> list[Phase]:
             Phase("upcycled", stage=1)]
   if method == "remoe":
     # ReLU gates of an untrained router open about half the experts; the
-    # target sparsity comes from training (its sparse phase is not timed here).
-    return [Phase("dense start (init)", sparse=False)]
+    # target sparsity comes from training.
+    return [Phase("dense start (init)", sparse=False),
+            Phase("gates trained sparse", warm_up=train_remoe_gates_sparse)]
   if method == "switch":
     return [Phase("train"), Phase("train, dropless", sparse=False, dropless=True)]
   return [Phase("train")]
@@ -173,14 +215,31 @@ class Timed:
     self.state, metrics = self.step(state, self.batches[0])  # Compiles.
     jax.block_until_ready(metrics)
     self.compile_s = time.perf_counter() - start
+    self.state = (phase.warm_up or train_steps)(self.step, self.state,
+                                                self.warm_up_batches(run, 40))
     self.times: list[float] = []
     self.metrics = metrics
 
+  @staticmethod
+  def warm_up_batches(run: train_config.RunConfig, count: int) -> list[dict]:
+    """Random batches of their own key (not the timed ones)."""
+    shape = (count, run.train.batch_size, run.data.seq_len + 1)
+    tokens = np.asarray(jax.random.randint(jax.random.key(3), shape, 0,
+                                           run.data.vocab_size, jnp.int32))
+    return [{"inputs": t[:, :-1], "targets": t[:, 1:]} for t in tokens]
+
   def time(self, iters: int) -> None:
-    """Runs `iters` steps (after the compile step), recording each one's time."""
+    """Runs `iters` steps (after the compile step), recording each one's time.
+
+    Every step starts from the phase's state (a copy taken off the clock: the
+    step donates it), so all timed steps see the sparsity the phase was set up
+    with; the batches differ.
+    """
     for batch in self.batches[1:iters + 1]:
+      state = jax.tree.map(jnp.copy, self.state)
+      jax.block_until_ready(state)
       start = time.perf_counter()
-      self.state, self.metrics = self.step(self.state, batch)
+      _, self.metrics = self.step(state, batch)
       jax.block_until_ready(self.metrics)
       self.times.append(time.perf_counter() - start)
 

@@ -8,7 +8,7 @@ Routers with a variable number of experts per token (the DTS gate, DSelect-k,
 expert choice, ReLU gates) emit K = E slots and a mask, and set
 `Routing.sparse_slots`. Paying for all K slots makes their step E times the
 cost of their sparsity. Instead, dispatch -> experts -> combine is compiled at
-a few static sizes, for k = 1, 1.25, 2, 4, ... slots per token up to K, and
+a few static sizes, for k = 1, 1.125, 1.25, 2, 4, ... slots per token up to K, and
 `jax.lax.switch` runs the smallest one that holds what the batch uses:
 
 - dropless: sorted rows per device, S * k; a batch needs the most used slots
@@ -32,7 +32,7 @@ are equal (tested against the K-slot program and the naive loop, on both paths
 and expert-parallel). Shapes stay static; only the taken branch runs, forward
 and backward (its forward twice: the backward pass recomputes it rather than
 store every branch's residuals, see `_switch_remat`). Every size is compiled,
-so compile time grows with the number of sizes (at most log2(K) + 2).
+so compile time grows with the number of sizes (at most log2(K) + 3).
 """
 
 import functools
@@ -51,13 +51,15 @@ from moejax.routing.contract import Routing
 
 
 def slot_ladder(top_k: int) -> tuple[float, ...]:
-  """Slots per token of the budgets: 1, 1.25, then powers of 2 below K, then K.
+  """Slots per token of the budgets: 1, 1.125, 1.25, then powers of 2 below
+  K, then K.
 
-  1.25 is for routers that are sparse but for a few tokens (DSelect-k with a
-  few codes not yet binary): without it one such token would double the
-  rows of a one-slot budget.
+  1.125 and 1.25 are for routers that hover about one expert per token (ReMoE
+  at its target sparsity: 0.96-1.12 per layer in the routers benchmark):
+  without them a batch just over one slot per token would pay for two.
   """
-  steps = {1.0, 1.25} | {float(2**i) for i in range(1, max(1, top_k).bit_length())}
+  steps = {1.0, 1.125, 1.25} | {float(2**i)
+                                for i in range(1, max(1, top_k).bit_length())}
   return tuple(sorted(f for f in steps | {float(top_k)} if f <= top_k))
 
 

@@ -19,7 +19,7 @@ from moejax.moe.reference import capacity_keep_loop, moe_loop
 from moejax.parallel import MeshConfig, make_mesh
 from moejax.routing import ROUTER_STATE, Routing, make_router
 
-T, D, F, E = 64, 8, 16, 8  # K = E slots: budgets for 1, 1.25, 2, 4, 8 per token.
+T, D, F, E = 64, 8, 16, 8  # K = E slots: budgets for 1, 1.125, 1.25, 2, 4, 8 per token.
 
 
 def _weights(seed=0):
@@ -70,28 +70,28 @@ def _assert_same(a, b):
 
 def test_slot_ladder_and_sizes():
   assert budgets.slot_ladder(1) == (1,)
-  assert budgets.slot_ladder(2) == (1, 1.25, 2)
-  assert budgets.slot_ladder(8) == (1, 1.25, 2, 4, 8)
-  assert budgets.slot_ladder(6) == (1, 1.25, 2, 4, 6)
+  assert budgets.slot_ladder(2) == (1, 1.125, 1.25, 2)
+  assert budgets.slot_ladder(8) == (1, 1.125, 1.25, 2, 4, 8)
+  assert budgets.slot_ladder(6) == (1, 1.125, 1.25, 2, 4, 6)
   # dropless: ceil(S * k) rows; capacity: ceil(C * k / K) rows per expert.
   assert budgets.budget_sizes("dropless", tokens=64, top_k=8, capacity=80,
-                              sparse=True) == (64, 80, 128, 256, 512)
+                              sparse=True) == (64, 72, 80, 128, 256, 512)
   assert budgets.budget_sizes("capacity", tokens=64, top_k=8, capacity=80,
-                              sparse=True) == (10, 13, 20, 40, 80)
+                              sparse=True) == (10, 12, 13, 20, 40, 80)
   assert budgets.budget_sizes("capacity", tokens=64, top_k=8, capacity=80,
                               sparse=False) == (80,)
 
 
 @pytest.mark.parametrize("path,density,capacity,index", [
     # dropless: used slots T, ~1.5T, 8T -> budgets 1, 2, 8 slots per token.
-    ("dropless", "one", None, 0), ("dropless", "one_or_two", None, 2),
-    ("dropless", "all", None, 4),
+    ("dropless", "one", None, 0), ("dropless", "one_or_two", None, 3),
+    ("dropless", "all", None, 5),
     # capacity C = T (fixed by the router, as DSelect-k): the largest load of
     # one-expert routing (11-16 of 64) fits C/4 = 16 rows; all experts need 64.
-    ("capacity", "one", T, 2), ("capacity", "all", T, 4),
+    ("capacity", "one", T, 3), ("capacity", "all", T, 5),
     # C = ceil(1.25 * T * 8 / 8) = 80; one-or-two routing's largest load (21
     # of 96 slots here) needs C/2 = 40 rows.
-    ("capacity", "one_or_two", None, 3)])
+    ("capacity", "one_or_two", None, 4)])
 def test_budget_equals_k_slot_program_and_naive_loop(path, density, capacity,
                                                      index):
   routing = _routing(density, capacity=capacity)
@@ -245,7 +245,7 @@ def _saturated_codes(params):
 
 # (router, options, phases: (name, stage step, params transform, most slots
 # per token)); phases of one router share one compiled program.
-E_ROUTER = 4  # Budgets for 1, 1.25, 2, 4 slots per token: fewer to compile.
+E_ROUTER = 4  # Budgets for 1, 1.125, 1.25, 2, 4 slots per token: fewer to compile.
 ROUTER_CASES = [
     ("dts", {"hard_step": 5}, [("soft", 0, None, E_ROUTER),
                                ("hard", 5, None, 1)]),
