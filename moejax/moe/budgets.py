@@ -8,8 +8,8 @@ Routers with a variable number of experts per token (the DTS gate, DSelect-k,
 expert choice, ReLU gates) emit K = E slots and a mask, and set
 `Routing.sparse_slots`. Paying for all K slots makes their step E times the
 cost of their sparsity. Instead, dispatch -> experts -> combine is compiled at
-a few static sizes, for k = 1, 1.125, 1.25, 2, 4, ... slots per token up to K, and
-`jax.lax.switch` runs the smallest one that holds what the batch uses:
+a few static sizes, for k = 1, 1.125, 1.25, 2, 4, ... slots per token up to
+K, and `jax.lax.switch` runs the smallest one that holds what the batch uses:
 
 - dropless: sorted rows per device, S * k; a batch needs the most used slots
   of any device;
@@ -237,12 +237,17 @@ def routed_ffn(x_TD: jax.Array, routing: Routing, w_in_EDF: jax.Array,
                      capacity=capacity, shards=shards)
 
 
+def _with_slots(routing: Routing, expert_TK, weight_TK, mask_TK) -> Routing:
+  """`routing` with other slots, no aux loss, no metrics, no fixed slots."""
+  return routing.replace(expert_TK=expert_TK, weight_TK=weight_TK,
+                         mask_TK=mask_TK, aux_loss=jnp.zeros(()), metrics={},
+                         fixed_slots=0)
+
+
 def _slots(routing: Routing, which: slice) -> Routing:
-  """The routing of some of the K slots (no aux loss, no metrics)."""
-  return routing.replace(
-      expert_TK=routing.expert_TK[:, which], weight_TK=routing.weight_TK[:, which],
-      mask_TK=routing.mask_TK[:, which], aux_loss=jnp.zeros(()), metrics={},
-      fixed_slots=0)
+  """The routing of some of the K slots."""
+  return _with_slots(routing, routing.expert_TK[:, which],
+                     routing.weight_TK[:, which], routing.mask_TK[:, which])
 
 
 def _budgeted(run, sizes, x_TD, routing, w_in_EDF, w_out_EFD, *, path,
@@ -255,14 +260,13 @@ def _budgeted(run, sizes, x_TD, routing, w_in_EDF, w_out_EFD, *, path,
   index = jnp.sum(jnp.asarray(sizes[:-1], jnp.int32) < need)
 
   def branch(size, x_TD, weight_TK, w_in_EDF, w_out_EFD, expert_TK, mask_TK):
-    r = _slots(routing, slice(None)).replace(
-        expert_TK=expert_TK, weight_TK=weight_TK, mask_TK=mask_TK)
+    r = _with_slots(routing, expert_TK, weight_TK, mask_TK)
     return run(size, x_TD, r, w_in_EDF, w_out_EFD)[0]
 
   branches = [functools.partial(branch, size) for size in sizes if size]
   diff = (x_TD, routing.weight_TK, w_in_EDF, w_out_EFD)
-  fixed = (routing.expert_TK, routing.mask_TK)
+  ints = (routing.expert_TK, routing.mask_TK)
   if 0 in sizes:
-    out = jax.eval_shape(branches[0], *diff, *fixed)
+    out = jax.eval_shape(branches[0], *diff, *ints)
     branches.insert(0, lambda *_: jnp.zeros(out.shape, out.dtype))
-  return _switch_remat(index, branches, diff, fixed)
+  return _switch_remat(index, branches, diff, ints)
