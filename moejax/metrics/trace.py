@@ -12,7 +12,9 @@ Format: at every probe the trainer writes `<workdir>/probes/trace_<step>.npz`
 i.e. the `Routing` each layer used for the probe tokens (saved beside them in
 `probes/inputs.npz`; `probes/step_<step>.npz` keeps each token's top expert,
 which the fluctuation metrics read). K is the router's slot count (E for
-routers with a variable number of experts per token). `read_trace` gives
+routers with a variable number of experts per token), in the router's slot
+order (DSelect-k: by descending weight; `Routing.expert_weights` gives the
+per-expert weights of any order). `read_trace` gives
 `{layer: {"expert", "weight", "mask"}}`, which
 `moejax.routing.replay.replay_variables` turns into the variables that force
 these routes in a later forward pass over the same tokens.
