@@ -182,6 +182,16 @@ def _slots_per_token(metrics: dict) -> float:
   return float("nan")
 
 
+def random_batches(run: train_config.RunConfig, count: int, seed: int
+                   ) -> list[dict]:
+  """`count` batches of uniformly random tokens (the timed ones and the
+  warm-up ones are drawn with different seeds)."""
+  shape = (count, run.train.batch_size, run.data.seq_len + 1)
+  tokens = np.asarray(jax.random.randint(jax.random.key(seed), shape, 0,
+                                         run.data.vocab_size, jnp.int32))
+  return [{"inputs": t[:, :-1], "targets": t[:, 1:]} for t in tokens]
+
+
 class Timed:
   """One phase's compiled step, its state and batches, and the times taken."""
 
@@ -207,26 +217,15 @@ class Timed:
     self.step = jax.jit(make_train_step(model, tx, jax.random.key(1),
                                         stage_start=-phase.stage_step),
                         donate_argnums=0)
-    shape = (max(iters, 1) + 1, run.train.batch_size, run.data.seq_len + 1)
-    tokens = np.asarray(jax.random.randint(jax.random.key(2), shape, 0,
-                                           run.data.vocab_size, jnp.int32))
-    self.batches = [{"inputs": t[:, :-1], "targets": t[:, 1:]} for t in tokens]
+    self.batches = random_batches(run, max(iters, 1) + 1, seed=2)
     start = time.perf_counter()
     self.state, metrics = self.step(state, self.batches[0])  # Compiles.
     jax.block_until_ready(metrics)
     self.compile_s = time.perf_counter() - start
-    self.state = (phase.warm_up or train_steps)(self.step, self.state,
-                                                self.warm_up_batches(run, 40))
+    self.state = (phase.warm_up or train_steps)(
+        self.step, self.state, random_batches(run, 40, seed=3))
     self.times: list[float] = []
     self.metrics = metrics
-
-  @staticmethod
-  def warm_up_batches(run: train_config.RunConfig, count: int) -> list[dict]:
-    """Random batches of their own key (not the timed ones)."""
-    shape = (count, run.train.batch_size, run.data.seq_len + 1)
-    tokens = np.asarray(jax.random.randint(jax.random.key(3), shape, 0,
-                                           run.data.vocab_size, jnp.int32))
-    return [{"inputs": t[:, :-1], "targets": t[:, 1:]} for t in tokens]
 
   def time(self, iters: int) -> None:
     """Runs `iters` steps (after the compile step), recording each one's time.

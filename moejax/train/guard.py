@@ -14,8 +14,6 @@ import contextlib
 import logging
 import os
 import sys
-import threading
-import time
 from typing import Iterator
 
 import jax
@@ -55,23 +53,9 @@ def _quiet_orbax() -> Iterator[None]:
   sys.unraisablehook = unraisable_hook
   try:
     yield
-  except BaseException:
-    # A failed save can be reported here before all of orbax's writer threads
-    # have logged their own failure: let them finish while still filtered.
-    _join_orbax_threads(timeout_s=30.0)
-    raise
   finally:
     sys.unraisablehook = previous_unraisable
     absl_logger.removeFilter(quiet)
-
-
-def _join_orbax_threads(timeout_s: float) -> None:
-  """Waits (at most `timeout_s` in all) for orbax's background threads."""
-  deadline = time.monotonic() + timeout_s
-  for thread in threading.enumerate():
-    if (thread is not threading.current_thread()
-        and type(thread).__module__.startswith("orbax")):
-      thread.join(max(0.0, deadline - time.monotonic()))
 
 
 @contextlib.contextmanager
