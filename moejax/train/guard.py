@@ -6,8 +6,10 @@
 - `StopSignals`: SIGTERM/SIGINT stop the run at a step boundary
   (`signals.should_stop(step)`);
 - orbax's own logs of a failed save or restore, and the "Event loop is closed"
-  noise its thread pools print after one, are silenced: the run reports the
-  failure itself in one line. `--verbosity=0` (absl INFO) shows them again.
+  and "Future exception was never retrieved" noise its thread pools print
+  after one, are silenced: the run reports the failure itself in one line
+  (after a failed run they stay silenced: orbax's threads may still log).
+  `--verbosity=0` (absl INFO) shows them again.
 """
 
 import contextlib
@@ -26,11 +28,15 @@ from moejax.train.preemption import StopSignals
 
 
 class _OrbaxQuiet(logging.Filter):
-  """Drops orbax's log records unless absl logs at INFO or more."""
+  """Drops orbax's log records, and asyncio's 'Future exception was never
+  retrieved' for the writes of a failed save, unless absl logs at INFO or
+  more."""
 
   def filter(self, record: logging.LogRecord) -> bool:
     if absl_logging.get_verbosity() >= absl_logging.INFO:
       return True
+    if record.name == "asyncio":
+      return "never retrieved" not in str(record.msg)
     return f"{os.sep}orbax{os.sep}" not in record.pathname
 
 
@@ -39,7 +45,7 @@ def _quiet_orbax() -> Iterator[None]:
   """Silences orbax's logs of a failure the run reports itself, and the
   'Event loop is closed' noise after one."""
   quiet = _OrbaxQuiet()
-  absl_logger = logging.getLogger("absl")
+  loggers = [logging.getLogger("absl"), logging.getLogger("asyncio")]
   previous_unraisable = sys.unraisablehook
 
   def unraisable_hook(args):
@@ -49,13 +55,19 @@ def _quiet_orbax() -> Iterator[None]:
             and "Event loop is closed" in str(args.exc_value)):
       previous_unraisable(args)
 
-  absl_logger.addFilter(quiet)
+  for logger in loggers:
+    logger.addFilter(quiet)
   sys.unraisablehook = unraisable_hook
   try:
     yield
-  finally:
+  except BaseException:
+    # A failed run keeps them quiet: orbax's writer threads of a failed save
+    # may log their failure after the run has reported it.
+    raise
+  else:
     sys.unraisablehook = previous_unraisable
-    absl_logger.removeFilter(quiet)
+    for logger in loggers:
+      logger.removeFilter(quiet)
 
 
 @contextlib.contextmanager

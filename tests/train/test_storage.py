@@ -54,10 +54,20 @@ def test_disk_full_while_saving_a_checkpoint(new_workdir, prepared, tmp_path,
       rf"\S+/checkpoints/stage_0: {_FULL}; (the last good checkpoint \(step "
       r"(?P<kept>\d+)\) is kept|no checkpoint of this stage was written); free "
       r"space and run the same command to resume", line)
-  assert match, line
   saved = _saved_steps(out)
-  if full_disk.kind == "tmpfs":
-    assert (int(match["step"]), int(match["kept"]), saved) == (40, 20, [20])
+  if match is None:
+    # When the step-40 save squeezes in (how full the disk is at each step
+    # depends on when the async writes land), the next write to fail can be
+    # a probe or a metrics row: also one line, the checkpoints kept.
+    assert re.fullmatch(
+        rf"moejax: error: cannot write .+: {_FULL}; free space and run the "
+        r"same command to resume", line), line
+    assert saved, "no checkpoint kept"
+  elif full_disk.kind == "tmpfs":
+    # Room for one checkpoint: the save after the kept one fails (usually
+    # step 40 with 20 kept; 60 with 40 when 40 squeezed in).
+    step, kept = int(match["step"]), int(match["kept"])
+    assert (step - kept, saved) == (20, [kept]) and step in (40, 60), line
   assert not list(out.rglob("*.orbax-checkpoint-tmp*"))
   for step in saved:  # Intact: it restores.
     assert checkpoint_params(out, 0, step)
