@@ -64,10 +64,11 @@ def test_disk_full_while_saving_a_checkpoint(new_workdir, prepared, tmp_path,
         r"same command to resume", line), line
     assert saved, "no checkpoint kept"
   elif full_disk.kind == "tmpfs":
-    # Room for one checkpoint: the save after the kept one fails (usually
-    # step 40 with 20 kept; 60 with 40 when 40 squeezed in).
+    # Room for about one checkpoint: the save after the kept one fails
+    # (usually step 40 with 20 kept; 60 with 40 when 40 squeezed in), and the
+    # kept one is the newest on disk.
     step, kept = int(match["step"]), int(match["kept"])
-    assert (step - kept, saved) == (20, [kept]) and step in (40, 60), line
+    assert (step - kept, max(saved)) == (20, kept) and step in (40, 60), line
   assert not list(out.rglob("*.orbax-checkpoint-tmp*"))
   for step in saved:  # Intact: it restores.
     assert checkpoint_params(out, 0, step)
