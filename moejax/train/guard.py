@@ -58,16 +58,12 @@ def _quiet_orbax() -> Iterator[None]:
   for logger in loggers:
     logger.addFilter(quiet)
   sys.unraisablehook = unraisable_hook
-  try:
-    yield
-  except BaseException:
-    # A failed run keeps them quiet: orbax's writer threads of a failed save
-    # may log their failure after the run has reported it.
-    raise
-  else:
-    sys.unraisablehook = previous_unraisable
-    for logger in loggers:
-      logger.removeFilter(quiet)
+  # Not in a `finally`: a failed run keeps them quiet, as orbax's writer
+  # threads of a failed save may log their failure after the run reported it.
+  yield
+  sys.unraisablehook = previous_unraisable
+  for logger in loggers:
+    logger.removeFilter(quiet)
 
 
 @contextlib.contextmanager
