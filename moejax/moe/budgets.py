@@ -1,13 +1,14 @@
 """Slot budgets: a MoE layer pays for the routing slots a batch uses, not for all K.
 
 Shapes: T tokens, S tokens of one device (S = T without a mesh), D model
-width, F hidden width, E experts, K slots per token, C capacity of one expert
-for one device's tokens.
+width, E experts, K slots per token, C capacity of one expert for one
+device's tokens.
 
-Routers with a variable number of experts per token (the DTS gate, DSelect-k,
-expert choice, ReLU gates) emit K = E slots and a mask, and set
-`Routing.sparse_slots`. Paying for all K slots makes their step E times the
-cost of their sparsity. Instead, dispatch -> experts -> combine is compiled at
+A pure wrapper over the routed FFN at one static size (`moejax.moe.routed`,
+which knows the paths and the mesh). Routers with a variable number of
+experts per token (the DTS gate, DSelect-k, expert choice, ReLU gates) emit
+K = E slots and a mask, and say so in their cost hint (`Slots.dense`).
+Paying for all K slots makes their step E times the cost of their sparsity. Instead, dispatch -> experts -> combine is compiled at
 a few static sizes, for k = 1, 1.125, 1.25, 2, 4, ... slots per token up to
 K, and `jax.lax.switch` runs the smallest one that holds what the batch uses:
 
@@ -16,13 +17,14 @@ K, and `jax.lax.switch` runs the smallest one that holds what the batch uses:
 - capacity: buffer rows per expert per device, ceil(C * k / K); a batch needs
   min(C, the largest load of any expert on any device).
 
-A router whose first slots are used by (nearly) every token sets
-`Routing.fixed_slots` (DSelect-k: its k heaviest experts). On the dropless
-path, which drops nothing, the layer's output is then the sum of two
-independent programs: the fixed slots at their static size S * f, outside any
+A router whose first f slots are used by (nearly) every token sets
+`Slots.dense = f` (DSelect-k: its k heaviest experts): no budget below f
+slots per token is compiled. Where slots are independent sums (the dropless
+path, which drops nothing), the layer's output is then the sum of two
+independent programs: the dense slots at their static size S * f, outside any
 conditional, and the other K - f slots through the switch over budgets of
 0, 1/32, 1/4, 1, 2, ... slots per token (`tail_ladder`), whose size 0 returns
-zeros. So once a router is as sparse as its fixed slots it pays one static
+zeros. So once a router is as sparse as its dense slots it pays one static
 program and an empty branch, and the few tokens not yet there cost a small
 budget, not a switch that holds the whole layer.
 
@@ -36,17 +38,12 @@ so compile time grows with the number of sizes (at most log2(K) + 3).
 """
 
 import functools
-import math
 from typing import Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moejax.errors import ConfigError
-from moejax.moe import dispatch
-from moejax.moe.experts import capacity_ffn, grouped_ffn
-from moejax.parallel import expert_parallel
+from moejax.moe.routed import RoutedFFN
 from moejax.routing.contract import Routing
 
 
@@ -64,77 +61,35 @@ def slot_ladder(top_k: int) -> tuple[float, ...]:
 
 
 def tail_ladder(top_k: int) -> tuple[float, ...]:
-  """Slots per token of the budgets for the slots after `Routing.fixed_slots`:
-  0, 1/32, 1/4, then powers of 2 below K, then K (K: the slots after them).
+  """Slots per token of the budgets for the slots after the dense ones
+  (`Slots.dense`): 0, 1/32, 1/4, then powers of 2 below K, then K (K: the
+  slots after them).
 
-  0 costs nothing (the batch uses the fixed slots only); 1/32 and 1/4 are for
+  0 costs nothing (the batch uses the dense slots only); 1/32 and 1/4 are for
   a few tokens whose extra experts are not yet switched off.
   """
   steps = {0.0, 1 / 32, 0.25} | {float(2**i) for i in range(top_k.bit_length())}
   return tuple(sorted(f for f in steps | {float(top_k)} if f <= top_k))
 
 
-def budget_sizes(path: str, *, tokens: int, top_k: int, capacity: int,
-                 sparse: bool, tail: bool = False) -> tuple[int, ...]:
-  """Ascending static sizes; the last one holds every slot (the K-slot program).
-
-  dropless: sorted rows ceil(S * k); capacity: rows per expert ceil(C * k / K).
-  `tail`: the budgets of the slots after the fixed ones (`tail_ladder`,
-  dropless only), which start at 0 rows.
-  """
-  if tail:
-    ladder = tail_ladder(top_k)
-  else:
-    ladder = slot_ladder(top_k) if sparse else (float(top_k),)
-  if path == "dropless":
-    sizes = [min(tokens * top_k, math.ceil(tokens * k)) for k in ladder]
-  else:
-    sizes = [min(capacity, math.ceil(capacity * k / top_k)) for k in ladder]
-  return tuple(sorted(set(sizes)))
+def budget_sizes(ffn: RoutedFFN, routing: Routing,
+                 ladder: tuple[float, ...]) -> tuple[int, ...]:
+  """Ascending static sizes of the budgets `ladder` (slots per token); the
+  last one holds every slot (the K-slot program)."""
+  return tuple(sorted({ffn.rows(routing, k) for k in ladder}))
 
 
-def rows_needed(expert_TK: jax.Array, mask_TK: jax.Array, *, path: str,
-                num_experts: int, capacity: int, shards: int) -> jax.Array:
-  """int32[]: the size a batch needs, the largest over the `shards` devices
-  that split its tokens (contiguous blocks of S tokens)."""
-  mask_NR = mask_TK.reshape(shards, -1)
-  if path == "dropless":
-    return jnp.max(jnp.sum(mask_NR, axis=1, dtype=jnp.int32))
-  expert_NR = jnp.where(mask_NR, expert_TK.reshape(shards, -1), num_experts)
-  load_NE = jax.vmap(lambda e: jnp.bincount(e, length=num_experts + 1))(
-      expert_NR)[:, :num_experts]
-  return jnp.minimum(jnp.max(load_NE), capacity).astype(jnp.int32)
-
-
-def _local_ffn(size, x_TD, routing, w_in_EDF, w_out_EFD, *, path, capacity,
-               activation, ragged_dot):
-  """The one-device program at `size` rows: (y [T, D], kept bool[T, K])."""
-  num_experts = w_in_EDF.shape[0]
-  if path == "capacity":
-    plan = dispatch.plan_capacity(routing.expert_TK, routing.mask_TK,
-                                  num_experts, capacity, size)
-    y_ECD = capacity_ffn(dispatch.dispatch_capacity(x_TD, plan), w_in_EDF,
-                         w_out_EFD, activation)
-    return dispatch.combine_capacity(y_ECD, plan, routing.weight_TK), plan.kept_TK
-  plan = dispatch.plan_dropless(routing.expert_TK, routing.mask_TK, num_experts,
-                                size)
-  y_MD = grouped_ffn(dispatch.dispatch_sorted(x_TD, plan), w_in_EDF, w_out_EFD,
-                     plan.group_sizes_E, activation, ragged_dot)
-  y_TD = dispatch.combine_sorted(y_MD, plan, routing.weight_TK, routing.mask_TK)
-  return y_TD, routing.mask_TK & plan.kept_TK
-
-
-def _switch_remat(index: jax.Array, branches: list[Callable[..., jax.Array]],
-                  diff: tuple, fixed: tuple) -> jax.Array:
-  """jax.lax.switch(index, branches, *diff, *fixed) whose gradient recomputes
-  the taken branch.
+def _switch_remat(index: jax.Array, branches: list[Callable[..., tuple]],
+                  diff: tuple, fixed: tuple) -> tuple[jax.Array, jax.Array]:
+  """jax.lax.switch(index, branches, *diff, *fixed) -> (y, kept) whose
+  gradient recomputes the taken branch.
 
   Differentiating a plain switch makes its forward pass return the residuals of
   every branch (zeros for those not taken), and the largest branch's are K
   times the smallest's: writing them cost more than the branch itself. Here
   the forward pass keeps only the operands and the backward pass runs the
   taken branch's forward and VJP: the extra cost is one forward of that
-  branch. Gradients flow to `diff` (float arrays) only.
+  branch. Gradients flow from y to `diff` (float arrays) only.
   """
 
   @jax.custom_vjp
@@ -148,100 +103,52 @@ def _switch_remat(index: jax.Array, branches: list[Callable[..., jax.Array]],
     index, diff, fixed = saved
 
     def vjp_of(branch):
-      def grads(diff, fixed, ct):
-        _, vjp = jax.vjp(lambda *d: branch(*d, *fixed), *diff)
-        return vjp(ct)
+      def grads(diff, fixed, ct_y):
+        _, vjp = jax.vjp(lambda *d: branch(*d, *fixed)[0], *diff)
+        return vjp(ct_y)
       return grads
 
     grads = jax.lax.switch(index, [vjp_of(b) for b in branches], diff, fixed,
-                           ct)
+                           ct[0])
     return None, tuple(grads), None
 
   run.defvjp(fwd, bwd)
   return run(index, diff, fixed)
 
 
-def _kept(routing: Routing, *, path: str, num_experts: int, capacity: int,
-          shards: int) -> jax.Array:
-  """bool[T, K]: the slots the K-slot program keeps (every budget that holds
-  the batch keeps the same), per device when `shards` > 1."""
-  if path == "dropless":
-    return routing.mask_TK
-  expert_NSK = routing.expert_TK.reshape(shards, -1, routing.expert_TK.shape[1])
-  mask_NSK = routing.mask_TK.reshape(expert_NSK.shape)
-  kept_NSK = jax.vmap(lambda e, m: dispatch.plan_capacity(
-      e, m, num_experts, capacity).kept_TK)(expert_NSK, mask_NSK)
-  return kept_NSK.reshape(routing.mask_TK.shape)
-
-
-def routed_ffn(x_TD: jax.Array, routing: Routing, w_in_EDF: jax.Array,
-               w_out_EFD: jax.Array, *, dispatch_path: str = "capacity",
-               capacity_factor: float = 1.25,
-               activation: Callable[[jax.Array], jax.Array] = nn.gelu,
-               ragged_dot: Callable[..., jax.Array] = jax.lax.ragged_dot,
-               mesh: jax.sharding.Mesh | None = None,
+def routed_ffn(ffn: RoutedFFN, x_TD: jax.Array, routing: Routing,
+               w_in_EDF: jax.Array, w_out_EFD: jax.Array, *,
                budgets: bool = True) -> tuple[jax.Array, jax.Array]:
-  """dispatch -> expert FFNs -> combine of T routed tokens: (y [T, D], kept [T, K]).
+  """`ffn` (dispatch -> experts -> combine) of T routed tokens at the smallest
+  budget that holds the batch: (y [T, D], kept bool[T, K]), `kept` from the
+  program that ran.
 
-  On one device the plan is global; with a `mesh` it runs expert-parallel
-  (`moejax.parallel.expert_parallel_ffn`). When `routing.sparse_slots` (and
-  `budgets`) it runs at the smallest budget that holds the batch (module
-  docstring); `budgets=False` always pays for all K slots (the reference the
-  tests compare with).
+  Routings whose slots are all dense (`Slots.dense` None) run at one static
+  size; `budgets=False` always pays for all K slots (the reference the tests
+  compare with).
   """
-  if dispatch_path not in dispatch.DISPATCH_PATHS:
-    raise ConfigError(f"unknown dispatch {dispatch_path!r}; valid: "
-                      f"{', '.join(dispatch.DISPATCH_PATHS)}")
-  num_tokens = x_TD.shape[0]
-  num_experts = w_in_EDF.shape[0]
   top_k = routing.expert_TK.shape[1]
-  if mesh is None:
-    shards, tokens = 1, num_tokens
-    capacity = routing.capacity or dispatch.expert_capacity(
-        num_tokens, num_experts, top_k, capacity_factor)
-    run = functools.partial(_local_ffn, path=dispatch_path, capacity=capacity,
-                            activation=activation, ragged_dot=ragged_dot)
-  else:
-    _, shards = expert_parallel.check_mesh(mesh, num_tokens, num_experts)
-    tokens = num_tokens // shards
-    capacity = expert_parallel.local_capacity(
-        tokens, num_experts, top_k, capacity_factor, routing.capacity)
-
-    def run(size, x_TD, routing, w_in_EDF, w_out_EFD):
-      return expert_parallel.expert_parallel_ffn(
-          x_TD, routing, w_in_EDF, w_out_EFD, mesh=mesh,
-          dispatch_path=dispatch_path, capacity_factor=capacity_factor,
-          activation=activation, ragged_dot=ragged_dot, rows=size)
-
-  sparse = budgets and routing.sparse_slots
-  fixed = routing.fixed_slots if sparse and dispatch_path == "dropless" else 0
-  if 0 < fixed < top_k:
-    # Dropless drops nothing, so the fixed slots and the others are two
-    # independent sums: the fixed ones at a static size, outside the switch.
-    head, rest = (_slots(routing, s) for s in (slice(0, fixed),
-                                               slice(fixed, None)))
-    y_TD, _ = run(tokens * fixed, x_TD, head, w_in_EDF, w_out_EFD)
-    sizes = budget_sizes(dispatch_path, tokens=tokens, top_k=top_k - fixed,
-                         capacity=capacity, sparse=True, tail=True)
-    y_TD = y_TD + _budgeted(run, sizes, x_TD, rest, w_in_EDF, w_out_EFD,
-                            path=dispatch_path, capacity=capacity,
-                            shards=shards).astype(y_TD.dtype)
-    return y_TD, routing.mask_TK
-  sizes = budget_sizes(dispatch_path, tokens=tokens, top_k=top_k,
-                       capacity=capacity, sparse=sparse)
-  if len(sizes) == 1:
-    return run(sizes[0], x_TD, routing, w_in_EDF, w_out_EFD)
-  y_TD = _budgeted(run, sizes, x_TD, routing, w_in_EDF, w_out_EFD,
-                   path=dispatch_path, capacity=capacity, shards=shards)
-  return y_TD, _kept(routing, path=dispatch_path, num_experts=num_experts,
-                     capacity=capacity, shards=shards)
+  if not budgets or not routing.slots.sparse(top_k):
+    return ffn(ffn.full_rows(routing), x_TD, routing, w_in_EDF, w_out_EFD)
+  dense = routing.slots.dense
+  if dense and ffn.independent_slots:
+    # The dense slots and the others are two independent sums: the dense ones
+    # at a static size, outside the switch.
+    head, rest = (_slots(routing, s) for s in (slice(0, dense),
+                                               slice(dense, None)))
+    y_TD, kept_head = ffn(ffn.full_rows(head), x_TD, head, w_in_EDF, w_out_EFD)
+    y_rest, kept_rest = _budgeted(ffn, tail_ladder(top_k - dense), x_TD, rest,
+                                  w_in_EDF, w_out_EFD)
+    return (y_TD + y_rest.astype(y_TD.dtype),
+            jnp.concatenate([kept_head, kept_rest], axis=1))
+  ladder = tuple(k for k in slot_ladder(top_k) if k >= dense)
+  return _budgeted(ffn, ladder, x_TD, routing, w_in_EDF, w_out_EFD)
 
 
 def _with_slots(routing: Routing, expert_TK, weight_TK, mask_TK) -> Routing:
-  """`routing` with other slots, no aux loss, no metrics, no fixed slots."""
+  """`routing` with other slots, no aux loss and no metrics."""
   return routing.replace(expert_TK=expert_TK, weight_TK=weight_TK,
-                         mask_TK=mask_TK, aux_loss=jnp.zeros(()), metrics={},
-                         fixed_slots=0)
+                         mask_TK=mask_TK, aux_loss=jnp.zeros(()), metrics={})
 
 
 def _slots(routing: Routing, which: slice) -> Routing:
@@ -250,23 +157,25 @@ def _slots(routing: Routing, which: slice) -> Routing:
                      routing.weight_TK[:, which], routing.mask_TK[:, which])
 
 
-def _budgeted(run, sizes, x_TD, routing, w_in_EDF, w_out_EFD, *, path,
-              capacity, shards) -> jax.Array:
-  """y [T, D] of `run` at the smallest of `sizes` that holds the batch; size 0
-  (no slot used) is a branch that returns zeros."""
-  num_experts = w_in_EDF.shape[0]
-  need = rows_needed(routing.expert_TK, routing.mask_TK, path=path,
-                     num_experts=num_experts, capacity=capacity, shards=shards)
-  index = jnp.sum(jnp.asarray(sizes[:-1], jnp.int32) < need)
+def _budgeted(ffn: RoutedFFN, ladder: tuple[float, ...], x_TD, routing,
+              w_in_EDF, w_out_EFD) -> tuple[jax.Array, jax.Array]:
+  """(y [T, D], kept [T, K]) of `ffn` at the smallest budget of `ladder` that
+  holds the batch; size 0 (no slot used) is a branch that returns zeros."""
+  sizes = budget_sizes(ffn, routing, ladder)
+  if len(sizes) == 1:
+    return ffn(sizes[0], x_TD, routing, w_in_EDF, w_out_EFD)
+  index = jnp.sum(jnp.asarray(sizes[:-1], jnp.int32) < ffn.rows_needed(routing))
+  capacity = ffn.capacity(routing)
 
   def branch(size, x_TD, weight_TK, w_in_EDF, w_out_EFD, expert_TK, mask_TK):
     r = _with_slots(routing, expert_TK, weight_TK, mask_TK)
-    return run(size, x_TD, r, w_in_EDF, w_out_EFD)[0]
+    return ffn(size, x_TD, r, w_in_EDF, w_out_EFD, capacity=capacity)
 
   branches = [functools.partial(branch, size) for size in sizes if size]
   diff = (x_TD, routing.weight_TK, w_in_EDF, w_out_EFD)
   ints = (routing.expert_TK, routing.mask_TK)
   if 0 in sizes:
-    out = jax.eval_shape(branches[0], *diff, *ints)
-    branches.insert(0, lambda *_: jnp.zeros(out.shape, out.dtype))
+    y, kept = jax.eval_shape(branches[0], *diff, *ints)
+    branches.insert(0, lambda *_: (jnp.zeros(y.shape, y.dtype),
+                                   jnp.zeros(kept.shape, kept.dtype)))
   return _switch_remat(index, branches, diff, ints)

@@ -5,7 +5,6 @@ E experts, C capacity, K slots per token.
 """
 
 import functools
-import math
 from typing import Any, Mapping
 
 import flax
@@ -16,11 +15,9 @@ import jax.numpy as jnp
 from moejax.errors import ConfigError
 from moejax.kernels import grouped_matmul
 from moejax.metrics.router import load_metrics
-from moejax.moe import budgets, dispatch
+from moejax.moe import budgets, routed
 from moejax.moe.experts import Dtype, Experts, SharedExperts
 from moejax.moe.ffn_init import FFNInit
-from moejax.parallel import expert_parallel
-from moejax.parallel.rules import TOKEN_AXES
 from moejax.routing.contract import Router, TokenLayout
 from moejax.routing.losses import expert_fractions
 from moejax.routing.registry import make_router
@@ -77,7 +74,7 @@ class MoELayer(nn.Module):
     d_ff: F, hidden width of each expert.
     dispatch: `capacity` or `dropless`.
     capacity_factor: C = ceil(capacity_factor * T * K / E) on the capacity path,
-      unless the router fixes its own capacity (`Routing.capacity`).
+      unless the router fixes its own (`Slots.per_expert`).
     dtype: compute dtype of the experts (the router always computes in float32).
     param_dtype: storage dtype of the expert weights.
     matmul: grouped matmul of the dropless path (`moejax.kernels.MATMUL_IMPLS`).
@@ -93,7 +90,7 @@ class MoELayer(nn.Module):
       (replicated, outside the expert-parallel exchange).
 
   Routers whose tokens use a variable number of their K slots
-  (`Routing.sparse_slots`) cost what the batch uses, not K slots per token
+  (`Slots.dense`) cost what the batch uses, not K slots per token
   (`moejax.moe.budgets`).
   """
 
@@ -117,8 +114,8 @@ class MoELayer(nn.Module):
     if isinstance(self.router, str):
       return make_router(
           self.router, num_experts=self.num_experts, top_k=self.top_k or 1,
-          vocab_size=self.vocab_size, options=dict(self.router_options or {})
-      ).clone(parent=self, name="router")
+          vocab_size=self.vocab_size, options=dict(self.router_options or {}),
+          dispatch=self.dispatch).clone(parent=self, name="router")
     given = {"top_k": self.top_k, "vocab_size": self.vocab_size or None}
     clash = [f"{k}={v} (the router has {getattr(self.router, k)})"
              for k, v in given.items()
@@ -132,47 +129,36 @@ class MoELayer(nn.Module):
           "module built by make_router; give each once: pass the router by "
           "name (MoELayer(router='topk', num_experts=E, top_k=K, "
           "router_options={...})) or make the router with these values")
+    type(self.router).check_dispatch(self.dispatch)
     return self.router
-
-  def _token_shards(self) -> int:
-    if self.mesh is None:
-      return 1
-    return int(math.prod(self.mesh.shape[axis] for axis in TOKEN_AXES))
 
   @nn.compact
   def __call__(self, x_BLD: jax.Array, *, token_ids_BL: jax.Array | None = None,
                step: jax.Array | None = None,
                deterministic: bool = True) -> tuple[jax.Array, MoEAux]:
     """[B, L, D] -> ([B, L, D], MoEAux); `step` reaches routers with schedules."""
-    if self.dispatch not in dispatch.DISPATCH_PATHS:
-      raise ConfigError(
-          f"unknown dispatch {self.dispatch!r}; valid: "
-          f"{', '.join(dispatch.DISPATCH_PATHS)}")
     batch, length, d_model = x_BLD.shape
     x_TD = x_BLD.reshape(batch * length, d_model)
     token_ids_T = None if token_ids_BL is None else token_ids_BL.reshape(-1)
-    if self.mesh is not None and not self.is_initializing():
-      # Before routing: a batch the mesh cannot split is the error to report.
-      expert_parallel.check_mesh(self.mesh, batch * length, self.num_experts)
-    router = self._router()
-    extra = {"step": step} if router.needs_step else {}
-    if router.needs_layout:
-      extra["layout"] = TokenLayout(batch, length, self._token_shards())
-    routing = router(x_TD, token_ids_T=token_ids_T,
-                     deterministic=deterministic, **extra)
-    if self.has_variable(REPLAY_COLLECTION, "expert"):
-      routing = replay_routing(routing, {
-          f: self.get_variable(REPLAY_COLLECTION, f) for f in TRACE_FIELDS})
     experts = Experts(self.num_experts, d_model, self.d_ff, dtype=self.dtype,
                       param_dtype=self.param_dtype, matmul=self.matmul,
                       ffn_init=self.ffn_init, name="experts")
-    # Init needs only shapes: any token count works, however the mesh splits.
-    mesh = None if self.is_initializing() else self.mesh
-    y_TD, kept_TK = budgets.routed_ffn(
-        x_TD, routing, *experts.weights(), dispatch_path=self.dispatch,
+    # Checked before routing: a batch the mesh cannot split is the error to
+    # report. Init needs only shapes: any token count works, however the mesh
+    # splits.
+    ffn = routed.RoutedFFN.create(
+        self.dispatch, num_tokens=batch * length, num_experts=self.num_experts,
+        mesh=None if self.is_initializing() else self.mesh,
         capacity_factor=self.capacity_factor, activation=experts.activation,
-        ragged_dot=functools.partial(grouped_matmul, impl=experts.matmul),
-        mesh=mesh)
+        ragged_dot=functools.partial(grouped_matmul, impl=experts.matmul))
+    routing = self._router()(
+        x_TD, token_ids_T=token_ids_T, step=step,
+        layout=TokenLayout(batch, length, routed.token_shards(self.mesh)),
+        deterministic=deterministic)
+    if self.has_variable(REPLAY_COLLECTION, "expert"):
+      routing = replay_routing(routing, {
+          f: self.get_variable(REPLAY_COLLECTION, f) for f in TRACE_FIELDS})
+    y_TD, kept_TK = budgets.routed_ffn(ffn, x_TD, routing, *experts.weights())
     if self.num_shared_experts:
       y_TD = y_TD + SharedExperts(
           self.num_shared_experts, d_model, self.d_ff, dtype=self.dtype,

@@ -25,6 +25,7 @@ Bounds Q and R assume a token's K slots name distinct experts, as every router i
 """
 
 import functools
+import math
 from typing import Callable
 
 import flax.linen as nn
@@ -176,6 +177,34 @@ def expert_parallel_ffn(
     ) -> tuple[jax.Array, jax.Array]:
   """Routed experts of T tokens on `mesh`: returns (y [T, D], kept bool[T, K]).
 
+  Checks the path and the mesh, then runs `expert_parallel_at` with
+  C = `local_capacity(S, E, K, capacity_factor, routing.slots.per_expert)`.
+  """
+  if dispatch_path not in dispatch.DISPATCH_PATHS:
+    raise ConfigError(
+        f"unknown dispatch {dispatch_path!r}; valid: "
+        f"{', '.join(dispatch.DISPATCH_PATHS)}")
+  num_tokens, _ = x_TD.shape
+  num_experts = w_in_EDF.shape[0]
+  _, shards = check_mesh(mesh, num_tokens, num_experts)
+  capacity = local_capacity(num_tokens // shards, num_experts,
+                            routing.expert_TK.shape[1], capacity_factor,
+                            routing.slots.per_expert)
+  return expert_parallel_at(
+      x_TD, routing, w_in_EDF, w_out_EFD, mesh=mesh, path=dispatch_path,
+      capacity=capacity, activation=activation, ragged_dot=ragged_dot,
+      exchange=exchange, rows=rows)
+
+
+def expert_parallel_at(
+    x_TD: jax.Array, routing: Routing, w_in_EDF: jax.Array, w_out_EFD: jax.Array,
+    *, mesh: jax.sharding.Mesh, path: str, capacity: int,
+    activation: Callable[[jax.Array], jax.Array] = nn.gelu,
+    ragged_dot: Callable[..., jax.Array] = jax.lax.ragged_dot,
+    exchange: str | None = None, rows: int | None = None
+    ) -> tuple[jax.Array, jax.Array]:
+  """`expert_parallel_ffn` on a checked mesh and path, with C given.
+
   The expert maths is `moejax.moe.experts`' (`capacity_ffn`, `grouped_ffn` with
   `ragged_dot` as its grouped matmul) on each device's G experts. `exchange`
   picks the dropless transport: `ragged` or `dense` (default by backend, see
@@ -186,8 +215,8 @@ def expert_parallel_ffn(
   num_tokens, _ = x_TD.shape
   num_experts = w_in_EDF.shape[0]
   _, top_k = routing.expert_TK.shape
-  n_expert, shards = check_mesh(mesh, num_tokens, num_experts)
-  tokens = num_tokens // shards
+  n_expert = mesh.shape[EXPERT_AXIS]
+  tokens = num_tokens // math.prod(mesh.shape[axis] for axis in TOKEN_AXES)
   tok, by_expert = P(TOKEN_AXES), P(EXPERT_AXIS)
   # check_vma=False: Pallas grouped-matmul kernels declare no varying axes on
   # their outputs. Every output is split over all devices, and the gradients of
@@ -195,18 +224,12 @@ def expert_parallel_ffn(
   args = (x_TD, routing.expert_TK, routing.weight_TK, routing.mask_TK,
           w_in_EDF, w_out_EFD)
   in_specs = (tok,) * 4 + (by_expert,) * 2
-  if dispatch_path == "capacity":
+  if path == "capacity":
     body = functools.partial(
-        _capacity_local, num_experts=num_experts,
-        capacity=local_capacity(tokens, num_experts, top_k, capacity_factor,
-                                routing.capacity),
+        _capacity_local, num_experts=num_experts, capacity=capacity,
         rows=rows, ffn=functools.partial(capacity_ffn, activation=activation))
     return jax.shard_map(body, mesh=mesh, in_specs=in_specs, check_vma=False,
                          out_specs=(tok, tok))(*args)
-  if dispatch_path != "dropless":
-    raise ConfigError(
-        f"unknown dispatch {dispatch_path!r}; valid: "
-        f"{', '.join(dispatch.DISPATCH_PATHS)}")
   exchange = exchange or default_exchange()
   send_rows = tokens * min(top_k, num_experts // n_expert)
   if rows is not None:

@@ -13,7 +13,7 @@ same eps rule.)
 """
 
 import math
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from moejax.errors import ConfigError
 from moejax.routing import losses
-from moejax.routing.contract import Router, Routing
+from moejax.routing.contract import Router, Routing, Slots, TokenLayout
 
 
 def _auction_round(expert_T, bid_T, price_E, scores_TE, eps, copies):
@@ -174,7 +174,7 @@ class BaseLayerRouter(Router):
   Affinity s_{t,i} = h_t . w_i (float32) with learned expert embeddings w_i
   (orthogonal init, gain 0.1, as the reference); combine weight
   sigmoid(s_{t,a_t}), which is where the embeddings get their gradient.
-  Training routes each expert exactly T/E tokens and sets Routing.capacity to
+  Training routes each expert exactly T/E tokens and sets `Slots.per_expert` to
   that count, so the capacity path drops nothing; evaluation is greedy and uses
   the layer's capacity factor like Switch.
 
@@ -195,19 +195,24 @@ class BaseLayerRouter(Router):
 
   top1_only: ClassVar[bool] = True
 
-  def __post_init__(self):
-    if not (self.eps_ratio > 0 and self.eps_floor > 0 and self.max_rounds >= 1
-            and self.eps_scaling >= 1):
+  @classmethod
+  def check_options(cls, options: dict[str, Any], *, num_experts: int,
+                    top_k: int) -> None:
+    super().check_options(options, num_experts=num_experts, top_k=top_k)
+    o = options
+    if not (o["eps_ratio"] > 0 and o["eps_floor"] > 0 and o["max_rounds"] >= 1
+            and o["eps_scaling"] >= 1):
       raise ConfigError(
           "router 'base' needs eps_ratio > 0, eps_floor > 0, max_rounds >= 1 and "
-          f"eps_scaling >= 1 (1: off), got {self.eps_ratio}, {self.eps_floor}, "
-          f"{self.max_rounds}, {self.eps_scaling}")
-    super().__post_init__()
+          f"eps_scaling >= 1 (1: off), got {o['eps_ratio']}, {o['eps_floor']}, "
+          f"{o['max_rounds']}, {o['eps_scaling']}")
 
   @nn.compact
   def __call__(self, x_TD: jax.Array, *, token_ids_T: jax.Array | None = None,
+               step: jax.Array | None = None,
+               layout: TokenLayout | None = None,
                deterministic: bool = True) -> Routing:
-    del token_ids_T  # Routing depends on hidden states only.
+    del token_ids_T, step, layout  # Routing depends on hidden states only.
     num_tokens, d_model = x_TD.shape
     num_experts = self.num_experts
     w_ED = self.param(
@@ -247,5 +252,5 @@ class BaseLayerRouter(Router):
         mask_TK=jnp.ones((num_tokens, 1), jnp.bool_),
         aux_loss=jnp.zeros((), jnp.float32),
         metrics=metrics,
-        capacity=capacity)
+        slots=Slots(per_expert=capacity))
 

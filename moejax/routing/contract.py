@@ -51,6 +51,31 @@ def gate_logits(x_TD: jax.Array, num_experts: int) -> jax.Array:
               x_TD.astype(jnp.float32))
 
 
+@dataclasses.dataclass(frozen=True)
+class Slots:
+  """A routing's cost hint: the most its slots can fill, the same on both
+  dispatch paths (`moejax.moe.budgets`, `moejax.moe.routed`).
+
+  Attributes:
+    per_expert: the most slots one expert receives, fixed by the router
+      (expert choice and BASE: C tokens each; DSelect-k: T); the capacity path
+      allocates that many rows per expert and drops nothing. None: the layer's
+      capacity factor sets it.
+    dense: the leading slots (nearly) every token uses; the rest are sparse and
+      the layer pays for the ones a batch uses. None: every token uses all K
+      (one static program). 0: all K are sparse (the DTS gate, ReMoE, expert
+      choice); k > 0: the first k are computed at a static size and only the
+      others at a run-time budget (DSelect-k's k heaviest experts).
+  """
+
+  per_expert: int | None = None
+  dense: int | None = None
+
+  def sparse(self, top_k: int) -> bool:
+    """Whether some of the K slots are sparse (budgets apply)."""
+    return self.dense is not None and self.dense < top_k
+
+
 @flax.struct.dataclass
 class Routing:
   """What a router decided for T tokens.
@@ -63,17 +88,8 @@ class Routing:
       the task loss exactly once.
     metrics: float32[] diagnostics by name (e.g. `balance_loss`, `z_loss`,
       `entropy`), reported per layer under `router/`.
-    capacity: static per-expert capacity fixed by the router itself (expert
-      choice); None lets the capacity path use ceil(cf * T * K / E).
-    sparse_slots: static; True when a token uses a variable number of its K
-      slots, most of them unused (K = E slots with a mask: DTS, DSelect-k,
-      expert choice). The MoE layer then pays only for the slots the batch
-      uses, exactly (`moejax.moe.budgets`).
-    fixed_slots: static; with `sparse_slots`, the number of leading slots that
-      (nearly) every token uses, e.g. DSelect-k's k best experts once its
-      codes are binary. The dropless path computes them at a static size,
-      outside the run-time budget switch, which then covers only the slots
-      after them (and costs nothing when none of those is used).
+    slots: static; what of its [T, K] slots the routing can use (`Slots`),
+      so that the MoE layer allocates no more.
   """
 
   expert_TK: jax.Array
@@ -81,9 +97,7 @@ class Routing:
   mask_TK: jax.Array
   aux_loss: jax.Array
   metrics: dict[str, jax.Array]
-  capacity: int | None = flax.struct.field(pytree_node=False, default=None)
-  sparse_slots: bool = flax.struct.field(pytree_node=False, default=False)
-  fixed_slots: int = flax.struct.field(pytree_node=False, default=0)
+  slots: Slots = flax.struct.field(pytree_node=False, default=Slots())
 
   def expert_weights(self, num_experts: int) -> jax.Array:
     """float32[T, E]: each expert's combine weight, summed over the used slots
@@ -100,25 +114,23 @@ class Router(nn.Module):
   `num_experts`, `top_k` and `vocab_size` are set by the model; every other
   dataclass field of a subclass is an option (`model.router_options`).
 
-  Subclasses implement `__call__(x_TD, *, token_ids_T=None, deterministic=True)`
-  and may narrow the class attributes below, which the registry and the MoE
-  layer use to reject combinations that cannot work.
+  One call signature for every router:
+  `__call__(x_TD, *, token_ids_T=None, step=None, layout=None,
+  deterministic=True) -> Routing`, the context being the token ids [T], the
+  step into the current stage (schedules), the `TokenLayout` (balance losses
+  over sequences or micro-batches) and whether this is training; a router
+  ignores what it does not read. Build routers with `make_router`, which
+  validates their options once (`check_options`).
   """
 
   num_experts: int
   top_k: int = 1
   vocab_size: int = 0  # V, for routers that read token ids (0: not given).
 
+  # The name the registry knows it by (set there), said in errors.
+  router_name: ClassVar[str] = "router"
   # Dispatch paths this router's routing can feed.
   dispatch_paths: ClassVar[tuple[str, ...]] = ("capacity", "dropless")
-  # Whether the router reads token ids (hash, distilled routers).
-  needs_token_ids: ClassVar[bool] = False
-  # Whether `__call__` takes `step=` (steps into the current training stage),
-  # for routers with schedules (the DTS gate's temperature).
-  needs_step: ClassVar[bool] = False
-  # Whether `__call__` takes `layout=` (a TokenLayout), for balance losses
-  # over sequences or micro-batches.
-  needs_layout: ClassVar[bool] = False
   # Routers that send each token to one expert reject model.top_k > 1.
   top1_only: ClassVar[bool] = False
   # What model.top_k means for this router (said in errors).
@@ -150,14 +162,10 @@ class Router(nn.Module):
   @classmethod
   def check_options(cls, options: dict[str, Any], *, num_experts: int,
                     top_k: int) -> None:
-    """Raises ConfigError for option values that cannot work (`options` holds
-    every option, defaults included). Most routers check nothing here."""
-    del options, num_experts, top_k
-
-  @classmethod
-  def check(cls, num_experts: int, top_k: int) -> None:
-    """Raises ConfigError when (num_experts, top_k) cannot work for this router;
-    subclasses with further constraints extend it."""
+    """The one validation hook (`make_router` and the config call it): raises
+    ConfigError for sizes or option values that cannot work (`options` holds
+    every option, defaults included). Subclasses extend it (super() first)."""
+    del options
     if num_experts < 1:
       raise ConfigError(f"model.num_experts must be positive, got {num_experts}")
     if not 1 <= top_k <= num_experts:
@@ -165,3 +173,14 @@ class Router(nn.Module):
           f"model.top_k={top_k} must be between 1 and model.num_experts="
           f"{num_experts} (top_k: {cls.top_k_means}); lower model.top_k or add "
           "experts")
+    if cls.top1_only and top_k != 1:
+      raise ConfigError(f"router {cls.router_name!r} sends each token to one "
+                        f"expert but model.top_k={top_k}; set model.top_k=1")
+
+  @classmethod
+  def check_dispatch(cls, path: str) -> None:
+    """ConfigError when this router's routing cannot feed dispatch `path`."""
+    if path not in cls.dispatch_paths:
+      raise ConfigError(
+          f"router {cls.router_name!r} supports dispatch "
+          f"{', '.join(cls.dispatch_paths)}, not {path!r}")

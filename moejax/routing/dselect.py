@@ -12,7 +12,7 @@ are active per token. Early in training every expert is active (dense).
 
 import math
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -21,7 +21,7 @@ import numpy as np
 
 from moejax.errors import ConfigError
 from moejax.routing import losses
-from moejax.routing.contract import Router, Routing
+from moejax.routing.contract import Router, Routing, Slots, TokenLayout
 
 
 def smooth_step(z: jax.Array, gamma: float = 1.0) -> jax.Array:
@@ -84,11 +84,11 @@ class DSelectKRouter(Router):
   entropy regulariser (weight `entropy_reg`) drives every selector to one
   expert; it is the whole aux loss. Routing has K = E slots, one per expert,
   ordered by descending weight (ties: lower expert first), a slot used iff its
-  weight > 0. The first k slots are `Routing.fixed_slots`: once the codes are
+  weight > 0. The first k slots are `Slots.dense`: once the codes are
   binary they hold every used expert, so the dropless path computes them at a
   static T*k rows and the run-time budget switch covers only the other E - k
   (empty then, and nearly so while a few codes are still saturating). It fixes
-  Routing.capacity = T, so the capacity path drops nothing even in the dense
+  `Slots.per_expert` = T, so the capacity path drops nothing even in the dense
   early phase (it then costs E*T rows, like dropless).
 
   Attributes:
@@ -103,17 +103,21 @@ class DSelectKRouter(Router):
   top_k_means: ClassVar[str] = "the number of selectors"
 
 
-  def __post_init__(self):
-    if not (self.gamma > 0 and self.entropy_reg >= 0):
+  @classmethod
+  def check_options(cls, options: dict[str, Any], *, num_experts: int,
+                    top_k: int) -> None:
+    super().check_options(options, num_experts=num_experts, top_k=top_k)
+    if not (options["gamma"] > 0 and options["entropy_reg"] >= 0):
       raise ConfigError(
           "router 'dselect_k' needs gamma > 0 and entropy_reg >= 0, got "
-          f"gamma={self.gamma}, entropy_reg={self.entropy_reg}")
-    super().__post_init__()
+          f"gamma={options['gamma']}, entropy_reg={options['entropy_reg']}")
 
   @nn.compact
   def __call__(self, x_TD: jax.Array, *, token_ids_T: jax.Array | None = None,
+               step: jax.Array | None = None,
+               layout: TokenLayout | None = None,
                deterministic: bool = True) -> Routing:
-    del token_ids_T, deterministic  # Same rule in training and evaluation.
+    del token_ids_T, step, layout, deterministic  # One rule throughout.
     num_tokens = x_TD.shape[0]
     num_selectors = self.top_k
     num_bits = code_bits(self.num_experts).shape[1]
@@ -151,4 +155,4 @@ class DSelectKRouter(Router):
                  # Experts per token: E while dense, <= top_k once converged.
                  "active_experts": jnp.mean(jnp.sum(mask_TK, axis=-1).astype(
                      jnp.float32))},
-        capacity=num_tokens, sparse_slots=True, fixed_slots=num_selectors)
+        slots=Slots(per_expert=num_tokens, dense=num_selectors))

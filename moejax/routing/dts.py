@@ -33,7 +33,7 @@ import jax.numpy as jnp
 
 from moejax.errors import ConfigError
 from moejax.routing import losses
-from moejax.routing.contract import Router, Routing
+from moejax.routing.contract import Router, Routing, Slots, TokenLayout
 
 SCHEDULES = ("exponential", "linear")
 COMBINES = ("softmax", "gumbel")
@@ -111,23 +111,24 @@ class DTSRouter(Router):
   aux_loss_coef: float = 1.0
   z_loss_coef: float = 0.0
 
-  needs_step: ClassVar[bool] = True
   top1_only: ClassVar[bool] = True  # Evaluation is top-1; training uses the gate.
 
-  def __post_init__(self):
-    for name, value, valid in (("combine", self.combine, COMBINES),
-                               ("balance", self.balance, BALANCES),
-                               ("schedule", self.schedule, SCHEDULES)):
-      if value not in valid:
-        raise ConfigError(f"router 'dts' {name}={value!r}; choose one of "
-                          f"{', '.join(valid)}")
-    if self.hard_step is not None and not isinstance(self.hard_step, int):
-      raise ConfigError(f"router 'dts' hard_step={self.hard_step!r}; use a stage "
+  @classmethod
+  def check_options(cls, options: dict[str, Any], *, num_experts: int,
+                    top_k: int) -> None:
+    super().check_options(options, num_experts=num_experts, top_k=top_k)
+    for name, valid in (("combine", COMBINES), ("balance", BALANCES),
+                        ("schedule", SCHEDULES)):
+      if options[name] not in valid:
+        raise ConfigError(f"router 'dts' {name}={options[name]!r}; choose one "
+                          f"of {', '.join(valid)}")
+    hard_step = options["hard_step"]
+    if hard_step is not None and not isinstance(hard_step, int):
+      raise ConfigError(f"router 'dts' hard_step={hard_step!r}; use a stage "
                         "step (-1: sampled top-1 from the start) or None (never)")
-    if self.max_experts < 0:
-      raise ConfigError(f"router 'dts' max_experts={self.max_experts} must be "
-                        ">= 0 (0: every expert above the threshold)")
-    super().__post_init__()
+    if options["max_experts"] < 0:
+      raise ConfigError(f"router 'dts' max_experts={options['max_experts']} "
+                        "must be >= 0 (0: every expert above the threshold)")
 
   @classmethod
   def phases(cls, options: dict[str, Any], stage_steps: int
@@ -152,8 +153,9 @@ class DTSRouter(Router):
   @nn.compact
   def __call__(self, x_TD: jax.Array, *, token_ids_T: jax.Array | None = None,
                step: jax.Array | None = None,
+               layout: TokenLayout | None = None,
                deterministic: bool = True) -> Routing:
-    del token_ids_T
+    del token_ids_T, layout
     num_experts = self.num_experts
     logits_TE = nn.Dense(
         num_experts, use_bias=False, dtype=jnp.float32, param_dtype=jnp.float32,
@@ -214,4 +216,4 @@ class DTSRouter(Router):
                  "temperature": tau,
                  "experts_per_token": jnp.mean(
                      jnp.sum(mask_TE.astype(jnp.float32), -1))},
-        sparse_slots=not one_slot)
+        slots=Slots() if one_slot else Slots(dense=0))

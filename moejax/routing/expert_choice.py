@@ -11,7 +11,7 @@ property of expert choice, discussed in the paper); use it knowingly.
 
 import math
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from moejax.errors import ConfigError
 from moejax.routing import losses
-from moejax.routing.contract import Router, Routing
+from moejax.routing.contract import Router, Routing, Slots, TokenLayout
 
 
 def expert_choice_capacity(num_tokens: int, num_experts: int, top_k: int,
@@ -51,7 +51,7 @@ class ExpertChoiceRouter(Router):
 
   `top_k` is the average number of experts per token: C = ceil(capacity_factor
   * T * top_k / E) (the paper's EC-CF2 is top_k=2, capacity_factor=1). The
-  router fixes `Routing.capacity = C`, so the capacity path allocates exactly C
+  router fixes `Slots.per_expert` = C, so the capacity path allocates exactly C
   rows per expert and drops nothing; the MoE layer's own capacity_factor is not
   used. Combine weight of a chosen (token, expert) pair = S[t, e]. No balance
   loss is needed.
@@ -67,17 +67,21 @@ class ExpertChoiceRouter(Router):
   top_k_means: ClassVar[str] = "the average number of experts per token"
 
 
-  def __post_init__(self):
-    if not self.capacity_factor > 0:
+  @classmethod
+  def check_options(cls, options: dict[str, Any], *, num_experts: int,
+                    top_k: int) -> None:
+    super().check_options(options, num_experts=num_experts, top_k=top_k)
+    if not options["capacity_factor"] > 0:
       raise ConfigError(
           f"router 'expert_choice' needs capacity_factor > 0, got "
-          f"{self.capacity_factor}")
-    super().__post_init__()
+          f"{options['capacity_factor']}")
 
   @nn.compact
   def __call__(self, x_TD: jax.Array, *, token_ids_T: jax.Array | None = None,
+               step: jax.Array | None = None,
+               layout: TokenLayout | None = None,
                deterministic: bool = True) -> Routing:
-    del token_ids_T, deterministic  # Same rule in training and evaluation.
+    del token_ids_T, step, layout, deterministic  # One rule throughout.
     logits_TE = nn.Dense(
         self.num_experts, use_bias=False, dtype=jnp.float32,
         param_dtype=jnp.float32, name="gate",
@@ -99,4 +103,4 @@ class ExpertChoiceRouter(Router):
                  # Tokens no expert chose: only the residual carries them.
                  "unrouted_frac": jnp.mean(experts_per_token_T == 0).astype(
                      jnp.float32)},
-        capacity=capacity, sparse_slots=True)
+        slots=Slots(per_expert=capacity, dense=0))

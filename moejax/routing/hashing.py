@@ -10,7 +10,7 @@ built from corpus counts after init.
 
 from collections.abc import Mapping
 import heapq
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moejax.errors import ConfigError
-from moejax.routing.contract import Router, Routing
+from moejax.routing.contract import Router, Routing, TokenLayout
 
 TABLE_COLLECTION = "constants"
 TABLE_NAME = "hash_table"
@@ -131,7 +131,6 @@ class HashRouter(Router):
 
   balance: str = "random"
 
-  needs_token_ids: ClassVar[bool] = True
   top1_only: ClassVar[bool] = True
 
   @classmethod
@@ -144,24 +143,28 @@ class HashRouter(Router):
         np.asarray(token_counts_V), num_experts))
 
 
-  def __post_init__(self):
-    if self.balance not in BALANCE_MODES:
+  @classmethod
+  def check_options(cls, options: dict[str, Any], *, num_experts: int,
+                    top_k: int) -> None:
+    super().check_options(options, num_experts=num_experts, top_k=top_k)
+    if options["balance"] not in BALANCE_MODES:
       raise ConfigError(
-          f"router 'hash' option balance={self.balance!r}; valid: "
+          f"router 'hash' option balance={options['balance']!r}; valid: "
           f"{', '.join(BALANCE_MODES)}")
+
+  @nn.compact
+  def __call__(self, x_TD: jax.Array, *, token_ids_T: jax.Array | None = None,
+               step: jax.Array | None = None,
+               layout: TokenLayout | None = None,
+               deterministic: bool = True) -> Routing:
+    del step, layout, deterministic  # One table throughout.
+    if token_ids_T is None:
+      raise ConfigError(
+          "router 'hash' needs token ids in the MoE layer; pass token_ids_BL")
     if self.vocab_size < 1:
       raise ConfigError(
           "router 'hash' needs token ids and the vocabulary size; build it with "
           "make_router(..., vocab_size=V)")
-    super().__post_init__()
-
-  @nn.compact
-  def __call__(self, x_TD: jax.Array, *, token_ids_T: jax.Array | None = None,
-               deterministic: bool = True) -> Routing:
-    del deterministic  # The same table in training and evaluation.
-    if token_ids_T is None:
-      raise ConfigError(
-          "router 'hash' needs token ids in the MoE layer; pass token_ids_BL")
     if not (self.is_initializing()
             or self.has_variable(TABLE_COLLECTION, TABLE_NAME)):
       raise ConfigError(

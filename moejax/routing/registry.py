@@ -26,6 +26,9 @@ ROUTERS: dict[str, type[Router]] = {
     "remoe": ReMoERouter,
 }
 
+for _name, _cls in ROUTERS.items():
+  _cls.router_name = _name  # What errors call it.
+
 _COMMON_FIELDS = ("num_experts", "top_k", "vocab_size", "parent", "name")
 
 
@@ -47,13 +50,11 @@ def router_options(name: str) -> dict[str, Any]:
 
 
 def check_router(name: str, *, num_experts: int, top_k: int,
-                 options: dict[str, Any] | None = None) -> type[Router]:
-  """Validates a router name, its sizes and options without building it."""
+                 options: dict[str, Any] | None = None,
+                 dispatch: str | None = None) -> type[Router]:
+  """Validates a router name, its sizes and options (and, given `dispatch`,
+  that its routing can feed that path) without building it."""
   cls = router_class(name)
-  cls.check(num_experts, top_k)
-  if cls.top1_only and top_k != 1:
-    raise ConfigError(f"router {name!r} sends each token to one expert but "
-                      f"model.top_k={top_k}; set model.top_k=1")
   valid = router_options(name)
   for key in options or {}:
     if key not in valid:
@@ -62,17 +63,20 @@ def check_router(name: str, *, num_experts: int, top_k: int,
           f"{', '.join(sorted(valid)) or '(none)'}")
   cls.check_options({**valid, **(options or {})}, num_experts=num_experts,
                     top_k=top_k)
+  if dispatch is not None:
+    cls.check_dispatch(dispatch)
   return cls
 
 
 def make_router(name: str, *, num_experts: int, top_k: int = 1,
-                vocab_size: int = 0,
-                options: dict[str, Any] | None = None) -> Router:
-  """Builds router `name` after checking it can work.
+                vocab_size: int = 0, options: dict[str, Any] | None = None,
+                dispatch: str | None = None) -> Router:
+  """Builds router `name` after checking it can work (`check_router`).
 
   The module is unbound (`parent=None`) so that the MoE layer it is passed to
   adopts it: its params live under `<moe layer>/router`.
   """
-  cls = check_router(name, num_experts=num_experts, top_k=top_k, options=options)
+  cls = check_router(name, num_experts=num_experts, top_k=top_k,
+                     options=options, dispatch=dispatch)
   return cls(num_experts=num_experts, top_k=top_k, vocab_size=vocab_size,
              parent=None, **dict(options or {}))

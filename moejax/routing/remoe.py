@@ -29,7 +29,8 @@ import jax
 import jax.numpy as jnp
 
 from moejax.errors import ConfigError
-from moejax.routing.contract import ROUTER_STATE, Router, Routing, gate_logits
+from moejax.routing.contract import (ROUTER_STATE, Router, Routing, Slots,
+                                     TokenLayout, gate_logits)
 
 
 def remoe_l1(gates_TE: jax.Array, top_k: int, load_balanced: bool = True
@@ -73,7 +74,7 @@ class ReMoERouter(Router):
   @classmethod
   def check_options(cls, options: dict[str, Any], *, num_experts: int,
                     top_k: int) -> None:
-    del num_experts, top_k
+    super().check_options(options, num_experts=num_experts, top_k=top_k)
     target = options["target_sparsity"]
     if not options["l1_coef_init"] > 0 or not options["l1_alpha"] > 1:
       raise ConfigError("router 'remoe' needs l1_coef_init > 0 and l1_alpha > 1")
@@ -89,8 +90,10 @@ class ReMoERouter(Router):
 
   @nn.compact
   def __call__(self, x_TD: jax.Array, *, token_ids_T: jax.Array | None = None,
+               step: jax.Array | None = None,
+               layout: TokenLayout | None = None,
                deterministic: bool = True) -> Routing:
-    del token_ids_T
+    del token_ids_T, step, layout
     num_tokens, num_experts = x_TD.shape[0], self.num_experts
     gates_TE = jax.nn.relu(gate_logits(x_TD, num_experts))
     mask_TE = gates_TE > 0
@@ -110,4 +113,4 @@ class ReMoERouter(Router):
         metrics={"l1_loss": l1, "l1_coef": lam, "sparsity": sparsity,
                  "experts_per_token": jnp.mean(
                      jnp.sum(mask_TE.astype(jnp.float32), -1))},
-        sparse_slots=True)  # Pays for the gates that are open (budgets).
+        slots=Slots(dense=0))  # Pays for the gates that are open (budgets).

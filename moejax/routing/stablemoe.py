@@ -21,7 +21,7 @@ import optax
 
 from moejax.errors import ConfigError
 from moejax.routing import losses
-from moejax.routing.contract import Router, Routing
+from moejax.routing.contract import Router, Routing, TokenLayout
 
 # Param names under `<moe layer>/router`: freezing rules match these.
 DISTILLED_PARAMS = ("distill_embedding", "distill_centroids")
@@ -58,12 +58,13 @@ class StableMoERouter(Router):
   distill_weight: float = 0.3
   distill_dim: int = 50
 
-  needs_token_ids: ClassVar[bool] = True
   top1_only: ClassVar[bool] = True
 
 
   @nn.compact
   def __call__(self, x_TD: jax.Array, *, token_ids_T: jax.Array | None = None,
+               step: jax.Array | None = None,
+               layout: TokenLayout | None = None,
                deterministic: bool = True) -> Routing:
     if self.stage not in (1, 2):
       raise ConfigError(f"router 'stablemoe' option stage={self.stage}; use 1 or 2")

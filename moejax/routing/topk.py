@@ -75,11 +75,10 @@ class TopKRouter(Router):
   bias_rate: float = 1e-3
   bias_recenter: bool = True
 
-  needs_layout: ClassVar[bool] = True
-
   @classmethod
   def check_options(cls, options: dict[str, Any], *, num_experts: int,
                     top_k: int) -> None:
+    super().check_options(options, num_experts=num_experts, top_k=top_k)
     if options["score"] not in SCORES:
       raise ConfigError(f"router option score={options['score']!r}; choose one "
                         f"of {', '.join(SCORES)}")
@@ -103,9 +102,10 @@ class TopKRouter(Router):
 
   @nn.compact
   def __call__(self, x_TD: jax.Array, *, token_ids_T: jax.Array | None = None,
-               deterministic: bool = True,
-               layout: TokenLayout | None = None) -> Routing:
-    del token_ids_T  # Routing depends on hidden states only.
+               step: jax.Array | None = None,
+               layout: TokenLayout | None = None,
+               deterministic: bool = True) -> Routing:
+    del token_ids_T, step  # Routing depends on hidden states only.
     x_TD = x_TD.astype(jnp.float32)
     if self.jitter > 0 and not deterministic:
       noise_TD = jax.random.uniform(

@@ -150,12 +150,8 @@ def _model(m: dict[str, Any], data: DataConfig) -> TransformerConfig:
   moe_layers = resolve_moe_layers(m["moe_layers"], m["num_layers"])
   options = dict(m["router_options"])
   if moe_layers:
-    router = check_router(m["router"], num_experts=m["num_experts"],
-                          top_k=m["top_k"], options=options)
-    if m["dispatch"] not in router.dispatch_paths:
-      raise ConfigError(
-          f"router {m['router']!r} supports dispatch "
-          f"{', '.join(router.dispatch_paths)}, not {m['dispatch']!r}")
+    check_router(m["router"], num_experts=m["num_experts"], top_k=m["top_k"],
+                 options=options, dispatch=m["dispatch"])
   moe = MoEConfig(
       num_experts=m["num_experts"], top_k=m["top_k"], router=m["router"],
       router_options=tuple(sorted(options.items())), dispatch=m["dispatch"],

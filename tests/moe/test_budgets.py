@@ -1,6 +1,7 @@
 """Slot budgets: the cheaper dispatch equals the K-slot program, values and gradients.
 
-The K-slot program (`routed_ffn(..., budgets=False)`) is itself checked against
+The K-slot program (`routed_ffn(..., budgets=False)`, the routed FFN of
+`moejax.moe.routed` at all its rows) is itself checked against
 the naive per-token loop here. 8 simulated CPU devices (tests/conftest.py) for
 the expert-parallel cases.
 """
@@ -15,9 +16,11 @@ import pytest
 
 from moejax.moe import budgets
 from moejax.moe.experts import Experts
+from moejax.moe.routed import RoutedFFN
 from moejax.moe.reference import capacity_keep_loop, moe_loop
 from moejax.parallel import MeshConfig, make_mesh
 from moejax.routing import ROUTER_STATE, Routing, make_router
+from moejax.routing.contract import Slots
 
 T, D, F, E = 64, 8, 16, 8  # K = E slots: budgets for 1, 1.125, 1.25, 2, 4, 8 per token.
 
@@ -26,6 +29,22 @@ def _weights(seed=0):
   params = nn.unbox(Experts(E, D, F).init(jax.random.key(seed),
                                           jnp.zeros((E, 1, D))))["params"]
   return params["w_in"], params["w_out"]
+
+
+def _ffn(path, *, mesh=None, capacity_factor=1.25, num_tokens=T,
+         num_experts=E) -> RoutedFFN:
+  return RoutedFFN.create(path, num_tokens=num_tokens, num_experts=num_experts,
+                          mesh=mesh, capacity_factor=capacity_factor)
+
+
+def _run(path, *, mesh=None, capacity_factor=1.25, use_budgets=True):
+  """(x, routing, w_in, w_out) -> (y, kept) of the budgeted routed FFN."""
+  def run(x_TD, routing, w_in, w_out):
+    ffn = _ffn(path, mesh=mesh, capacity_factor=capacity_factor,
+               num_tokens=x_TD.shape[0], num_experts=w_in.shape[0])
+    return budgets.routed_ffn(ffn, x_TD, routing, w_in, w_out,
+                              budgets=use_budgets)
+  return run
 
 
 def _routing(density: str, seed: int = 0, capacity=None) -> Routing:
@@ -42,7 +61,7 @@ def _routing(density: str, seed: int = 0, capacity=None) -> Routing:
       expert_TK=jnp.broadcast_to(jnp.arange(E, dtype=jnp.int32), (T, E)),
       weight_TK=jnp.asarray(rng.uniform(0.1, 1.0, (T, E)), jnp.float32),
       mask_TK=jnp.asarray(mask_TE), aux_loss=jnp.zeros(()), metrics={},
-      capacity=capacity, sparse_slots=True)
+      slots=Slots(per_expert=capacity, dense=0))
 
 
 def _loss_and_grads(fn, x_TD, routing, w_in, w_out):
@@ -74,12 +93,13 @@ def test_slot_ladder_and_sizes():
   assert budgets.slot_ladder(8) == (1, 1.125, 1.25, 2, 4, 8)
   assert budgets.slot_ladder(6) == (1, 1.125, 1.25, 2, 4, 6)
   # dropless: ceil(S * k) rows; capacity: ceil(C * k / K) rows per expert.
-  assert budgets.budget_sizes("dropless", tokens=64, top_k=8, capacity=80,
-                              sparse=True) == (64, 72, 80, 128, 256, 512)
-  assert budgets.budget_sizes("capacity", tokens=64, top_k=8, capacity=80,
-                              sparse=True) == (10, 12, 13, 20, 40, 80)
-  assert budgets.budget_sizes("capacity", tokens=64, top_k=8, capacity=80,
-                              sparse=False) == (80,)
+  # C = ceil(1.25 * 64 * 8 / 8) = 80.
+  routing, ladder = _routing("one"), budgets.slot_ladder(8)
+  assert budgets.budget_sizes(_ffn("dropless"), routing, ladder) == (
+      64, 72, 80, 128, 256, 512)
+  assert budgets.budget_sizes(_ffn("capacity"), routing, ladder) == (
+      10, 12, 13, 20, 40, 80)
+  assert budgets.budget_sizes(_ffn("capacity"), routing, (8,)) == (80,)
 
 
 @pytest.mark.parametrize("path,density,capacity,index", [
@@ -97,17 +117,14 @@ def test_budget_equals_k_slot_program_and_naive_loop(path, density, capacity,
   routing = _routing(density, capacity=capacity)
   x_TD = jax.random.normal(jax.random.key(1), (T, D))
   w_in, w_out = _weights()
-  run = functools.partial(budgets.routed_ffn, dispatch_path=path)
-  cheap = _loss_and_grads(run, x_TD, routing, w_in, w_out)
-  full = _loss_and_grads(functools.partial(run, budgets=False), x_TD, routing,
-                         w_in, w_out)
+  cheap = _loss_and_grads(_run(path), x_TD, routing, w_in, w_out)
+  full = _loss_and_grads(_run(path, use_budgets=False), x_TD, routing, w_in,
+                         w_out)
   _assert_same(cheap, full)
   # The switch takes the expected (small) budget.
   cap = capacity or 80
-  sizes = budgets.budget_sizes(path, tokens=T, top_k=E, capacity=cap,
-                               sparse=True)
-  need = budgets.rows_needed(routing.expert_TK, routing.mask_TK, path=path,
-                             num_experts=E, capacity=cap, shards=1)
+  sizes = budgets.budget_sizes(_ffn(path), routing, budgets.slot_ladder(E))
+  need = _ffn(path).rows_needed(routing)
   assert int(np.sum(np.asarray(sizes[:-1]) < int(need))) == index
   # And the K-slot program is the naive loop.
   kept_TK = capacity_keep_loop(routing.expert_TK, routing.mask_TK, E,
@@ -122,8 +139,7 @@ def test_the_program_branches_at_run_time():
   routing = _routing("one")
   w_in, w_out = _weights()
   x_TD = jnp.zeros((T, D))
-  text = jax.jit(functools.partial(budgets.routed_ffn, dispatch_path="dropless")
-                 ).lower(x_TD, routing, w_in, w_out).as_text()
+  text = jax.jit(_run("dropless")).lower(x_TD, routing, w_in, w_out).as_text()
   assert "case" in text  # stablehlo.case: one branch per budget.
 
 
@@ -137,18 +153,22 @@ def test_expert_parallel_budget_equals_k_slot_program(path, mesh_shape, density)
   routing = _routing(density, seed=3, capacity=T)
   x_TD = jax.random.normal(jax.random.key(4), (T, D))
   w_in, w_out = _weights(1)
-  run = functools.partial(budgets.routed_ffn, dispatch_path=path)
-  cheap = _loss_and_grads(functools.partial(run, mesh=mesh), x_TD, routing,
-                          w_in, w_out)
+  cheap = _loss_and_grads(_run(path, mesh=mesh), x_TD, routing, w_in, w_out)
   _assert_same(cheap, _loss_and_grads(
-      functools.partial(run, mesh=mesh, budgets=False), x_TD, routing, w_in,
-      w_out))
+      _run(path, mesh=mesh, use_budgets=False), x_TD, routing, w_in, w_out))
   _assert_same(cheap, _loss_and_grads(
-      functools.partial(run, budgets=False), x_TD, routing, w_in, w_out))
+      _run(path, use_budgets=False), x_TD, routing, w_in, w_out))
+
+
+def _slots(routing: Routing, which: slice) -> Routing:
+  """The routing of some of the K slots."""
+  return routing.replace(expert_TK=routing.expert_TK[:, which],
+                         weight_TK=routing.weight_TK[:, which],
+                         mask_TK=routing.mask_TK[:, which])
 
 
 def _fixed_routing(extra: str, seed: int = 0) -> Routing:
-  """K = E slots, slot 0 used by every token (`fixed_slots=1`) and the other
+  """K = E slots, slot 0 used by every token (`Slots.dense = 1`) and the other
   slots (distinct experts) used by no token, a few tokens, or every token."""
   rng = np.random.default_rng(seed)
   expert_TE = np.argsort(rng.uniform(size=(T, E)), axis=1).astype(np.int32)
@@ -163,15 +183,15 @@ def _fixed_routing(extra: str, seed: int = 0) -> Routing:
       expert_TK=jnp.asarray(expert_TE),
       weight_TK=jnp.asarray(rng.uniform(0.1, 1.0, (T, E)), jnp.float32),
       mask_TK=jnp.asarray(mask_TE), aux_loss=jnp.zeros(()), metrics={},
-      capacity=T, sparse_slots=True, fixed_slots=1)
+      slots=Slots(per_expert=T, dense=1))
 
 
 def test_tail_ladder_and_sizes():
   assert budgets.tail_ladder(1) == (0, 1 / 32, 0.25, 1)
   assert budgets.tail_ladder(7) == (0, 1 / 32, 0.25, 1, 2, 4, 7)
-  assert budgets.budget_sizes("dropless", tokens=64, top_k=7, capacity=64,
-                              sparse=True, tail=True) == (0, 2, 16, 64, 128,
-                                                          256, 448)
+  tail = _slots(_fixed_routing("none"), slice(1, None))  # K = 7.
+  assert budgets.budget_sizes(_ffn("dropless"), tail, budgets.tail_ladder(7)
+                              ) == (0, 2, 16, 64, 128, 256, 448)
 
 
 @pytest.mark.parametrize("extra,tail_index", [("none", 0), ("few", 1),
@@ -179,17 +199,16 @@ def test_tail_ladder_and_sizes():
 @pytest.mark.parametrize("mesh_shape", [None, (2, 4)])
 def test_fixed_slots_outside_the_switch_equal_k_slot_program(extra, tail_index,
                                                              mesh_shape):
-  """Dropless with `fixed_slots`: slot 0 at a static size plus the budgeted
+  """Dropless with `Slots.dense = 1`: slot 0 at a static size plus the budgeted
   tail (no tail slot used: the zero branch) equals the K-slot program and the
   naive loop, values and gradients, on one device and expert-parallel."""
   routing = _fixed_routing(extra)
   x_TD = jax.random.normal(jax.random.key(1), (T, D))
   w_in, w_out = _weights()
   mesh = mesh_shape and make_mesh(MeshConfig(*mesh_shape), num_experts=E)
-  run = functools.partial(budgets.routed_ffn, dispatch_path="dropless")
-  cheap = _loss_and_grads(functools.partial(run, mesh=mesh), x_TD, routing,
-                          w_in, w_out)
-  full = _loss_and_grads(functools.partial(run, budgets=False), x_TD, routing,
+  cheap = _loss_and_grads(_run("dropless", mesh=mesh), x_TD, routing, w_in,
+                          w_out)
+  full = _loss_and_grads(_run("dropless", use_budgets=False), x_TD, routing,
                          w_in, w_out)
   _assert_same(cheap, full)
   np.testing.assert_array_equal(cheap[0][1], routing.mask_TK)
@@ -198,11 +217,10 @@ def test_fixed_slots_outside_the_switch_equal_k_slot_program(extra, tail_index,
   np.testing.assert_allclose(cheap[0][0], y_loop, rtol=1e-5, atol=1e-5)
   # The tail's budget on one device (sizes 0, 2, 16, ... rows): none used ->
   # 0 rows (the zero branch); two slots -> 2 rows; every slot -> all 7 * 64.
-  sizes = budgets.budget_sizes("dropless", tokens=T, top_k=E - 1, capacity=T,
-                               sparse=True, tail=True)
-  need = budgets.rows_needed(routing.expert_TK[:, 1:], routing.mask_TK[:, 1:],
-                             path="dropless", num_experts=E, capacity=T,
-                             shards=1)
+  tail = _slots(routing, slice(1, None))
+  sizes = budgets.budget_sizes(_ffn("dropless"), tail,
+                               budgets.tail_ladder(E - 1))
+  need = _ffn("dropless").rows_needed(tail)
   assert int(np.sum(np.asarray(sizes[:-1]) < int(need))) == tail_index
 
 
@@ -227,13 +245,12 @@ def test_fixed_slots_are_not_in_the_conditional():
     return count
 
   def outside_dots(routing):
-    return dots(jax.make_jaxpr(functools.partial(
-        budgets.routed_ffn, dispatch_path="dropless"))(
-            x_TD, routing, w_in, w_out).jaxpr)
+    return dots(jax.make_jaxpr(_run("dropless"))(
+        x_TD, routing, w_in, w_out).jaxpr)
 
   fixed = _fixed_routing("few")
   assert outside_dots(fixed) == 2  # w_in and w_out of slot 0.
-  assert outside_dots(fixed.replace(fixed_slots=0)) == 0
+  assert outside_dots(fixed.replace(slots=Slots(per_expert=T, dense=0))) == 0
 
 
 def _saturated_codes(params):
@@ -276,8 +293,7 @@ def test_routers_cheap_dispatch_equals_k_slot_version(name, options, phases,
     extra = {"step": step} if needs_step else {}
     routing = router.apply({"params": p}, x, deterministic=False, rngs=rngs,
                            **extra)
-    y_TD, _ = budgets.routed_ffn(x, routing, w_in, w_out, dispatch_path=path,
-                                 budgets=use_budgets)
+    y_TD, _ = _run(path, use_budgets=use_budgets)(x, routing, w_in, w_out)
     return jnp.sum(y_TD**2) + routing.aux_loss, (y_TD, routing.mask_TK)
 
   grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True),
@@ -309,9 +325,9 @@ def test_remoe_cheap_dispatch_equals_k_slot_version():
   def loss(p, w_in, w_out, use_budgets):
     routing, _ = router.apply({"params": p, **state}, x_TD, deterministic=False,
                               mutable=[ROUTER_STATE])
-    assert routing.sparse_slots
-    y_TD, _ = budgets.routed_ffn(x_TD, routing, w_in, w_out,
-                                 dispatch_path="dropless", budgets=use_budgets)
+    assert routing.slots.sparse(E_ROUTER)
+    y_TD, _ = _run("dropless", use_budgets=use_budgets)(x_TD, routing, w_in,
+                                                        w_out)
     return jnp.sum(y_TD**2) + routing.aux_loss, (y_TD, routing.mask_TK)
 
   grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True),
@@ -347,10 +363,8 @@ def test_dts_hard_phase_one_slot_equals_e_slot_version(path, capacity_factor):
   def loss(router, p, w_in, w_out, x):
     routing = router.apply({"params": p}, x, deterministic=False, rngs=rngs,
                            step=step)
-    y_TD, kept_TK = budgets.routed_ffn(x, routing, w_in, w_out,
-                                       dispatch_path=path,
-                                       capacity_factor=capacity_factor,
-                                       budgets=False)
+    y_TD, kept_TK = _run(path, capacity_factor=capacity_factor,
+                         use_budgets=False)(x, routing, w_in, w_out)
     used = jnp.sum(jnp.where(kept_TK, 1.0, 0.0))
     return jnp.sum(y_TD**2) + routing.aux_loss, (y_TD, used,
                                                  routing.expert_TK.shape[1])

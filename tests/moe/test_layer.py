@@ -115,3 +115,14 @@ def test_unknown_router_name_is_a_one_line_error():
   layer = MoELayer("swtich", num_experts=E, d_ff=F)
   with pytest.raises(ConfigError, match="unknown router 'swtich'; valid"):
     layer.init(jax.random.key(0), jnp.ones((B, L, D)))
+
+
+@pytest.mark.parametrize("by_name", [True, False])
+def test_router_that_cannot_feed_the_dispatch_path_is_rejected(by_name):
+  """ReMoE feeds the dropless path only, however the layer is built."""
+  router = "remoe" if by_name else make_router("remoe", num_experts=E)
+  layer = MoELayer(router, num_experts=E, d_ff=F, dispatch="capacity")
+  with pytest.raises(ConfigError, match="router 'remoe' supports dispatch "
+                     "dropless, not 'capacity'") as e:
+    layer.init(jax.random.key(0), jnp.ones((B, L, D)))
+  assert "\n" not in str(e.value)

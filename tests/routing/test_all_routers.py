@@ -26,10 +26,7 @@ def test_router_in_layer_forward_grad_and_aux_loss(name):
   key_x, key_ids, key_init, key_router = jax.random.split(jax.random.key(0), 4)
   x_BLD = jax.random.normal(key_x, (B, L, D))
   ids_BL = jax.random.randint(key_ids, (B, L), 0, V)
-  if getattr(ROUTERS[name], "needs_step", False):  # Routers with schedules.
-    step = {"step": jnp.int32(10)}
-  else:
-    step = {}
+  step = {"step": jnp.int32(10)}  # Every router takes it; schedules read it.
   # Both dispatch paths hold the same variables: initialise once.
   layer = MoELayer(router, num_experts=E, d_ff=F)
   init = jax.jit(functools.partial(layer.init, token_ids_BL=ids_BL))

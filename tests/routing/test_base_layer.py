@@ -115,7 +115,7 @@ def test_router_trains_balanced_and_evaluates_greedy(num_tokens, num_experts):
   train = apply(variables, x_TD, deterministic=False)
   _check_balanced_and_near_optimal(scores_TE, train.expert_TK[:, 0],
                                    train.metrics["auction_eps"])
-  assert train.capacity == num_tokens // num_experts
+  assert train.slots.per_expert == num_tokens // num_experts
   score_T = scores_TE[np.arange(num_tokens), np.asarray(train.expert_TK[:, 0])]
   np.testing.assert_allclose(train.weight_TK[:, 0], jax.nn.sigmoid(score_T),
                              rtol=1e-6)
@@ -123,7 +123,7 @@ def test_router_trains_balanced_and_evaluates_greedy(num_tokens, num_experts):
   evaluation = apply(variables, x_TD)
   np.testing.assert_array_equal(evaluation.expert_TK[:, 0],
                                 scores_TE.argmax(axis=1))
-  assert evaluation.capacity is None
+  assert evaluation.slots.per_expert is None
 
 
 def test_gradient_reaches_expert_embeddings_through_the_gate():
@@ -155,7 +155,7 @@ def test_unbalanced_token_count_errors_or_pads():
   np.testing.assert_array_equal(np.bincount(expert_T[:8], minlength=4), [2] * 4)
   scores_TE = np.asarray(x_TD @ variables["params"]["expert_embeddings"].value.T)
   np.testing.assert_array_equal(expert_T[8:], scores_TE[8:].argmax(axis=1))
-  assert routing.capacity == 2 + 2
+  assert routing.slots.per_expert == 2 + 2
 
 
 def test_capacity_path_drops_nothing_in_training():

@@ -46,7 +46,7 @@ def test_selector_weights_by_hand():
 
 def test_slots_are_the_experts_heaviest_first_and_k_fixed():
   """K = E slots, every expert once, by descending weight; the first k are
-  `fixed_slots`; once the codes are binary no token uses a slot after them."""
+  dense (`Slots.dense`); once the codes are binary no token uses a slot after them."""
   num_experts, top_k = 8, 2
   router = make_router("dselect_k", num_experts=num_experts, top_k=top_k)
   x_TD = jax.random.normal(jax.random.key(0), (16, D))
@@ -64,7 +64,7 @@ def test_slots_are_the_experts_heaviest_first_and_k_fixed():
                                                  1.0, -1.0)}}
   for p in (params, binary):
     routing = router.apply({"params": p}, x_TD)
-    assert routing.fixed_slots == top_k and routing.sparse_slots
+    assert routing.slots.dense == top_k and routing.slots.sparse(num_experts)
     np.testing.assert_array_equal(np.sort(routing.expert_TK, axis=1),
                                   np.tile(np.arange(num_experts), (16, 1)))
     assert np.all(np.diff(np.asarray(routing.weight_TK), axis=1) <= 0)
@@ -92,7 +92,7 @@ def test_weights_sum_to_one_and_start_dense(num_experts, top_k):
   np.testing.assert_allclose(routing.weight_TK.sum(axis=-1), 1.0, rtol=1e-6)
   # Init keeps every S(z) in its cubic region: every expert is active.
   assert np.all(routing.mask_TK)
-  assert routing.capacity == 12
+  assert routing.slots.per_expert == 12
   np.testing.assert_allclose(
       routing.aux_loss, 1e-2 * routing.metrics["selector_entropy"], rtol=1e-6)
 

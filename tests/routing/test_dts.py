@@ -68,7 +68,7 @@ def test_softmax_combine_is_one_definition_in_training_and_evaluation():
   probs_TE = np.asarray(_probs(variables, x_TD))
   np.testing.assert_allclose(soft.weight_TK, probs_TE, rtol=1e-6)
   ev, _, _ = _route(True, 0)
-  assert ev.expert_TK.shape == (256, 1) and not ev.sparse_slots  # One slot.
+  assert ev.expert_TK.shape == (256, 1) and not ev.slots.sparse(1)  # One slot.
   np.testing.assert_array_equal(_expert_T(ev), probs_TE.argmax(-1))
   np.testing.assert_allclose(ev.weight_TK[:, 0], probs_TE.max(-1), rtol=1e-6)
 
@@ -118,8 +118,8 @@ def test_hard_phase_program_routes_as_the_e_slot_router(combine):
   for step in (10, 17):
     e_slot, variables, x_TD = _route(False, step, hard_step=10, combine=combine)
     one, _, _ = _route(False, step, combine=combine, **phases[1][1])
-    assert e_slot.sparse_slots and e_slot.expert_TK.shape == (256, 8)
-    assert not one.sparse_slots and one.expert_TK.shape == (256, 1)
+    assert e_slot.slots.sparse(8) and e_slot.expert_TK.shape == (256, 8)
+    assert not one.slots.sparse(1) and one.expert_TK.shape == (256, 1)
     np.testing.assert_array_equal(_expert_T(one), _expert_T(e_slot))
     np.testing.assert_array_equal(
         np.asarray(one.weight_TK)[:, 0],

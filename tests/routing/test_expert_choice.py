@@ -24,7 +24,7 @@ def test_every_expert_takes_exactly_capacity_tokens(top_k, capacity_factor):
   variables = jax.jit(router.init)(jax.random.key(1), x_TD)
   routing = jax.jit(router.apply)(variables, x_TD)
   capacity = math.ceil(capacity_factor * B * L * top_k / E)
-  assert routing.capacity == capacity
+  assert routing.slots.per_expert == capacity
   np.testing.assert_array_equal(routing.mask_TK.sum(axis=0), [capacity] * E)
   np.testing.assert_array_equal(routing.expert_TK,
                                 np.broadcast_to(np.arange(E), (B * L, E)))
