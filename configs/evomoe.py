@@ -19,8 +19,8 @@ expert (docs/fidelity.md). Softmax combine weights in training and evaluation,
 as the reference's default. Dropless dispatch, at the cost of the experts each
 token uses.
 
-Measured on a 2-core CPU: docs/fidelity.md (the README's Stages numbers predate
-this recipe).
+Measured in the router comparison (docs/fidelity.md, experiments/README.md);
+see docs/stages.md.
 """
 
 from moejax.train.presets import method_config
