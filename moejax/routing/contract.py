@@ -89,7 +89,7 @@ class Routing:
     metrics: float32[] diagnostics by name (e.g. `balance_loss`, `z_loss`,
       `entropy`), reported per layer under `router/`.
     slots: static; what of its [T, K] slots the routing can use (`Slots`),
-      so that the MoE layer allocates no more.
+      so that the MoE layer allocates no more (docs/moe_layer.md, "The seams").
   """
 
   expert_TK: jax.Array
