@@ -12,14 +12,14 @@ It writes `tests/train/golden.json`.
 """
 
 import json
-import os
 import pathlib
 import shutil
 import sys
 import tempfile
 
-if __name__ == "__main__":  # The tests' 8 simulated CPU devices (conftest.py).
-  import tests.conftest  # noqa: F401  pylint: disable=unused-import
+# Imported first: the tests' 8 simulated CPU devices (conftest.py), also when
+# run as a script.
+from tests.conftest import tiny_sizes  # noqa: I001
 
 from moejax.metrics.writers import read_metrics  # noqa: E402
 from moejax.train import parse, train_and_evaluate  # noqa: E402
@@ -39,15 +39,7 @@ def golden_config(method: str):
   """`method`'s preset at a tiny size: 2 blocks (MoE in block 1), D = 32,
   F = 64, sequences of 32 tokens, batch 8, one device, a metrics row every
   step."""
-  c = method_config(method, steps=STEPS)
-  c.model.num_layers = 2
-  c.model.d_model = 32
-  c.model.num_heads = 2
-  c.model.d_ff = 64
-  c.data.source = "embedded"
-  c.data.max_bytes = 150_000
-  c.data.vocab_size = 512
-  c.data.seq_len = 32
+  c = tiny_sizes(method_config(method, steps=STEPS))
   c.data.eval_batches = 1
   c.train.batch_size = 8
   c.train.log_every = 1
