@@ -27,8 +27,10 @@ def test_router_in_layer_forward_grad_and_aux_loss(name):
   x_BLD = jax.random.normal(key_x, (B, L, D))
   ids_BL = jax.random.randint(key_ids, (B, L), 0, V)
   step = {"step": jnp.int32(10)}  # Every router takes it; schedules read it.
-  # Both dispatch paths hold the same variables: initialise once.
-  layer = MoELayer(router, num_experts=E, d_ff=F)
+  # Both dispatch paths hold the same variables: initialise once (on a path
+  # the router supports: the layer rejects the others).
+  layer = MoELayer(router, num_experts=E, d_ff=F,
+                   dispatch=ROUTERS[name].dispatch_paths[0])
   init = jax.jit(functools.partial(layer.init, token_ids_BL=ids_BL))
   variables = nn.unbox(init({"params": key_init, "router": key_router}, x_BLD))
   params = variables.pop("params")
