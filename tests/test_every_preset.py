@@ -107,8 +107,9 @@ def check_preset(name: str, workdir: pathlib.Path) -> dict[str, float]:
   first, again = (sample(trained, PROMPT, max_new_tokens=NEW_TOKENS, seed=1,
                          decoder=decoder)[0] for _ in range(2))
   assert first == again  # Same seed, same text and experts.
-  assert len(first.tokens) == first.prompt_tokens + NEW_TOKENS or (
-      3 in first.tokens[first.prompt_tokens:])  # Stops at EOS.
+  # NEW_TOKENS after the prompt, fewer where one is EOS (the text stops there).
+  assert first.prompt_tokens <= len(first.tokens) <= (
+      first.prompt_tokens + NEW_TOKENS), first.tokens
   moe = trained.model_config.moe_layers
   assert sorted(first.experts) == sorted(f"layer_{i}" for i in moe)
   for layer, experts in first.experts.items():
