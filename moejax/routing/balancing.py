@@ -10,7 +10,8 @@ A policy is a `+`-joined list of at most one balance loss and, optionally,
   in Megatron-core, MaxText and the micro-batch loss of Qiu et al. 2025): the
   router sees the whole global batch, so the loss is computed on G contiguous
   groups of B/G sequences, G = `micro_batches`, or by default the number of
-  devices that split the batch (1 without a mesh).
+  devices that split the batch (1 without a mesh). Training needs B divisible
+  by G; outside training such a batch (decoding one sequence) is one group.
 - `sequence`: the same loss per sequence, averaged over sequences (DeepSeek-V3's
   sequence-wise loss, Megatron-core `seq_aux_loss`).
 - `global`: the same loss over the whole global batch: f_i counts every token of
@@ -26,7 +27,9 @@ A policy is a `+`-joined list of at most one balance loss and, optionally,
   checkpoints save it with the rest of the train state.
 - `none`: no balancing.
 
-f_i is the share of the used slots routed to expert i (no gradient), P_i the
+f_i is the share of the used slots routed to expert i (no gradient; a router
+may count other slots, e.g. the top-k router counts the unbiased top-k without
+group limits, as DeepSeek-V3's eq. 18 and Megatron-core), P_i the
 mean balance score of expert i (the softmax probabilities, or for sigmoid
 scores s_i / sum_j s_j as DeepSeek-V3 normalises them).
 """
@@ -65,14 +68,22 @@ def parse_policy(spec: str) -> BalancePolicy:
   return BalancePolicy(loss=chosen[0] if chosen else None, bias="bias" in parts)
 
 
-def loss_groups(loss: str, layout: TokenLayout, micro_batches: int = 0) -> int:
-  """G, the number of equal token groups the balance loss `loss` averages over."""
+def loss_groups(loss: str, layout: TokenLayout, micro_batches: int = 0, *,
+                training: bool = True) -> int:
+  """G, the number of equal token groups the balance loss `loss` averages over.
+
+  Micro-batches shape a training loss only: outside training (evaluation,
+  decoding one sequence) a batch they do not split is one group, so the loss
+  is still reported and the forward pass never fails on them.
+  """
   if loss == "global":
     return 1
   if loss == "sequence":
     return layout.batch
   groups = micro_batches or layout.shards
   if layout.batch % groups:
+    if not training:
+      return 1
     raise ConfigError(
         f"a batch of {layout.batch} sequences does not split into {groups} "
         "micro-batches for the aux balance loss; make the batch size a multiple "
@@ -120,7 +131,7 @@ class Balancing(nn.Module):
       `none`, or `bias+<loss>`).
     coef: weight alpha of the balance loss.
     micro_batches: micro-batches of the `aux` loss (0: one per device that
-      splits the batch).
+      splits the batch); read in training only (`loss_groups`).
     bias_rate: u, the bias update per step (`bias` policies).
     bias_recenter: subtract the mean of b after each update.
   """
@@ -146,9 +157,15 @@ class Balancing(nn.Module):
 
   def __call__(self, scores_TE: jax.Array, expert_TK: jax.Array,
                mask_TK: jax.Array, *, layout: TokenLayout | None,
-               training: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
+               training: bool, loss_expert_TK: jax.Array | None = None
+               ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """(weighted balance loss, metrics); in training with `router_state`
-    mutable, also steps the bias from this batch's expert counts."""
+    mutable, also steps the bias from this batch's expert counts.
+
+    The loss counts f_i over `loss_expert_TK` (every slot used) when given,
+    e.g. the top-k of the unbiased scores (DeepSeek-V3 eq. 18), else over the
+    routed `expert_TK`/`mask_TK`; the bias always steps from the routed slots.
+    """
     layout = layout or TokenLayout(batch=1, length=scores_TE.shape[0])
     # Init sees a one-sequence batch: any grouping is as good as another.
     if self.is_initializing():
@@ -156,8 +173,14 @@ class Balancing(nn.Module):
     loss = self._policy.loss
     # Without a loss the global value is still reported, for comparisons.
     groups = loss_groups(loss or "global", layout,
-                         0 if self.is_initializing() else self.micro_batches)
-    balance = grouped_balance_loss(scores_TE, expert_TK, mask_TK, groups)
+                         0 if self.is_initializing() else self.micro_batches,
+                         training=training)
+    if loss_expert_TK is None:
+      counted_TK, counted_mask_TK = expert_TK, mask_TK
+    else:
+      counted_TK = loss_expert_TK
+      counted_mask_TK = jnp.ones(loss_expert_TK.shape, jnp.bool_)
+    balance = grouped_balance_loss(scores_TE, counted_TK, counted_mask_TK, groups)
     metrics = {"balance_loss": balance}
     if self._policy.bias:
       bias_E = self.expert_bias.value
