@@ -24,6 +24,8 @@ class Corpus:
   # The text of every split, in bytes (for progress reports; None: unknown).
   total_bytes: Callable[[], int | None] = lambda: None
   check: Callable[[], None] | None = None  # Raises if the source changed.
+  # Every split's documents in one pass, as (split, document) (None: per split).
+  tagged: Callable[[], Iterator[tuple[str, Document]]] | None = None
 
 
 def corpus_key(*parts) -> str:

@@ -186,47 +186,51 @@ class ShardWriter:
     self.shard_rows.append(len(tokens))
 
 
-def _encode_groups(sp, docs: Iterable[Document], domain_ids: dict[str, int],
-                   progress: Progress | None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-  """(tokens int32[T], domains uint16[T]) of each group of documents, in order: the
-  EOS-joined stream of `encode_documents`, a bounded group at a time."""
+def _encode_groups(sp, items: Iterable[tuple[str, Document]],
+                   domain_ids: dict[str, int], progress: Progress | None
+                   ) -> Iterator[list[tuple[str, np.ndarray, np.ndarray]]]:
+  """Per group of (split, document) items, in order: (split, tokens int32[T],
+  domains uint16[T]) for each run of one split's documents, the EOS-joined stream
+  of `encode_documents`, a bounded group at a time."""
   cont = None
-  group: list[tuple[str, bool, bool, int]] = []  # (text, first, last, domain id)
+  group: list[tuple[str, str, bool, bool, int]] = []  # split, text, first, last, id
   size = 0
 
   def flush():
     nonlocal cont
-    firsts = [i for i, g in enumerate(group) if g[1]]
-    rest = [i for i, g in enumerate(group) if not g[1]]
     ids: list = [None] * len(group)
     threads = _threads()
-    for idx, model in ((firsts, sp), (rest, None)):
+    for first in (True, False):
+      idx = [i for i, g in enumerate(group) if g[2] == first]
       if not idx:
         continue
-      if model is None:
+      if not first:
         cont = cont or continuation_model(sp)
-        model = cont
-      for i, out in zip(idx, model.encode([group[i][0] for i in idx],
+      model = sp if first else cont
+      for i, out in zip(idx, model.encode([group[i][1] for i in idx],
                                           num_threads=threads)):
         ids[i] = out
-    tokens, domains = [], []
-    for (text, _, last, dom), piece_ids in zip(group, ids):
+    runs, tokens, domains = [], [], []
+    for k, ((split, text, _, last, dom), piece_ids) in enumerate(zip(group, ids)):
       if last:
         piece_ids.append(EOS_ID)
       tokens.append(np.asarray(piece_ids, np.int32))
       domains.append(np.full(len(piece_ids), dom, np.uint16))
       if progress is not None:
         progress.add(len(text.encode("utf-8")))
-    return np.concatenate(tokens), np.concatenate(domains)
+      if k + 1 == len(group) or group[k + 1][0] != split:
+        runs.append((split, np.concatenate(tokens), np.concatenate(domains)))
+        tokens, domains = [], []
+    return runs
 
-  for doc in docs:
+  for split, doc in items:
     dom = domain_ids.setdefault(doc.domain, len(domain_ids))
     if dom >= 1 << 16:
       raise DataError(f"the corpus has more than {1 << 16} domains; give text: "
                       "files fewer distinct stems")
     parts = pieces(doc.text)
     for j, part in enumerate(parts):
-      group.append((part, j == 0, j == len(parts) - 1, dom))
+      group.append((split, part, j == 0, j == len(parts) - 1, dom))
       size += len(part)
     if size >= GROUP_CHARS:
       yield flush()
@@ -337,12 +341,17 @@ def load_or_pack(train: Iterable[Document], validation: Iterable[Document], sp,
                  seq_len: int, *, corpus_key: str, cache_root: str | os.PathLike,
                  test: Iterable[Document] = (),
                  total_bytes: int | Callable[[], int | None] | None = None,
-                 check: Callable[[], None] | None = None) -> Packed:
+                 check: Callable[[], None] | None = None,
+                 tagged: Callable[[], Iterable[tuple[str, Document]]] | None = None
+                 ) -> Packed:
   """Packs every split with one domain numbering (train first), cached on disk.
 
-  The documents are read once per split, streamed; `total_bytes` (the text of all
-  splits) gives the progress report its ETA; `check()`, called before the cache
-  is marked complete, may raise (e.g. a corpus that changed meanwhile)."""
+  The documents are read once per split, streamed; or, with `tagged()` (every
+  split's documents in one pass, as (split, document), where every domain
+  appears in train before any other split), once in all. `total_bytes` (the
+  text of all splits) gives the progress report its ETA; `check()`, called
+  before the cache is marked complete, may raise (e.g. a corpus that changed
+  meanwhile)."""
   key = hashlib.sha256(f"{FORMAT}/{corpus_key}/{tokenizer_hash(sp)}/{seq_len}"
                        .encode()).hexdigest()[:16]
   cache = as_path(cache_root) / "packed" / key
@@ -354,7 +363,8 @@ def load_or_pack(train: Iterable[Document], validation: Iterable[Document], sp,
          else cache)  # Object stores: objects are written whole, marker last.
   try:
     tmp.mkdir(parents=True, exist_ok=True)
-    meta = _pack_into(tmp, (train, validation, test), sp, seq_len, total_bytes)
+    meta = _pack_into(tmp, (train, validation, test), sp, seq_len, total_bytes,
+                      tagged)
     if check is not None:
       check()
     (tmp / MARKER).write_text(json.dumps(meta))
@@ -379,26 +389,27 @@ def load_or_pack(train: Iterable[Document], validation: Iterable[Document], sp,
 
 
 def _pack_into(folder: epath.Path, splits: Sequence[Iterable[Document]], sp,
-               seq_len: int, total_bytes) -> dict:
+               seq_len: int, total_bytes, tagged) -> dict:
   """Writes every split's shards into `folder`; the marker's content."""
   domain_ids: dict[str, int] = {}
   progress = Progress(total_bytes() if callable(total_bytes) else total_bytes,
                       "packing")
-  meta = {"format": FORMAT, "seq_len": seq_len, "shards": {}}
-  counts = None
-  for split, docs in zip(SPLITS, splits):
-    writer = ShardWriter(folder, split, seq_len, sp.vocab_size(),
-                         count_tokens=split == "train")
-    for tokens_T, domains_T in _encode_groups(sp, docs, domain_ids, progress):
-      writer.add(tokens_T, domains_T)
+  writers = {split: ShardWriter(folder, split, seq_len, sp.vocab_size(),
+                                count_tokens=split == "train") for split in SPLITS}
+  if tagged is None:  # One pass per split, train first.
+    tagged = ((split, doc) for split, docs in zip(SPLITS, splits) for doc in docs)
+  else:
+    tagged = tagged()
+  for runs in _encode_groups(sp, tagged, domain_ids, progress):
+    for split, tokens_T, domains_T in runs:
+      writers[split].add(tokens_T, domains_T)
+  for writer in writers.values():
     writer.close()
-    meta["shards"][split] = writer.shard_rows
-    if split == "train":
-      counts = writer.counts
   progress.close()
-  meta["domains"] = list(domain_ids)
-  meta["token_counts"] = counts.tolist()
-  return meta
+  return {"format": FORMAT, "seq_len": seq_len,
+          "shards": {split: w.shard_rows for split, w in writers.items()},
+          "domains": list(domain_ids),
+          "token_counts": writers["train"].counts.tolist()}
 
 
 def window_batch(tokens_BxL1: np.ndarray, domains_BxL1: np.ndarray

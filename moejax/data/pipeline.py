@@ -169,7 +169,7 @@ def _load(cfg: DataConfig, workdir, batch_size: int, *, writer: bool) -> Dataset
                                   cfg.seq_len, corpus_key=corpus.key,
                                   cache_root=root, test=corpus.test,
                                   total_bytes=corpus.total_bytes,
-                                  check=corpus.check)
+                                  check=corpus.check, tagged=corpus.tagged)
   n_train, n_eval = len(packed.train), len(packed.validation)
   n_test = len(packed.test)
   L = cfg.seq_len  # pylint: disable=invalid-name

@@ -165,7 +165,8 @@ def carved_corpus(source: str, key: str, chunks_fn, cfg: DataConfig,
   carved = stream.Carved(chunks_fn, cfg.eval_fraction, cfg.test_fraction, check)
   return Corpus(source, key, carved.split("train"), carved.split("validation"),
                 carved.split("test") if cfg.test_fraction else (),
-                total_bytes=lambda: carved.total_bytes, check=unchanged)
+                total_bytes=lambda: carved.total_bytes, check=unchanged,
+                tagged=carved.tagged)
 
 
 def open_corpus(cfg: DataConfig, cache: str | os.PathLike) -> Corpus:

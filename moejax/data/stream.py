@@ -22,6 +22,8 @@ import re
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
+import numpy as np
+
 from moejax.data import documents as docs_lib
 from moejax.data.documents import Chunk, Document
 from moejax.errors import DataError
@@ -132,16 +134,43 @@ def _block_lines(block: bytes) -> list[bytes]:
           for line in block.decode("utf-8").splitlines(keepends=True)]
 
 
+def _line_ends(block: bytes) -> np.ndarray | None:
+  """Offsets just past each line of `block` (its end for a last line without a
+  line end), or None where lines end at more than "\n" (a slower path)."""
+  if b"\r" in block or _EXOTIC_BREAKS.search(block) is not None:
+    return None
+  ends = np.flatnonzero(np.frombuffer(block, np.uint8) == 10) + 1
+  if not block.endswith(b"\n"):
+    ends = np.append(ends, len(block))
+  return ends
+
+
 def _chunk_blocks(blocks: Iterable[bytes]) -> Iterator[str]:
-  """`documents.chunk_text` of the text the blocks join to, block by block."""
+  """`documents.chunk_text` of the text the blocks join to, block by block: a
+  chunk closes at the first line end at or past `CHUNK_BYTES` bytes."""
+  need = docs_lib.CHUNK_BYTES
   current, size = [], 0
   for block in blocks:
-    for line in _block_lines(block):
-      current.append(line)
-      size += len(line)
-      if size >= docs_lib.CHUNK_BYTES:
-        yield b"".join(current).decode("utf-8")
-        current, size = [], 0
+    ends = _line_ends(block)
+    if ends is None:
+      for line in _block_lines(block):
+        current.append(line)
+        size += len(line)
+        if size >= need:
+          yield b"".join(current).decode("utf-8")
+          current, size = [], 0
+      continue
+    pos = 0
+    while pos < len(block):
+      k = np.searchsorted(ends, pos + need - size)
+      if k == len(ends):  # The rest of the block does not close a chunk.
+        current.append(block[pos:])
+        size += len(block) - pos
+        break
+      end = int(ends[k])
+      current.append(block[pos:end])
+      yield b"".join(current).decode("utf-8")
+      current, size, pos = [], 0, end
   if current:
     yield b"".join(current).decode("utf-8")
 
@@ -331,6 +360,25 @@ class Carved:
       prev = c
     if prev is not None:
       yield Document("".join(run), prev.domain)
+
+
+  def tagged(self) -> Iterator[tuple[str, Document]]:
+    """Every split's documents in one pass: (split, document), each split's in
+    its order. A document ends where the next chunk goes elsewhere, as chunks of
+    a document are consecutive; a domain's chunk 0 is always train, so every
+    domain shows up in train first."""
+    n = self.counts.chunks
+    run: list[str] = []
+    prev, prev_split = None, None
+    for c in self._chunks_fn():
+      split = split_of(c.index, n[c.domain], self.eval_fraction, self.test_fraction)
+      if prev is not None and (split != prev_split or c.doc != prev.doc):
+        yield prev_split, Document("".join(run), prev.domain)
+        run = []
+      run.append(c.text)
+      prev, prev_split = c, split
+    if prev is not None:
+      yield prev_split, Document("".join(run), prev.domain)
 
 
 def file_stats(files: Sequence[pathlib.Path]) -> list[tuple[str, int, int]]:

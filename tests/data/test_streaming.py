@@ -51,6 +51,11 @@ def test_streamed_windows_equal_the_whole_corpus_path(text_config, corpus_dir,
   monkeypatch.setattr(packing, "PIECE_CHARS", 900)
   monkeypatch.setattr(packing, "GROUP_CHARS", 5000)
   monkeypatch.setattr(packing, "SHARD_TOKENS", 50 * 33 + 5)
+  # Line ends of every kind str.splitlines knows, in a file of their own.
+  text = (corpus_dir / "wrap.txt").read_text(encoding="utf-8")
+  (corpus_dir / "crlf.txt").write_text(
+      text.replace("\n", "\r\n", 300).replace("\n", "\u2028", 50)
+      .replace("\n", "\x0c", 20), encoding="utf-8", newline="")
   cfg = dataclasses.replace(text_config, max_bytes=max_bytes, test_fraction=0.2)
   _same_as_whole_corpus(cfg, sources.text_files([f"{corpus_dir}/*.txt"]), tmp_path)
 
