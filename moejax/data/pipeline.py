@@ -50,6 +50,7 @@ MIN_SEQ_LEN = 8
 class Datasets:
   """Training batches by index, fixed held-out batches, and what describes them."""
   train: grain.MapDataset  # ds.train[i]: batch i, endless.
+  train_sequences_stream: grain.MapDataset  # Sequence j of the shuffled stream.
   eval_batches: tuple[Batch, ...]  # In order; each of min(B, eval_sequences) rows.
   test_batches: tuple[Batch, ...]  # The same from the test split; () without one.
   tokenizer: spm.SentencePieceProcessor
@@ -64,6 +65,14 @@ class Datasets:
   batch_size: int
   source: str
   cache_dir: str
+
+  def train_rows(self, i: int, rows) -> Batch:
+    """Rows `rows` (positions, int[R]) of training batch i, read alone:
+    equal to `ds.train[i][k][rows]` for every key k."""
+    B = self.batch_size  # pylint: disable=invalid-name
+    items = [self.train_sequences_stream[i * B + int(r)] for r in rows]
+    return {k: np.stack([x[k] for x in items]) for k in ("inputs", "targets",
+                                                         "domains")}
 
   @property
   def steps_per_epoch(self) -> int:
@@ -190,10 +199,11 @@ def _load(cfg: DataConfig, workdir, batch_size: int, *, writer: bool) -> Dataset
     tokenizer.save_tokenizer(sp, workdir / tokenizer.TOKENIZER_FILE)
   sequences = packing.PackedSequences(packed.train)
   # Shuffle before repeat: each epoch is a new permutation (seed + epoch).
-  train = (grain.MapDataset.source(sequences).shuffle(seed=cfg.seed).repeat(None)
-           .batch(batch_size, drop_remainder=True))
+  stream = grain.MapDataset.source(sequences).shuffle(seed=cfg.seed).repeat(None)
+  train = stream.batch(batch_size, drop_remainder=True)
   return Datasets(
       train=train,
+      train_sequences_stream=stream,
       eval_batches=make_eval_batches(packed.validation, batch_size,
                                      cfg.eval_batches),
       test_batches=(make_eval_batches(packed.test, batch_size, cfg.eval_batches)

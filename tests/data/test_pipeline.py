@@ -204,3 +204,25 @@ def test_test_split_is_never_seen_by_training_or_validation(tmp_path):
                                      eval_fraction=0.25),
                         workdir=tmp_path / "plain", batch_size=B)
   assert plain.test_batches == () and plain.test_sequences == 0
+
+
+def test_train_rows_place_the_batch_each_process_holds(text_config, tmp_path):
+  import jax  # pylint: disable=g-import-not-at-top
+  from moejax.data.rows import place_rows, process_rows  # pylint: disable=g-import-not-at-top
+  from moejax.parallel import (MeshConfig, batch_sharding, make_mesh,  # pylint: disable=g-import-not-at-top
+                               shard_batch)
+  ds = load_datasets(text_config, workdir=tmp_path / "w", batch_size=8)
+  for i in (0, 7, ds.steps_per_epoch + 1):  # Across an epoch boundary too.
+    whole = ds.train[i]
+    rows = np.array([1, 4, 6])
+    part = ds.train_rows(i, rows)
+    for k in whole:
+      np.testing.assert_array_equal(part[k], whole[k][rows])
+  mesh = make_mesh(MeshConfig(data=2, expert=4), num_experts=4)
+  sharding = batch_sharding(mesh)
+  assert process_rows(8, sharding).tolist() == list(range(8))  # One process.
+  placed = place_rows(lambda r: ds.train_rows(3, r), 8, sharding)
+  want = shard_batch(ds.train[3], mesh)
+  for k in want:
+    assert placed[k].sharding == want[k].sharding
+    np.testing.assert_array_equal(jax.device_get(placed[k]), ds.train[3][k])
