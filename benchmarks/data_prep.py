@@ -26,7 +26,9 @@ import tempfile
 import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "data"
+SHARED = next((p for p in (REPO.parent / "shared" / "data",
+                           REPO.parents[1] / "shared" / "data") if p.is_dir()),
+              REPO.parent / "shared" / "data")
 
 _PREPARE = """
 import sys, time
@@ -45,6 +47,8 @@ def build_corpus(path: pathlib.Path, size: int, shared: pathlib.Path,
   lines = []
   for f in sorted(shared.glob("*.txt")):
     lines += f.read_bytes().splitlines(keepends=True)
+  if not lines:
+    raise SystemExit(f"no *.txt corpora under {shared}; pass --shared")
   rng = random.Random(seed)
   rng.shuffle(lines)
   block = b"".join(lines)
@@ -61,22 +65,47 @@ def build_corpus(path: pathlib.Path, size: int, shared: pathlib.Path,
   return written
 
 
-def raw_encode_mb_s(model: pathlib.Path, corpus: pathlib.Path,
-                    sample_bytes: int) -> float:
-  """SentencePiece's encode MB/s on `sample_bytes` of `corpus`, every core."""
-  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
-  sp = spm.SentencePieceProcessor(model_file=os.fspath(model))
+def _sample_docs(corpus: pathlib.Path, sample_bytes: int) -> tuple[list[str], int]:
+  """~50 KB documents (as the carve's runs are) from the start of `corpus`."""
   with open(corpus, "rb") as f:
     data = f.read(sample_bytes)
   data = data[:data.rfind(b"\n") + 1]
   lines = data.decode("utf-8").splitlines(keepends=True)
-  docs, step = [], 2000  # ~100 KB documents, as the packer's groups hold.
-  for i in range(0, len(lines), step):
-    docs.append("".join(lines[i:i + step]))
-  threads = len(os.sched_getaffinity(0))
+  step = 1000
+  return ["".join(lines[i:i + step]) for i in range(0, len(lines), step)], len(data)
+
+
+def raw_encode_mb_s(model: pathlib.Path, corpus: pathlib.Path,
+                    sample_bytes: int, threads: int | None = None) -> float:
+  """SentencePiece's encode MB/s on `sample_bytes` of `corpus` (every core)."""
+  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+  sp = spm.SentencePieceProcessor(model_file=os.fspath(model))
+  docs, size = _sample_docs(corpus, sample_bytes)
   t = time.perf_counter()
-  sp.encode(docs, num_threads=threads)
-  return len(data) / (time.perf_counter() - t) / 1e6
+  sp.encode(docs, num_threads=threads or len(os.sched_getaffinity(0)))
+  return size / (time.perf_counter() - t) / 1e6
+
+
+def _encode_part(args) -> int:
+  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+  model, docs = args
+  sp = spm.SentencePieceProcessor(model_file=model)
+  return sum(len(x) for x in sp.encode(docs, num_threads=1))
+
+
+def pool_encode_mb_s(model: pathlib.Path, corpus: pathlib.Path,
+                     sample_bytes: int) -> float:
+  """The same encode over a process pool, one process per core (each one
+  thread), the documents split in contiguous parts; start-up not counted."""
+  import multiprocessing  # pylint: disable=g-import-not-at-top
+  docs, size = _sample_docs(corpus, sample_bytes)
+  cores = len(os.sched_getaffinity(0))
+  parts = [docs[i::cores] for i in range(cores)]
+  with multiprocessing.get_context("spawn").Pool(cores) as pool:
+    pool.map(_encode_part, [(os.fspath(model), ["warm up"])] * cores)
+    t = time.perf_counter()
+    pool.map(_encode_part, [(os.fspath(model), p) for p in parts])
+    return size / (time.perf_counter() - t) / 1e6
 
 
 def prepare(corpus: pathlib.Path, tmp: pathlib.Path, vocab: int, seq_len: int):
@@ -107,7 +136,12 @@ def main():
   p.add_argument("--vocab", type=int, default=1024)
   p.add_argument("--seq-len", type=int, default=128)
   p.add_argument("--encode-sample-mb", type=float, default=32.0)
+  p.add_argument("--compare-encoders", action="store_true",
+                 help="only time SentencePiece threads against a process pool")
   args = p.parse_args()
+  if args.compare_encoders:
+    compare_encoders(args)
+    return
   cores = len(os.sched_getaffinity(0))
   print(f"| corpus | train tokens | wall | prep MB/s | raw encode MB/s ({cores} "
         "cores) | prep / raw | peak RSS |")
@@ -128,6 +162,28 @@ def main():
       print(json.dumps(row), file=sys.stderr, flush=True)
     finally:
       shutil.rmtree(tmp, ignore_errors=True)
+
+
+def compare_encoders(args) -> None:
+  """One thread, SentencePiece threads on every core, a process pool: MB/s."""
+  tmp = pathlib.Path(tempfile.mkdtemp(prefix="moejax-encode-", dir=args.tmp))
+  try:
+    corpus = tmp / "big.txt"
+    build_corpus(corpus, int(args.encode_sample_mb * 1e6) + 8_000_000,
+                 pathlib.Path(args.shared))
+    small = tmp / "small.txt"
+    build_corpus(small, 8_000_000, pathlib.Path(args.shared), seed=1)
+    _, _, _, model = prepare(small, tmp, args.vocab, args.seq_len)
+    sample = int(args.encode_sample_mb * 1e6)
+    for _ in range(2):  # Alternated twice: the machine's load drifts.
+      one = raw_encode_mb_s(model, corpus, sample, threads=1)
+      threads = raw_encode_mb_s(model, corpus, sample)
+      pool = pool_encode_mb_s(model, corpus, sample)
+      print(f"encode MB/s: 1 thread {one:.2f}, SentencePiece threads "
+            f"{threads:.2f}, process pool {pool:.2f} "
+            f"({len(os.sched_getaffinity(0))} cores)", flush=True)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
