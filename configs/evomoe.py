@@ -12,7 +12,7 @@ As the reference code: softmax combine weights in training and evaluation, its
 balance loss E^2 mean_i(me_i ce_i) with weight 1.0 averaged over the MoE
 layers. Dropless dispatch, at the cost of the experts each token uses.
 
-Measured on a 2-core CPU: README, Stages.
+Measured in the router comparison (experiments/README.md); see docs/stages.md.
 """
 
 from moejax.train.presets import method_config

@@ -3,7 +3,7 @@ and 3, 8 experts, equal active FLOPs (see moejax/train/presets.py).
 
   moejax-train --config configs/router_hash.py --workdir /tmp/moejax-router-hash
 
-Results of the whole comparison: README, "Reproduce the paper comparisons".
+Results of the whole comparison: experiments/README.md.
 """
 
 from moejax.train.presets import method_config

@@ -11,7 +11,7 @@ the 4-block decoder, as the paper places it, at the reference code's capacity
 factor 2 (the frozen router cannot rebalance in stage 1). Probes every 20 steps record each
 held-out probe token's expert; `fluctuation.json`/`.png` show when tokens settle.
 
-Measured on a 2-core CPU (README, Stages): routing fluctuation exactly 0 in
+Measured on a 2-core CPU: routing fluctuation exactly 0 in
 stage 1; eval perplexity 122.7 at the stage boundary (step 120), 37.0 at step 600.
 """
 

@@ -9,7 +9,7 @@ Without an argument: stage 0 `dense` (half the steps) then stage 1 `upcycled`
 (transform `upcycle`: every expert an exact copy of the FFN, Adam moments
 replicated). With a dense workdir as argument: one stage that starts from that
 run's last checkpoint (`train.init_from`; the tokenizer is copied from it).
-Measured on a 2-core CPU: README, Stages.
+Measured in the router comparison (experiments/README.md); see docs/stages.md.
 """
 
 from moejax.train.presets import method_config

@@ -1,38 +1,11 @@
 """Slot budgets: a MoE layer pays for the routing slots a batch uses, not for all K.
 
+The design (the budget ladders, fixed slots, exactness, the compile-time
+price) is in docs/moe_layer.md, "Slot budgets"; this module implements it.
+
 Shapes: T tokens, S tokens of one device (S = T without a mesh), D model
 width, F hidden width, E experts, K slots per token, C capacity of one expert
 for one device's tokens.
-
-Routers with a variable number of experts per token (the DTS gate, DSelect-k,
-expert choice, ReLU gates) emit K = E slots and a mask, and set
-`Routing.sparse_slots`. Paying for all K slots makes their step E times the
-cost of their sparsity. Instead, dispatch -> experts -> combine is compiled at
-a few static sizes, for k = 1, 1.125, 1.25, 2, 4, ... slots per token up to
-K, and `jax.lax.switch` runs the smallest one that holds what the batch uses:
-
-- dropless: sorted rows per device, S * k; a batch needs the most used slots
-  of any device;
-- capacity: buffer rows per expert per device, ceil(C * k / K); a batch needs
-  min(C, the largest load of any expert on any device).
-
-A router whose first slots are used by (nearly) every token sets
-`Routing.fixed_slots` (DSelect-k: its k heaviest experts). On the dropless
-path, which drops nothing, the layer's output is then the sum of two
-independent programs: the fixed slots at their static size S * f, outside any
-conditional, and the other K - f slots through the switch over budgets of
-0, 1/32, 1/4, 1, 2, ... slots per token (`tail_ladder`), whose size 0 returns
-zeros. So once a router is as sparse as its fixed slots it pays one static
-program and an empty branch, and the few tokens not yet there cost a small
-budget, not a switch that holds the whole layer.
-
-Exact by construction: a size that holds every used (capacity: every kept)
-slot computes the same sums as the K-slot program, so values and gradients
-are equal (tested against the K-slot program and the naive loop, on both paths
-and expert-parallel). Shapes stay static; only the taken branch runs, forward
-and backward (its forward twice: the backward pass recomputes it rather than
-store every branch's residuals, see `_switch_remat`). Every size is compiled,
-so compile time grows with the number of sizes (at most log2(K) + 3).
 """
 
 import functools
@@ -54,9 +27,7 @@ def slot_ladder(top_k: int) -> tuple[float, ...]:
   """Slots per token of the budgets: 1, 1.125, 1.25, then powers of 2 below
   K, then K.
 
-  1.125 and 1.25 are for routers that hover about one expert per token (ReMoE
-  at its target sparsity: 0.96-1.12 per layer in the routers benchmark):
-  without them a batch just over one slot per token would pay for two.
+  Why these steps: docs/moe_layer.md, "Slot budgets".
   """
   steps = {1.0, 1.125, 1.25} | {float(2**i)
                                 for i in range(1, max(1, top_k).bit_length())}
@@ -67,8 +38,7 @@ def tail_ladder(top_k: int) -> tuple[float, ...]:
   """Slots per token of the budgets for the slots after `Routing.fixed_slots`:
   0, 1/32, 1/4, then powers of 2 below K, then K (K: the slots after them).
 
-  0 costs nothing (the batch uses the fixed slots only); 1/32 and 1/4 are for
-  a few tokens whose extra experts are not yet switched off.
+  Why these steps: docs/moe_layer.md, "Fixed slots stay outside the switch".
   """
   steps = {0.0, 1 / 32, 0.25} | {float(2**i) for i in range(top_k.bit_length())}
   return tuple(sorted(f for f in steps | {float(top_k)} if f <= top_k))

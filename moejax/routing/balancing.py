@@ -10,7 +10,8 @@ A policy is a `+`-joined list of at most one balance loss and, optionally,
   in Megatron-core, MaxText and the micro-batch loss of Qiu et al. 2025): the
   router sees the whole global batch, so the loss is computed on G contiguous
   groups of B/G sequences, G = `micro_batches`, or by default the number of
-  devices that split the batch (1 without a mesh).
+  devices that split the batch (1 without a mesh). Training needs B divisible
+  by G; outside training such a batch (decoding one sequence) is one group.
 - `sequence`: the same loss per sequence, averaged over sequences (DeepSeek-V3's
   sequence-wise loss, Megatron-core `seq_aux_loss`).
 - `global`: the same loss over the whole global batch: f_i counts every token of
@@ -65,14 +66,22 @@ def parse_policy(spec: str) -> BalancePolicy:
   return BalancePolicy(loss=chosen[0] if chosen else None, bias="bias" in parts)
 
 
-def loss_groups(loss: str, layout: TokenLayout, micro_batches: int = 0) -> int:
-  """G, the number of equal token groups the balance loss `loss` averages over."""
+def loss_groups(loss: str, layout: TokenLayout, micro_batches: int = 0, *,
+                training: bool = True) -> int:
+  """G, the number of equal token groups the balance loss `loss` averages over.
+
+  Micro-batches shape a training loss only: outside training (evaluation,
+  decoding one sequence) a batch they do not split is one group, so the loss
+  is still reported and the forward pass never fails on them.
+  """
   if loss == "global":
     return 1
   if loss == "sequence":
     return layout.batch
   groups = micro_batches or layout.shards
   if layout.batch % groups:
+    if not training:
+      return 1
     raise ConfigError(
         f"a batch of {layout.batch} sequences does not split into {groups} "
         "micro-batches for the aux balance loss; make the batch size a multiple "
@@ -120,7 +129,7 @@ class Balancing(nn.Module):
       `none`, or `bias+<loss>`).
     coef: weight alpha of the balance loss.
     micro_batches: micro-batches of the `aux` loss (0: one per device that
-      splits the batch).
+      splits the batch); read in training only (`loss_groups`).
     bias_rate: u, the bias update per step (`bias` policies).
     bias_recenter: subtract the mean of b after each update.
   """
@@ -156,7 +165,8 @@ class Balancing(nn.Module):
     loss = self._policy.loss
     # Without a loss the global value is still reported, for comparisons.
     groups = loss_groups(loss or "global", layout,
-                         0 if self.is_initializing() else self.micro_batches)
+                         0 if self.is_initializing() else self.micro_batches,
+                         training=training)
     balance = grouped_balance_loss(scores_TE, expert_TK, mask_TK, groups)
     metrics = {"balance_loss": balance}
     if self._policy.bias:

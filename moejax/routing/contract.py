@@ -68,12 +68,11 @@ class Routing:
     sparse_slots: static; True when a token uses a variable number of its K
       slots, most of them unused (K = E slots with a mask: DTS, DSelect-k,
       expert choice). The MoE layer then pays only for the slots the batch
-      uses, exactly (`moejax.moe.budgets`).
+      uses (docs/moe_layer.md, "Slot budgets").
     fixed_slots: static; with `sparse_slots`, the number of leading slots that
       (nearly) every token uses, e.g. DSelect-k's k best experts once its
-      codes are binary. The dropless path computes them at a static size,
-      outside the run-time budget switch, which then covers only the slots
-      after them (and costs nothing when none of those is used).
+      codes are binary (docs/moe_layer.md, "Fixed slots stay outside the
+      switch").
   """
 
   expert_TK: jax.Array

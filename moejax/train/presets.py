@@ -10,7 +10,7 @@ phase, DSelect-k's early phase and ReMoE's dense start use several experts per
 token, as in their papers; their dropless path runs the platform's grouped
 matmul (`model.matmul=auto`), and they pay for the slots a batch uses
 (`moejax.moe.budgets`). StableMoE and EvoMoE follow the reference code's
-settings (README, Fidelity to the reference code).
+settings (docs/fidelity.md).
 
 The Switch-form aux loss of `switch` and `topk` is per micro-batch, with
 MICRO_BATCHES micro-batches (4 of 4 sequences at batch 16, as on 4

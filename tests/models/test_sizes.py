@@ -1,4 +1,4 @@
-"""Size presets: what they set, what wins over them, and the README's counts."""
+"""Size presets: what they set, what wins over them, and the documented counts."""
 
 import dataclasses
 import pathlib
@@ -10,7 +10,7 @@ from moejax.errors import ConfigError
 from moejax.models.sizes import SIZES, param_counts
 from moejax.train import default_config, parse
 
-README = pathlib.Path(__file__).resolve().parents[2] / "README.md"
+CONFIGS_DOC = pathlib.Path(__file__).resolve().parents[2] / "docs" / "configs.md"
 
 
 def _model(**keys):
@@ -45,9 +45,9 @@ def test_param_counts_by_hand():
   assert param_counts(dense) == (172_352, 172_352)
 
 
-def test_readme_table_is_true():
+def test_documented_table_is_true():
   rows = [r for r in re.findall(r"^\| `(\w+)`[^|]*\|" + r"([^|]*)\|" * 7,
-                                README.read_text(), flags=re.M) if r[0] in SIZES]
+                                CONFIGS_DOC.read_text(), flags=re.M) if r[0] in SIZES]
   assert [r[0] for r in rows] == list(SIZES)
   for size, *cells in rows:
     numbers = [int(c.strip().replace(",", "")) for c in cells]

@@ -1,4 +1,4 @@
-"""Two processes of four CPU devices each, launched as the README launches them.
+"""Two processes of four CPU devices each, launched as docs/running.md launches them.
 
 Every run here is the real CLI in real subprocesses joined by jax.distributed
 over localhost (gloo collectives), each with a hard timeout. Checked: a fresh
@@ -22,15 +22,15 @@ from tests.multihost import launch
 from tests.multihost.runs import (STABLEMOE, TINY, assert_process0_writes_workdir,
                                   assert_same_run, cli_args, reference)
 from tests.data.corpora import write_corpus
-from tests.test_readme import README
+from tests.test_readme import DOCS
 
 pytestmark = pytest.mark.multihost
 TIMEOUT = 420  # Seconds per launch: compiling on a shared 2-core CI machine.
 
 
 def readme_pod_command() -> tuple[str, list[str]]:
-  """(config, flags) of the README's localhost two-process launch."""
-  text = README.read_text()
+  """(config, flags) of the documented localhost two-process launch."""
+  text = (DOCS / "running.md").read_text()
   section = text[text.index("## Run on a TPU pod or a multi-GPU host"):]
   block = re.search(r"```bash\n(.*?)```", section[section.index(
       "Two processes"):], flags=re.S)[1]

@@ -59,9 +59,16 @@ def test_balance_losses_by_hand(options, layout, expected):
   np.testing.assert_allclose(routing.aux_loss, 0.1 * expected, rtol=1e-6)
 
 
-def test_micro_batches_must_divide_the_batch():
+def test_micro_batches_must_divide_the_batch_in_training_only():
   with pytest.raises(ConfigError, match="2 sequences does not split into 3"):
-    _route({"micro_batches": 3})
+    _route({"micro_batches": 3}, deterministic=False)
+  # Evaluation and decoding only report the loss: one group, the global value.
+  routing = _route({"micro_batches": 3, "aux_loss_coef": 0.1})
+  np.testing.assert_allclose(routing.metrics["balance_loss"], 1.125, rtol=1e-6)
+  np.testing.assert_allclose(routing.aux_loss, 0.1125, rtol=1e-6)
+  # A batch they split keeps the micro-batch value outside training too.
+  routing = _route({"micro_batches": 2})
+  np.testing.assert_allclose(routing.metrics["balance_loss"], 1.25, rtol=1e-6)
 
 
 def test_no_loss_policies_add_nothing_but_report_the_global_value():
