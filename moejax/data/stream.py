@@ -8,7 +8,8 @@ Memory is bounded by a block (`BLOCK_BYTES`) and a run of chunks, not by the cor
   records, read lazily);
 - `Carved` runs the chunk-stride carve over such a stream: a first pass counts each
   domain's chunks (what the rule needs to know), then each split is a re-iterable of
-  the same documents `documents.carve_splits` gives, in the same order.
+  the same documents `documents.carve_splits` gives, in the same order
+  (`tagged()`: every split's documents in one pass).
 
 Bad bytes (`data.bad_input`): `"error"` (the default) stops at the first NUL or
 non-UTF-8 byte with one line naming the file and byte offset; `"skip"` drops every
@@ -299,12 +300,6 @@ class SplitDocuments(Iterable[Document]):
   def __iter__(self) -> Iterator[Document]:
     return self._carved.documents(self.split)
 
-  def __bool__(self) -> bool:
-    return self._carved.has(self.split)
-
-  def size_bytes(self) -> int:
-    return self._carved.total_bytes
-
 
 class Carved:
   """A chunk stream carved into train, validation and test documents, lazily.
@@ -332,13 +327,6 @@ class Carved:
   @property
   def total_bytes(self) -> int:
     return self.counts.total_bytes
-
-  def has(self, split: str) -> bool:
-    """Whether any chunk goes to `split` (from the counts alone)."""
-    if split == "train":
-      return bool(self.counts.chunks)
-    return any(held_out(n, self.eval_fraction, self.test_fraction)[split]
-               for n in self.counts.chunks.values())
 
   def split(self, split: str) -> SplitDocuments:
     return SplitDocuments(self, split)
