@@ -6,13 +6,21 @@ Stage 0 `dense` (25% of the steps): every FFN is dense. Stage 1 `dts`: transform
 `diversify` replicates each FFN of blocks 1 and 3 into 8 experts, each with an
 independent Bernoulli mask zeroing 20% of its weights (Adam moments replicated
 unmasked), then the Dense-to-Sparse gate routes: Gumbel-softmax with temperature
-annealed exponentially from 1.0 to 0.5 over 300 steps, every expert above 0.001
+annealed linearly from 1.0 to 0.1 over 300 steps, every expert above 0.001
 used, hard sampled top-1 from stage step 360; evaluation is deterministic top-1.
-As the reference code: softmax combine weights in training and evaluation, its
-balance loss E^2 mean_i(me_i ce_i) with weight 1.0 averaged over the MoE
-layers. Dropless dispatch, at the cost of the experts each token uses.
+The authors' published balanced command, not fairseq's class defaults: the
+gate's balance loss E^2 mean_i(me_i ce_i) weighs 0.01 per MoE layer, summed
+(`--moe-gate-loss-wt 0.01 --moe-gate-loss-combine-method sum`; set
+`model.router_options.aux_loss_coef=0` for their unbalanced command), the
+temperature decays linearly (`--gumbel-decay-scheduler Linear`). tau_min 0.1
+instead of the code's default 0.5, which leaves 6.4 of 8 experts per token
+above the threshold: with 0.1 the soft phase goes from dense to about one
+expert (docs/fidelity.md). Softmax combine weights in training and evaluation,
+as the reference's default. Dropless dispatch, at the cost of the experts each
+token uses.
 
-Measured in the router comparison (experiments/README.md); see docs/stages.md.
+Measured in the router comparison (docs/fidelity.md, experiments/README.md);
+see docs/stages.md.
 """
 
 from moejax.train.presets import method_config

@@ -141,6 +141,49 @@ def results_tables(results: Sequence[MethodResult], target: float | None) -> str
                               cost_rows)])
 
 
+def stage_table(results: Sequence[MethodResult]) -> str:
+  """Per stage of the multi-stage methods: load CV and router entropy over the
+  stage's last 10% of steps, StableMoE's distilled-router agreement, EvoMoE's
+  experts per token over its soft phase ("" when no method has stages)."""
+  rows = []
+  for m in results:
+    staged = [r for r in m.runs if r.stages]
+    if not staged:
+      continue
+    for i, stage in enumerate(staged[0].stages):
+      at = lambda key: spread(getattr(r.stages[i], key) for r in staged  # noqa: E731
+                              if len(r.stages) > i)
+      entropy = spread(
+          None if r.stages[i].entropy is None or not r.num_experts
+          else r.stages[i].entropy / math.log(max(r.num_experts, 2))
+          for r in staged if len(r.stages) > i)
+      first, last = at("experts_per_token_first"), at("experts_per_token_last")
+      rows.append([
+          m.method, f"{i} {stage.name} ({stage.start}-{stage.end})",
+          stats.fmt(at("load_cv"), ".3f"), stats.fmt(entropy, ".3f"),
+          _pct(at("distill_agreement")),
+          "-" if first is None else f"{first.format('.2f')} -> "
+          f"{stats.fmt(last, '.2f')}"])
+  if not rows:
+    return ""
+  return ("\n**Stages**\n\n" + _table(
+      ["method", "stage (steps)", f"load CV, last {TAIL:.0%}",
+       f"router entropy / log E, last {TAIL:.0%}",
+       f"distilled router = stage-1 assignment (%), last {TAIL:.0%}",
+       "experts per token, soft phase (first -> last 10%)"], rows) + """
+
+- **distilled router = stage-1 assignment**: StableMoE's share of training
+  tokens whose expert under the distilled token-id router equals the greedy
+  centroid assignment argmax_i e_i . h (the stage-1 rule): at the end of stage
+  1, how well distillation reproduces the assignment it was trained on; in
+  stage 2, how far the frozen routing is from what the trained centroids
+  would choose now.
+- **experts per token, soft phase**: EvoMoE's DTS gate, tokens' mean number of
+  experts above the threshold over the first and the last 10% of the stage's
+  steps before `hard_step`.
+""")
+
+
 def paper_claims(results: Sequence[MethodResult]) -> str:
   """The papers' claims that this comparison can test, each with its numbers
   and a verdict by the spread rule."""
@@ -197,7 +240,7 @@ def _evomoe_claim(evo: MethodResult, switch: MethodResult) -> tuple:
   """EvoMoE's tokens to reach Switch's final valid PPL, as a share of Switch's
   tokens, per seed (the same seed's Switch run)."""
   switch_by_seed = {r.seed: r for r in switch.runs}
-  ratios, missed = [], []
+  ratios, missed, evo_m, switch_m = [], [], [], []
   for r in evo.runs:
     sw = switch_by_seed.get(r.seed)
     if sw is None or sw.final_ppl is None:
@@ -206,10 +249,15 @@ def _evomoe_claim(evo: MethodResult, switch: MethodResult) -> tuple:
     if evo_tokens is None:
       missed.append(r.seed)
     else:
-      ratios.append(evo_tokens / (sw.tokens_to_reach(sw.final_ppl) or 1))
+      switch_tokens = sw.tokens_to_reach(sw.final_ppl) or 1
+      ratios.append(evo_tokens / switch_tokens)
+      evo_m.append(evo_tokens / 1e6)
+      switch_m.append(switch_tokens / 1e6)
   ratio = spread(ratios)
-  here = ("never reached" if ratio is None else f"{ratio.format('.2f')}x Switch's "
-          "tokens") + (f"; not reached at seed(s) {missed}" if missed else "")
+  here = ("never reached" if ratio is None else
+          f"{ratio.format('.2f')}x Switch's tokens ({spread(evo_m).format('.2f')}M "
+          f"vs {spread(switch_m).format('.2f')}M)") + (
+              f"; not reached at seed(s) {missed}" if missed else "")
   if missed:
     verdict = stats.CONTRADICTED
   elif ratio is None:
@@ -253,7 +301,7 @@ one seed). Target PPL for "tokens to valid PPL <= target": **{target_text}**,
 {rule}.
 
 {results_tables(results, target)}
-
+{stage_table(results)}
 - **valid PPL / test PPL**: perplexity at the last step on the validation split
   (which any tuning selected on) and on the test split (which neither training
   nor selection saw). At seed s every method saw the same batches in the same

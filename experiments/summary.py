@@ -27,6 +27,25 @@ SETTLE_AT = 0.2  # "Changed expert after 20% of training", as in StableMoE.
 
 
 @dataclasses.dataclass
+class StageSummary:
+  """One stage of a run: router health over its first and last 10% of steps
+  (None where the stage logged no such metric, e.g. a dense stage)."""
+
+  name: str
+  start: int  # First step after the stage's start (steps start..end].
+  end: int
+  load_cv: float | None  # Last 10% of the stage.
+  entropy: float | None  # Nats, last 10%.
+  # StableMoE: share of training tokens whose distilled-router expert equals
+  # the greedy centroid assignment (the stage-1 rule), last 10% of the stage.
+  distill_agreement: float | None
+  # EvoMoE's DTS gate: experts per token over the first 10% and the last 10%
+  # of the stage's soft phase (up to its `hard_step`, else the whole stage).
+  experts_per_token_first: float | None
+  experts_per_token_last: float | None
+
+
+@dataclasses.dataclass
 class RunSummary:
   """One method's numbers; None where the method has no such quantity (dense)."""
 
@@ -58,6 +77,7 @@ class RunSummary:
   test_ppl: float | None = None  # On the test split (None: not evaluated).
   step_s: float | None = None  # Median seconds per training step (logged).
   active_ffn_flops: int | None = None  # Forward, per token, the last stage.
+  stages: list[StageSummary] = dataclasses.field(default_factory=list)
 
   @property
   def final_ppl(self) -> float | None:
@@ -80,6 +100,39 @@ def _tail_mean(rows: list[dict], key: str, start: float) -> float | None:
   if not values:
     values = [float(r[key]) for r in rows if key in r][-1:]
   return float(np.mean(values)) if values else None
+
+
+def _window_mean(rows: list[dict], key: str, lo: float, hi: float
+                 ) -> float | None:
+  values = [float(r[key]) for r in rows if key in r and lo < r["step"] <= hi]
+  return float(np.mean(values)) if values else None
+
+
+def stage_summaries(rows: list[dict], stages: list[dict]) -> list[StageSummary]:
+  """Per stage of `config.json`'s `stages`, router health over the stage's
+  first and last TAIL of steps (the rows carry their `stage`)."""
+  ends, start = [], 0
+  for entry in stages:
+    ends.append((start, start + entry["steps"]))
+    start += entry["steps"]
+  out = []
+  for i, (lo, hi) in enumerate(ends):
+    own = [r for r in rows if r.get("stage", i) == i]
+    width = max(TAIL * (hi - lo), 1)
+    last = lambda key: _window_mean(own, key, hi - width, hi)  # noqa: E731
+    hard = dict(stages[i]["model"]["moe"]["router_options"]).get("hard_step")
+    soft_end = lo + hard if hard is not None and 0 < hard < hi - lo else hi
+    soft_width = max(TAIL * (soft_end - lo), 1)
+    out.append(StageSummary(
+        name=stages[i]["name"], start=lo, end=hi,
+        load_cv=last("router/load_cv"), entropy=last("router/entropy"),
+        distill_agreement=last("router/distill_agreement"),
+        experts_per_token_first=_window_mean(
+            own, "router/experts_per_token", lo, lo + soft_width),
+        experts_per_token_last=_window_mean(
+            own, "router/experts_per_token", soft_end - 1 - soft_width,
+            soft_end - 1)))  # The step at `hard_step` routes top-1.
+  return out
 
 
 def _tail_loads(workdir: pathlib.Path, start: float) -> dict[str, np.ndarray]:
@@ -210,7 +263,9 @@ def read_run(workdir: str | pathlib.Path, method: str, *,
       router_drift=_mean_over_layers(state["router_drift"]),
       test_ppl=(state.get("test") or {}).get("ppl"),
       step_s=median_step_seconds(rows, tokens_per_step),
-      active_ffn_flops=list(flops.values())[-1] if flops else None)
+      active_ffn_flops=list(flops.values())[-1] if flops else None,
+      stages=(stage_summaries(rows, config["stages"])
+              if len(config.get("stages") or []) > 1 else []))
 
 
 def fmt(value: float | None, spec: str = ".3f") -> str:

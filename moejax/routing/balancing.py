@@ -27,7 +27,9 @@ A policy is a `+`-joined list of at most one balance loss and, optionally,
   checkpoints save it with the rest of the train state.
 - `none`: no balancing.
 
-f_i is the share of the used slots routed to expert i (no gradient), P_i the
+f_i is the share of the used slots routed to expert i (no gradient; a router
+may count other slots, e.g. the top-k router counts the unbiased top-k without
+group limits, as DeepSeek-V3's eq. 18 and Megatron-core), P_i the
 mean balance score of expert i (the softmax probabilities, or for sigmoid
 scores s_i / sum_j s_j as DeepSeek-V3 normalises them).
 """
@@ -155,9 +157,15 @@ class Balancing(nn.Module):
 
   def __call__(self, scores_TE: jax.Array, expert_TK: jax.Array,
                mask_TK: jax.Array, *, layout: TokenLayout | None,
-               training: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
+               training: bool, loss_expert_TK: jax.Array | None = None
+               ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """(weighted balance loss, metrics); in training with `router_state`
-    mutable, also steps the bias from this batch's expert counts."""
+    mutable, also steps the bias from this batch's expert counts.
+
+    The loss counts f_i over `loss_expert_TK` (every slot used) when given,
+    e.g. the top-k of the unbiased scores (DeepSeek-V3 eq. 18), else over the
+    routed `expert_TK`/`mask_TK`; the bias always steps from the routed slots.
+    """
     layout = layout or TokenLayout(batch=1, length=scores_TE.shape[0])
     # Init sees a one-sequence batch: any grouping is as good as another.
     if self.is_initializing():
@@ -167,7 +175,12 @@ class Balancing(nn.Module):
     groups = loss_groups(loss or "global", layout,
                          0 if self.is_initializing() else self.micro_batches,
                          training=training)
-    balance = grouped_balance_loss(scores_TE, expert_TK, mask_TK, groups)
+    if loss_expert_TK is None:
+      counted_TK, counted_mask_TK = expert_TK, mask_TK
+    else:
+      counted_TK = loss_expert_TK
+      counted_mask_TK = jnp.ones(loss_expert_TK.shape, jnp.bool_)
+    balance = grouped_balance_loss(scores_TE, counted_TK, counted_mask_TK, groups)
     metrics = {"balance_loss": balance}
     if self._policy.bias:
       bias_E = self.expert_bias.value

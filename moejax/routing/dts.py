@@ -93,9 +93,11 @@ class DTSRouter(Router):
       above the threshold (0: all E, the reference); the soft phase's cost.
     balance: `reference` (E^2 mean_i me_i ce_i over the masked combine gates)
       or `switch` (E sum_i f_i P_i over the unmasked softmax).
-    aux_loss_coef: weight of the balance loss. The reference weighs it 1.0
-      averaged over MoE layers; moejax sums the layers' aux losses, so n MoE
-      layers match it with 1/n (the evomoe preset does).
+    aux_loss_coef: weight of the balance loss per MoE layer (moejax sums the
+      layers' aux losses). The authors' balanced script uses 0.01 per layer,
+      summed (`--moe-gate-loss-wt 0.01 --moe-gate-loss-combine-method sum`),
+      their other DTS scripts no gate loss (0); fairseq's class default 1.0
+      is used by none of their commands. The evomoe preset uses 0.01.
     z_loss_coef: weight of the router z-loss.
   """
 

@@ -18,18 +18,44 @@ from moejax.routing.contract import Router, Routing, TokenLayout, gate_logits
 SCORES = ("softmax", "sigmoid")
 
 
-def group_limited_mask(select_TE: jax.Array, num_groups: int,
-                       top_groups: int) -> jax.Array:
+# How a group of experts is scored for group-limited routing (`group_score`).
+GROUP_SCORES = ("paper", "v3_inference")
+
+
+def group_score_count(rule: str, *, top_k: int, top_groups: int,
+                      biased: bool) -> int:
+  """How many of a group's best selection scores its group score sums.
+
+  `paper`: the top floor(k / M) (M = `top_groups`): DeepSeek-V3's paper
+  (sec. 2.1.2, "the sum of the highest K_r/M affinity scores") and
+  Megatron-core's `group_limited_topk`. `v3_inference`: DeepSeek-V3's
+  inference Gate, the group's max without a bias (DeepSeek-V2's rule) and its
+  top-2 sum with one. Capped at the group's size by the caller.
+  """
+  if rule == "paper":
+    if top_k < top_groups:
+      raise ConfigError(f"group_score='paper' sums the top top_k // top_groups "
+                        f"scores of a group: needs top_k >= top_groups, got "
+                        f"top_k={top_k}, top_groups={top_groups}")
+    return top_k // top_groups
+  if rule == "v3_inference":
+    return 2 if biased else 1
+  raise ConfigError(f"router option group_score={rule!r}; choose one of "
+                    f"{', '.join(GROUP_SCORES)}")
+
+
+def group_limited_mask(select_TE: jax.Array, num_groups: int, top_groups: int,
+                       group_top: int = 2) -> jax.Array:
   """bool[T, E]: the experts of each token's `top_groups` best expert groups.
 
   Experts are split into G contiguous groups (e.g. one per device or node); a
-  group's score is the sum of its two highest selection scores (one if a group
-  has one expert), as in DeepSeek-V3's node-limited routing.
+  group's score is the sum of its `group_top` highest selection scores (at
+  most the group's size; `group_score_count` gives the references' rules).
   """
   num_tokens, num_experts = select_TE.shape
   per_group = num_experts // num_groups
   select_TGP = select_TE.reshape(num_tokens, num_groups, per_group)
-  best_TGP, _ = jax.lax.top_k(select_TGP, min(2, per_group))
+  best_TGP, _ = jax.lax.top_k(select_TGP, min(group_top, per_group))
   _, groups_TK = jax.lax.top_k(jnp.sum(best_TGP, axis=-1), top_groups)
   keep_TG = jnp.any(jax.nn.one_hot(groups_TK, num_groups, dtype=jnp.bool_), 1)
   return jnp.repeat(keep_TG, per_group, axis=1)
@@ -53,9 +79,15 @@ class TopKRouter(Router):
     routed_scaling: factor on the gates (DeepSeek-V3's routed scaling factor).
     num_groups: split the experts into this many groups for group-limited
       routing (0 or 1: off).
-    top_groups: groups each token may use (group-limited routing).
+    top_groups: groups each token may use (group-limited routing), M.
+    group_score: how a group is scored (`group_score_count`): `paper` (the
+      default; the sum of its top floor(k/M) scores, DeepSeek-V3's paper and
+      Megatron-core) or `v3_inference` (DeepSeek-V3's inference Gate: its max
+      without a bias, its top-2 sum with one).
     balance: balancing policy (`moejax.routing.balancing`): `aux`, `sequence`,
-      `global`, `bias`, `none`, or `bias+<loss>`.
+      `global`, `bias`, `none`, or `bias+<loss>`. The loss counts f_i from the
+      top-k of the unbiased scores without group limits, as DeepSeek-V3's eq.
+      18 and Megatron-core do; the bias steps from the slots actually routed.
     micro_batches: micro-batches of the `aux` loss (0: one per device that
       splits the batch).
     bias_rate: update per step of the `bias` policy's expert bias.
@@ -70,6 +102,7 @@ class TopKRouter(Router):
   routed_scaling: float = 1.0
   num_groups: int = 0
   top_groups: int = 0
+  group_score: str = "paper"
   balance: str = "aux"
   micro_batches: int = 0
   bias_rate: float = 1e-3
@@ -100,6 +133,8 @@ class TopKRouter(Router):
       if top_k > top * (num_experts // groups):
         raise ConfigError(f"top_k={top_k} exceeds the {top} groups x "
                           f"{num_experts // groups} experts a token may use")
+      group_score_count(options["group_score"], top_k=top_k, top_groups=top,
+                        biased=parse_policy(options["balance"]).bias)
 
   @nn.compact
   def __call__(self, x_TD: jax.Array, *, token_ids_T: jax.Array | None = None,
@@ -129,17 +164,23 @@ class TopKRouter(Router):
     # The bias only chooses experts: it never enters the gates or a gradient.
     select_TE = jax.lax.stop_gradient(scores_TE + balancing.selection_bias())
     if self.num_groups > 1:
+      group_top = group_score_count(
+          self.group_score, top_k=self.top_k, top_groups=self.top_groups,
+          biased=parse_policy(self.balance).bias)
       select_TE = jnp.where(
-          group_limited_mask(select_TE, self.num_groups, self.top_groups),
-          select_TE, -jnp.inf)
+          group_limited_mask(select_TE, self.num_groups, self.top_groups,
+                             group_top), select_TE, -jnp.inf)
     _, expert_TK = jax.lax.top_k(select_TE, self.top_k)
+    # f_i of the balance loss: the unbiased top-k without group limits.
+    _, unbiased_TK = jax.lax.top_k(jax.lax.stop_gradient(scores_TE), self.top_k)
     weight_TK = jnp.take_along_axis(scores_TE, expert_TK, axis=-1)
     if self.renormalize and self.top_k > 1:
       weight_TK = weight_TK / jnp.sum(weight_TK, axis=-1, keepdims=True)
     weight_TK = weight_TK * self.routed_scaling
     mask_TK = jnp.ones(expert_TK.shape, jnp.bool_)
     balance_loss, metrics = balancing(probs_TE, expert_TK, mask_TK,
-                                      layout=layout, training=not deterministic)
+                                      layout=layout, training=not deterministic,
+                                      loss_expert_TK=unbiased_TK)
     z_loss = losses.router_z_loss(logits_TE)
     return Routing(
         expert_TK=expert_TK.astype(jnp.int32),

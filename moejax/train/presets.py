@@ -10,7 +10,7 @@ phase, DSelect-k's early phase and ReMoE's dense start use several experts per
 token, as in their papers; their dropless path runs the platform's grouped
 matmul (`model.matmul=auto`), and they pay for the slots a batch uses
 (`moejax.moe.budgets`). StableMoE and EvoMoE follow the reference code's
-settings (docs/fidelity.md).
+settings, the authors' published commands (docs/fidelity.md).
 
 The Switch-form aux loss of `switch` and `topk` is per micro-batch, with
 MICRO_BATCHES micro-batches (4 of 4 sequences at batch 16, as on 4
@@ -21,13 +21,16 @@ global-batch loss) differs from `topk` on a single device too.
 import ml_collections
 
 from moejax.errors import ConfigError
-from moejax.models.config import resolve_moe_layers
 from moejax.train.config import default_config, stage_config
 
 ROUTERS = ("switch", "topk", "expert_choice", "base", "hash", "dselect_k")
 MODERN = ("deepseek", "qwen", "remoe")
 METHODS = ("dense",) + ROUTERS + ("stablemoe", "evomoe", "upcycle") + MODERN
 MICRO_BATCHES = 4
+# EvoMoE: the gate-loss weight of the authors' balanced script (per MoE layer)
+# and the final temperature that makes the soft phase sparse (docs/fidelity.md).
+EVOMOE_GATE_LOSS_WT = 0.01
+EVOMOE_TAU_MIN = 0.1
 
 
 def base_config(steps: int = 600) -> ml_collections.ConfigDict:
@@ -100,12 +103,17 @@ def method_config(method: str, steps: int = 600) -> ml_collections.ConfigDict:
                 stage_config("frozen", transform="freeze_distilled_router",
                              model={"router_options": {"stage": 2}})]
   elif method == "evomoe":
-    # The reference's gate: softmax combine weights, its balance loss with
-    # weight 1.0 averaged over the MoE layers (moejax sums them: 1 / layers).
-    _router(c, "dts", tau_max=1.0, tau_min=0.5, anneal_steps=steps // 2,
-            hard_step=int(steps * 0.6), combine="softmax", balance="reference",
-            aux_loss_coef=1.0 / len(resolve_moe_layers(c.model.moe_layers,
-                                                       c.model.num_layers)))
+    # The authors' published balanced command, not fairseq's class defaults:
+    # `--moe-gate-loss-wt 0.01 --moe-gate-loss-combine-method sum` (0.01 per
+    # MoE layer, summed as moejax sums them; 0 is their unbalanced command)
+    # and `--gumbel-decay-scheduler Linear`. tau_max 1.0 and threshold 1e-3
+    # are the code's defaults; tau_min 0.1 (the code's 0.5 leaves 6.4 of 8
+    # experts per token above the threshold, 0.1 about 1.8 for a uniform
+    # gate: docs/fidelity.md) makes the soft phase go from dense to sparse.
+    _router(c, "dts", tau_max=1.0, tau_min=EVOMOE_TAU_MIN, schedule="linear",
+            anneal_steps=steps // 2, hard_step=int(steps * 0.6),
+            combine="softmax", balance="reference",
+            aux_loss_coef=EVOMOE_GATE_LOSS_WT)
     c.model.dispatch = "dropless"
     c.model.matmul = "auto"
     c.stages = [stage_config("dense", fraction=0.25, model={"moe_layers": "none"}),

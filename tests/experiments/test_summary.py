@@ -1,12 +1,14 @@
 """The comparison's measures on hand-made inputs."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
 from experiments import report, stats
 from experiments.summary import (RunSummary, changed_after, domain_matrix,
                                  median_step_seconds,
-                                 normalized_mutual_information)
+                                 normalized_mutual_information, stage_summaries)
 
 
 def run(method, ppl, *, changed=None, steps=(100, 200), seed=0, test=None,
@@ -144,3 +146,38 @@ def test_step_seconds_are_the_median_over_logged_rows():
   rows = [{"perf/tokens_per_sec": 2000.0}, {"perf/tokens_per_sec": 0.0},
           {"perf/tokens_per_sec": 1000.0}, {"perf/tokens_per_sec": 500.0}, {}]
   assert median_step_seconds(rows, 1000) == 1.0  # Median of 0.5, 1, 2 s.
+
+
+def _stage(name, steps, **options):
+  return {"name": name, "steps": steps,
+          "model": {"moe": {"router_options": sorted(options.items())}}}
+
+
+def test_stage_summaries_read_each_stage_tail_and_the_soft_phase():
+  # StableMoE-like: stage 0 steps 1-20, stage 1 steps 21-100 (10%: 2 and 8
+  # steps); EvoMoE-like stage 2 (101-200) with hard_step 50: soft phase 101-150.
+  stages = [_stage("distill", 20), _stage("frozen", 80),
+            _stage("dts", 100, hard_step=50)]
+  rows = [{"step": s, "stage": 0, "router/load_cv": 0.1 * s,
+           "router/distill_agreement": 0.9} for s in range(1, 21)]
+  rows += [{"step": s, "stage": 1, "router/load_cv": 1.0,
+            "router/distill_agreement": 0.5 if s > 92 else 0.0}
+           for s in range(21, 101)]
+  rows += [{"step": s, "stage": 2, "router/experts_per_token":
+            8.0 if s <= 105 else (2.0 if s <= 149 else 1.0)}
+           for s in range(101, 201)]
+  rows.append({"step": 20, "stage": 0, "eval/ppl": 50.0})  # No router keys.
+  first, second, third = stage_summaries(rows, stages)
+  assert (first.name, first.start, first.end) == ("distill", 0, 20)
+  np.testing.assert_allclose(first.load_cv, (1.9 + 2.0) / 2)  # Steps 19, 20.
+  assert first.distill_agreement == 0.9 and first.experts_per_token_first is None
+  assert (second.load_cv, second.distill_agreement) == (1.0, 0.5)  # Steps 93-100.
+  # Soft phase: first 5 steps (101-105) and the 5 before hard_step (145-149).
+  assert (third.experts_per_token_first, third.experts_per_token_last) == (8.0, 2.0)
+  assert third.load_cv is None
+  table = report.stage_table(report.group([
+      dataclasses.replace(run("stablemoe", [40.0]), stages=[first, second],
+                          num_experts=8)]))
+  assert "| stablemoe | 0 distill (0-20) | 1.950 | - | 90.0 | - |" in table
+  assert "| stablemoe | 1 frozen (20-100) | 1.000 | - | 50.0 | - |" in table
+  assert report.stage_table(report.group([run("switch", [40.0])])) == ""

@@ -190,3 +190,84 @@ def test_losses_are_exact_on_an_8_device_mesh(balance, ref_options):
     per_device = [layer({"balance": "global"}).apply(variables, s)[1].aux_loss
                   for s in shards]
     np.testing.assert_allclose(l_mesh, np.mean(per_device), rtol=1e-5)
+
+
+def test_sequence_loss_counts_the_unbiased_top_k():
+  # b = [0, 0.6] routes every token to expert 1, but f_i of the sequence loss
+  # counts the top-1 of the unbiased scores (DeepSeek-V3 eq. 18, Megatron-core):
+  # sequences (e0, e0) and (e1, e0) -> 1.25 as without a bias (by hand above),
+  # not 2 * mean(P_1) over all-e1 sequences = 2 * (0.25 + 0.5) / 2 = 0.75.
+  options = {"balance": "bias+sequence", "aux_loss_coef": 1.0}
+  state = {ROUTER_STATE: {"balance": {"expert_bias": jnp.array([0.0, 0.6])}}}
+  biased = _route(options, state=state)
+  unbiased = _route({"balance": "sequence", "aux_loss_coef": 1.0})
+  np.testing.assert_array_equal(biased.expert_TK[:, 0], [1, 1, 1, 1])
+  np.testing.assert_array_equal(unbiased.expert_TK[:, 0], [0, 0, 1, 0])
+  np.testing.assert_allclose(biased.aux_loss, 1.25, rtol=1e-6)
+  np.testing.assert_allclose(unbiased.aux_loss, 1.25, rtol=1e-6)
+  # The gradients of the loss agree too; the bias still steps from the routed
+  # slots: counts [0, 4], u = 1e-3 -> [0.001, 0.599], recentred [-0.299, 0.299].
+  router = make_router("switch", num_experts=2, options={"z_loss_coef": 0.0,
+                                                          **options})
+  grad = lambda s: jax.grad(lambda w: router.apply(  # noqa: E731
+      {"params": {"gate": {"kernel": w}}, **s}, X_TD, layout=LAYOUT).aux_loss)(GATE)
+  zero = {ROUTER_STATE: {"balance": {"expert_bias": jnp.zeros(2)}}}
+  np.testing.assert_allclose(grad(state), grad(zero), rtol=1e-6)
+  _, new = _route(options, state=state, mutable=[ROUTER_STATE],
+                  deterministic=False)
+  np.testing.assert_allclose(new[ROUTER_STATE]["balance"]["expert_bias"],
+                             [-0.299, 0.299], rtol=1e-6)
+
+
+def _group_route(probs, top_k, top_groups, bias=None, **options):
+  num_experts = len(probs)
+  router = make_router("topk", num_experts=num_experts, top_k=top_k, options={
+      "num_groups": num_experts // GROUP_SIZE[num_experts],
+      "top_groups": top_groups, "balance": "bias" if bias is not None else "aux",
+      **options})
+  state = {} if bias is None else {
+      ROUTER_STATE: {"balance": {"expert_bias": jnp.asarray(bias, jnp.float32)}}}
+  logits = jnp.log(jnp.array([probs]))  # softmax(log p) = p.
+  routing = router.apply({"params": {"gate": {"kernel": jnp.eye(num_experts)}},
+                          **state}, logits)
+  return sorted(np.asarray(routing.expert_TK[0]).tolist())
+
+
+GROUP_SIZE = {6: 3, 8: 2}
+# Two groups of three: [0.40, 0.02, 0.02 | 0.20, 0.18, 0.18].
+SIX = [0.40, 0.02, 0.02, 0.20, 0.18, 0.18]
+# Four groups of two: [0.25, 0.01 | 0.15, 0.14 | 0.20, 0.01 | 0.12, 0.12].
+EIGHT = [0.25, 0.01, 0.15, 0.14, 0.20, 0.01, 0.12, 0.12]
+
+
+@pytest.mark.parametrize("probs,top_k,top_groups,bias,rule,expected", [
+    # k=3, M=1, paper: group score = top-3 sum: 0.44 vs 0.56 -> group 1.
+    (SIX, 3, 1, None, "paper", [3, 4, 5]),
+    # The same with the V3 Gate's rules: max 0.40 vs 0.20, or (with a bias,
+    # here zero) top-2 sum 0.42 vs 0.38 -> group 0.
+    (SIX, 3, 1, None, "v3_inference", [0, 1, 2]),
+    (SIX, 3, 1, [0.0] * 6, "v3_inference", [0, 1, 2]),
+    (SIX, 3, 1, [0.0] * 6, "paper", [3, 4, 5]),
+    # k=2, M=2, paper: floor(2/2) = 1, the max: groups 0 (0.25) and 2 (0.20)
+    # -> experts 0 and 4.
+    (EIGHT, 2, 2, None, "paper", [0, 4]),
+    (EIGHT, 2, 2, None, "v3_inference", [0, 4]),
+    # V3 Gate with a bias: top-2 sums 0.26, 0.29, 0.21, 0.24 -> groups 1 and 0
+    # -> experts 0 (0.25) and 2 (0.15).
+    (EIGHT, 2, 2, [0.0] * 8, "v3_inference", [0, 2]),
+    # k=4, M=2: floor(4/2) = 2, top-2 sums -> groups 1 and 0 -> all four.
+    (EIGHT, 4, 2, None, "paper", [0, 1, 2, 3]),
+])
+def test_group_scores_by_hand(probs, top_k, top_groups, bias, rule, expected):
+  assert _group_route(probs, top_k, top_groups, bias,
+                      group_score=rule) == expected
+
+
+def test_group_score_is_the_papers_by_default_and_checked():
+  assert _group_route(SIX, 3, 1) == [3, 4, 5]
+  with pytest.raises(ConfigError, match="needs top_k >= top_groups"):
+    make_router("topk", num_experts=8, top_k=1, options={
+        "num_groups": 4, "top_groups": 2})
+  with pytest.raises(ConfigError, match="group_score='max'"):
+    make_router("topk", num_experts=8, top_k=2, options={
+        "num_groups": 4, "top_groups": 2, "group_score": "max"})

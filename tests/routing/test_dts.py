@@ -220,3 +220,20 @@ def test_preset_hard_phase_weighs_tokens_alike_in_training_and_evaluation(
   else:
     assert abs(w_train.mean() - w_eval.mean()) < noise, (w_train.mean(),
                                                           w_eval.mean())
+
+
+def test_preset_is_the_authors_balanced_command_and_goes_dense_to_sparse():
+  """The evomoe preset: gate loss 0.01 per MoE layer, linear decay (the
+  authors' balanced script), and a soft phase whose tokens go from nearly all
+  experts to about one as tau anneals (at init, the gate is near uniform: the
+  noise alone decides how many samples pass the threshold)."""
+  router, options, d_model = _preset_router()
+  assert (options["aux_loss_coef"], options["schedule"]) == (0.01, "linear")
+  x_TD = jax.random.normal(jax.random.key(0), (2048, d_model))
+  variables = router.init(jax.random.key(1), x_TD)
+  used = [float(router.apply(variables, x_TD, deterministic=False,
+                             step=jnp.int32(step), rngs={"router": jax.random.key(2)}
+                             ).metrics["experts_per_token"])
+          for step in (0, options["anneal_steps"] // 2, options["anneal_steps"])]
+  assert used[0] > 7.5 and used[0] > used[1] > used[2], used
+  assert used[2] < 2.0, used  # tau_min 0.1; the code's 0.5 leaves ~6.4.
