@@ -2,12 +2,14 @@
 
 `define_config_flag()` is ml_collections' config-file flag that also reads a
 run's `config.json`, and accepts `--config.model.router_options.<name>=...` for
-options the file does not set. `resolve(flag)` applies the command line's one
+options the file does not set, and `None` for every key that may be None
+(`nullable_paths()`). `resolve(flag)` applies the command line's one
 rule beyond plain overrides: a router changed on the command line starts from
 its own default options (the file's options belonged to the file's router),
 keeping only options given in the same command.
 """
 
+import functools
 import os
 import re
 import sys
@@ -18,19 +20,40 @@ import ml_collections
 from ml_collections import config_dict
 from ml_collections import config_flags
 from ml_collections.config_flags.config_flags import ConfigFileFlagParser
+from ml_collections.config_flags.config_flags import _ConfigFlag as _FileFlag  # pylint: disable=g-importing-member
 
 _OPTION = re.compile(r"^--?config\.model\.router_options\.(\w+)(=|$)")
 
 
-def _option_type(name: str) -> type:
-  """The type of router option `name` in the first router that has it (str if
-  none: the router then rejects it with the list of valid options)."""
+def _option_types() -> dict[str, tuple[type, bool]]:
+  """{router option: (type, whether it may be None)}, from the first router
+  that has the option (its dataclass annotation)."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
   from moejax.routing.registry import ROUTERS, router_options  # pylint: disable=g-import-not-at-top
-  for router in ROUTERS:
-    default = router_options(router).get(name)
-    if default is not None:
-      return type(default)
-  return str
+  from moejax.train.config import optional_type  # pylint: disable=g-import-not-at-top
+  types = {}
+  for router, cls in ROUTERS.items():
+    hints = {f.name: f.type for f in dataclasses.fields(cls)}
+    for name in router_options(router):
+      base = optional_type(hints[name])
+      types.setdefault(name, (hints[name], False) if base is None else (base, True))
+  return types
+
+
+def _option_type(name: str) -> type:
+  """The type of router option `name` (str where no router has it: the router
+  then rejects it with the list of valid options)."""
+  return _option_types().get(name, (str, False))[0]
+
+
+@functools.cache
+def nullable_paths() -> tuple[str, ...]:
+  """Every config key that may be None: `moejax.train.config.nullable_keys()`
+  and `model.router_options.<name>` for options annotated `X | None`."""
+  from moejax.train.config import nullable_keys  # pylint: disable=g-import-not-at-top
+  return nullable_keys() + tuple(
+      f"model.router_options.{name}" for name, (_, none) in _option_types().items()
+      if none)
 
 
 class _ConfigParser(ConfigFileFlagParser):
@@ -77,12 +100,46 @@ def _json_config(path: str) -> ml_collections.ConfigDict:
   return config
 
 
+class _NoneOr(flags.ArgumentParser):
+  """`None` for a key that may be None; anything else goes to `parser`."""
+
+  def __init__(self, parser: flags.ArgumentParser, path: str, allowed: bool):
+    self.parser, self.path, self.allowed = parser, path, allowed
+
+  def parse(self, argument):
+    if argument == "None" and self.allowed:
+      return None
+    if argument == "None" and type(self.parser) is not flags.ArgumentParser:
+      raise ValueError(f"{self.path} cannot be None (keys that can: "
+                       f"{', '.join(nullable_paths())})")
+    return self.parser.parse(argument)
+
+  def flag_type(self):
+    return self.parser.flag_type()
+
+
+class _ConfigFlag(_FileFlag):
+  """ml_collections' config-file flag whose overrides take `None` where the
+  key may be None (`nullable_paths`)."""
+
+  def _parse(self, argument):
+    config = super()._parse(argument)
+    prefix = f"{self.name}."
+    for name in list(self.flag_values):
+      flag = self.flag_values[name]
+      if name.startswith(prefix) and not isinstance(flag.parser, _NoneOr):
+        path = name[len(prefix):]
+        key = re.sub(r"^stages\[\d+\]\.", "", path)  # A stage's model keys.
+        flag.parser = _NoneOr(flag.parser, path, key in nullable_paths())
+    return config
+
+
 def define_config_flag(help_string: str) -> flags.FlagHolder:
   """`--config` (a configs/*.py file, `file.py:arg`, or a run's config.json)."""
-  holder = config_flags.DEFINE_config_file("config", None, help_string,
-                                           lock_config=True)
-  flags.FLAGS["config"].parser = _ConfigParser(name="config", lock_config=True)
-  return holder
+  return flags.DEFINE_flag(_ConfigFlag(
+      parser=_ConfigParser(name="config", lock_config=True),
+      serializer=flags.ArgumentSerializer(), name="config", default=None,
+      help_string=help_string), flags.FLAGS)
 
 
 def resolve(holder: flags.FlagHolder) -> ml_collections.ConfigDict | None:
@@ -115,14 +172,18 @@ def config_help() -> str:
   from moejax.routing.registry import ROUTERS, router_options  # pylint: disable=g-import-not-at-top
   from moejax.train.config import default_config  # pylint: disable=g-import-not-at-top
   config = default_config()
-  lines = ["config keys (override any with --config.<section>.<key>=<value>; "
-           "defaults from moejax.train.config.default_config()):"]
+  lines = ["config keys (override any with --config.<section>.<key>=<value>, "
+           "=None where the default is None or says 'or None'; defaults from "
+           "moejax.train.config.default_config()):"]
   for section, values in config.items():
     if not isinstance(values, ml_collections.ConfigDict):
       lines.append(f"  {section} = {_value(values)}")
       continue
     lines.append(f"  {section}:")
-    lines += [f"    {key} = {_value(value)}" for key, value in values.items()]
+    lines += [f"    {key} = {_value(value)}"
+              + (" (or None)" if f"{section}.{key}" in nullable_paths()
+                 and value is not None else "")
+              for key, value in values.items()]
   lines.append("router options (--config.model.router_options.<name>=<value>; a "
                "router changed on the command line starts from its defaults):")
   for name in ROUTERS:

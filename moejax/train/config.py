@@ -16,6 +16,7 @@ import dataclasses
 import math
 import os
 import re
+import typing
 from typing import Any
 
 import ml_collections
@@ -94,6 +95,31 @@ def stage_config(name: str, *, steps: int = 0, fraction: float = 0.0,
       transform_options=ml_collections.ConfigDict(transform_options or {})))
 
 
+# The sections of default_config() that are a typed dataclass, key for key.
+TYPED_SECTIONS = {"data": DataConfig, "train": TrainConfig,
+                  "optim": OptimizerConfig, "mesh": MeshConfig}
+
+
+def optional_type(hint: Any) -> type | None:
+  """X for an annotation `X | None` (or Optional[X]); None for any other."""
+  args = typing.get_args(hint)
+  if type(None) not in args:
+    return None
+  rest = [a for a in args if a is not type(None)]
+  return rest[0] if len(rest) == 1 else object
+
+
+def _section(cls) -> ml_collections.ConfigDict:
+  """The defaults of dataclass `cls`; a field that may be None is a typed
+  reference, so it keeps its type once set to None (and back)."""
+  values = {}
+  for f in dataclasses.fields(cls):
+    value, base = getattr(cls(), f.name), optional_type(f.type)
+    values[f.name] = (value if base is None else
+                      config_dict.FieldReference(value, field_type=base))
+  return ml_collections.ConfigDict(values)
+
+
 def default_config() -> ml_collections.ConfigDict:
   """Every public key with its default (a small MoE LM on the embedded corpus)."""
   c = ml_collections.ConfigDict()
@@ -104,16 +130,22 @@ def default_config() -> ml_collections.ConfigDict:
       capacity_factor=1.25, expert_d_ff=config_dict.placeholder(int),
       equal_flops=True, matmul="xla", size="", num_shared_experts=0,
       ffn_init=DEFAULT_FFN_INIT))
-  c.data = ml_collections.ConfigDict(dataclasses.asdict(DataConfig()))
-  c.data.tfds_data_dir = config_dict.placeholder(str)
-  c.data.cache_dir = config_dict.placeholder(str)
-  c.train = ml_collections.ConfigDict(dataclasses.asdict(TrainConfig()))
-  c.optim = ml_collections.ConfigDict(dataclasses.asdict(OptimizerConfig()))
+  for name, cls in TYPED_SECTIONS.items():
+    c[name] = _section(cls)
   c.stages = []
-  c.mesh = ml_collections.ConfigDict(dataclasses.asdict(MeshConfig()))
   c.lock()
   c.model.router_options.unlock()  # Options differ per router.
   return c
+
+
+def nullable_keys() -> tuple[str, ...]:
+  """`<section>.<key>` of every default_config() key that may be None: the
+  fields of the typed sections annotated `X | None`, and the model keys whose
+  default is None."""
+  keys = [f"{name}.{f.name}" for name, cls in TYPED_SECTIONS.items()
+          for f in dataclasses.fields(cls) if optional_type(f.type)]
+  model = default_config().model
+  return tuple(keys + [f"model.{k}" for k, v in model.items() if v is None])
 
 
 def _positive(section: str, values: dict[str, Any], keys: tuple[str, ...]) -> None:
