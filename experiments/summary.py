@@ -102,9 +102,17 @@ def _tail_mean(rows: list[dict], key: str, start: float) -> float | None:
   return float(np.mean(values)) if values else None
 
 
-def _window_mean(rows: list[dict], key: str, lo: float, hi: float
-                 ) -> float | None:
+def _window_mean(rows: list[dict], key: str, lo: float, hi: float, *,
+                 nearest: str | None = None) -> float | None:
+  """Mean of `key` over the rows with lo < step <= hi; with `nearest`
+  ("first"/"last") and no row there, the first row after lo or the last at or
+  before hi (None: no row carries `key`)."""
   values = [float(r[key]) for r in rows if key in r and lo < r["step"] <= hi]
+  if not values and nearest:
+    pool = [r for r in rows if key in r and
+            (r["step"] > lo if nearest == "first" else r["step"] <= hi)]
+    pool.sort(key=lambda r: r["step"])
+    values = [float(pool[0 if nearest == "first" else -1][key])] if pool else []
   return float(np.mean(values)) if values else None
 
 
@@ -128,10 +136,11 @@ def stage_summaries(rows: list[dict], stages: list[dict]) -> list[StageSummary]:
         load_cv=last("router/load_cv"), entropy=last("router/entropy"),
         distill_agreement=last("router/distill_agreement"),
         experts_per_token_first=_window_mean(
-            own, "router/experts_per_token", lo, lo + soft_width),
+            own, "router/experts_per_token", lo, lo + soft_width,
+            nearest="first"),
         experts_per_token_last=_window_mean(
             own, "router/experts_per_token", soft_end - 1 - soft_width,
-            soft_end - 1)))  # The step at `hard_step` routes top-1.
+            soft_end - 1, nearest="last")))  # `hard_step` itself is top-1.
   return out
 
 

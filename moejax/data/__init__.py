@@ -4,7 +4,8 @@ Public API:
   DataConfig                        the frozen config of the pipeline (`config.data`)
   load_datasets(cfg, *, workdir, batch_size) -> Datasets
                                     builds or reuses everything under `workdir`
-  Datasets                          `.train[i]` (batch i), `.eval_batches`,
+  Datasets                          `.train[i]` (batch i), `.train_rows(i, rows)`
+                                    (only those rows of it), `.eval_batches`,
                                     `.tokenizer`, `.vocab_size`, `.domain_names`,
                                     `.train_sequences`, `.eval_sequences`,
                                     `.train_tokens`, `.steps_per_epoch`, `.describe()`
@@ -16,7 +17,9 @@ A batch is `{"inputs", "targets", "domains"}`, each int32[B, L].
 Modules: `sources` (parse and open `data.source`), `embedded` (the offline stdlib
 corpus), `tfds_source` (`tfds:` datasets), `documents` (byte caps and the held-out
 carve), `text_builder` (the `moejax_text` TFDS builder), `tokenizer` (SentencePiece),
-`packing` (token windows and their cache), `pipeline` (`load_datasets`).
+`stream` (corpora read, chunked and carved in bounded memory), `packing` (token
+windows and their sharded cache), `pipeline` (`load_datasets`), `rows` (each
+process reading only the rows of a batch its devices hold).
 Importing this package is light: TFDS, grain and SentencePiece load on first use.
 """
 

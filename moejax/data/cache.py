@@ -3,13 +3,12 @@
 `data.cache_dir` says where it lives:
 - unset (None): the user cache dir, `$MOEJAX_CACHE_DIR`, else
   `$XDG_CACHE_HOME/moejax`, else `~/.cache/moejax`: a second workdir on the same
-  corpus reuses the dataset, the tokenizer and the packed windows;
+  corpus reuses the tokenizer and the packed windows;
 - `""`: `<workdir>/data`, a cache per workdir (the workdir's `tokenizer.model`
   is then the only tokenizer kept);
 - any other path, local or a URI epath supports (`gs://...`).
 
 Layout (keys hash what decides the content; a changed corpus gets new keys):
-  <cache>/tfds/<corpus key>/moejax_text/...  the TFDS dataset (embedded, text:)
   <cache>/tokenizers/<tokenizer key>.model   SentencePiece models (shared caches)
   <cache>/packed/<packing key>/...           packed windows (`moejax.data.packing`)
   <cache>/locks/<source key>.lock            held while a source is prepared

@@ -19,7 +19,8 @@ class DataConfig:
     seed: seed of the per-epoch shuffle of training sequences.
     tfds_data_dir: data_dir for `tfds:` sources (None: the TFDS default).
     tokenizer_max_sentences: lines sampled from the training split to train
-      SentencePiece.
+      SentencePiece, evenly spread over it (bounds the tokenizer's memory: the
+      corpus is streamed twice, to count lines and to take the sample).
     cache_dir: where prepared datasets, tokenizers and packed windows are kept
       for every run on the same corpus (None: the user cache dir, see
       `moejax.data.cache`; "": `<workdir>/data`, a cache per workdir).
@@ -27,6 +28,9 @@ class DataConfig:
       that neither training, the tokenizer nor evaluation during training sees
       (`Datasets.test_batches`; 0: none). For `tfds:` sources, the dataset's
       `test` split when validation is another split.
+    bad_input: what a NUL or non-UTF-8 byte in a `text:` file does: "error" (one
+      line naming the file and byte offset, nothing kept) or "skip" (its line is
+      dropped and one warning per file names the first offset).
   """
 
   source: str = "embedded"
@@ -40,3 +44,4 @@ class DataConfig:
   tokenizer_max_sentences: int = 200_000
   cache_dir: str | None = None
   test_fraction: float = 0.0
+  bad_input: str = "error"

@@ -6,7 +6,7 @@ key that identifies it (the caches of `moejax.data.cache` are keyed by it).
 
 import dataclasses
 import hashlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from moejax.data.documents import Document
 from moejax.errors import DataError
@@ -18,9 +18,14 @@ class Corpus:
   `test` is empty unless `data.test_fraction` > 0."""
   source: str
   key: str
-  train: Sequence[Document]
-  validation: Sequence[Document]
-  test: Sequence[Document] = ()
+  train: Iterable[Document]  # Re-iterable: each pass reads the source again.
+  validation: Iterable[Document]
+  test: Iterable[Document] = ()
+  # The text of every split, in bytes (for progress reports; None: unknown).
+  total_bytes: Callable[[], int | None] = lambda: None
+  check: Callable[[], None] | None = None  # Raises if the source changed.
+  # Every split's documents in one pass, as (split, document) (None: per split).
+  tagged: Callable[[], Iterator[tuple[str, Document]]] | None = None
 
 
 def corpus_key(*parts) -> str:

@@ -6,25 +6,45 @@ order; the stream is cut into N = T // (L+1) non-overlapping windows (the tail i
 dropped). A window gives `inputs = w[:-1]` and `targets = w[1:]`; `domains` is the
 domain id of each input token (an EOS belongs to the document it ends).
 
-The packed arrays are cached under `<cache>/packed/<key>/` (key: corpus key,
-tokenizer hash, L): `{train,validation,test}_{tokens,domains}.npy` int32[N, L+1] (test: N = 0
-without a test split) and `domains.json` (the domain names, index = id),
-written last: a directory with it is complete. Local caches are memory-mapped;
-others are read whole.
+`load_or_pack` streams: documents are encoded in groups of about `GROUP_CHARS`
+characters (a document longer than `PIECE_CHARS` in pieces cut after a line end,
+each piece after the first encoded without SentencePiece's dummy prefix, which
+gives the tokens of the whole document), and windows are written to shards as
+they fill, so memory does not grow with the corpus.
+
+Cache layout, `<cache>/packed/<key>/` (key: `FORMAT`, corpus key, tokenizer hash,
+L): per split, shards `{split}_tokens_{k:05d}.npy` int32[n_k, L+1] and
+`{split}_domains_{k:05d}.npy` uint8 (uint16 when a shard has ids >= 256) of the
+same shape; `packed.json` (shard sizes, domain names, training token counts),
+written last: a directory with it is complete. A preparation that fails or is
+killed leaves only a temporary directory, removed by the next preparation.
+Shards are .npy: fixed-shape windows memory-map and slice with numpy alone,
+row i of a split is one seek, and each shard is written whole by `np.save`.
+Local caches are memory-mapped; others are read whole.
 """
 
 import dataclasses
+import errno
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 from etils import epath
 
 from moejax.data.documents import Document
 from moejax.data.tokenizer import EOS_ID
+from moejax.errors import DataError
 from moejax.paths import as_path, is_local
+
+FORMAT = "packed-v2"  # Caches of other formats live under other keys.
+MARKER = "packed.json"
+PIECE_CHARS = 1 << 20  # Longer documents are encoded in pieces of about this.
+GROUP_CHARS = 4 << 20  # Text per SentencePiece call.
+SHARD_TOKENS = 1 << 23  # Tokens per shard (32 MiB of int32), rounded to windows.
 
 SPLITS = ("train", "validation", "test")
 _ENCODE_GROUP = 256  # Documents per SentencePiece call: bounds memory, uses threads.
@@ -58,17 +78,227 @@ def pack(tokens_T: np.ndarray, domains_T: np.ndarray, seq_len: int
           domains_T[:size].reshape(n, seq_len + 1))
 
 
+
+def continuation_model(sp):
+  """`sp` without the dummy prefix: encodes text that continues a line end of a
+  document as the whole document's encoding would."""
+  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+  from sentencepiece import sentencepiece_model_pb2  # pylint: disable=g-import-not-at-top
+  proto = sentencepiece_model_pb2.ModelProto()
+  proto.ParseFromString(sp.serialized_model_proto())
+  proto.normalizer_spec.add_dummy_prefix = False
+  return spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+
+
+def pieces(text: str, size: int | None = None) -> list[str]:
+  """`text` cut after the first line end at or past every `size` characters."""
+  size = size or PIECE_CHARS
+  out, start = [], 0
+  while len(text) - start > size:
+    cut = text.find("\n", start + size)
+    if cut < 0:
+      break
+    out.append(text[start:cut + 1])
+    start = cut + 1
+  out.append(text[start:])
+  return out
+
+
+def _threads() -> int:
+  return min(16, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+             else os.cpu_count() or 1)
+
+
+class Progress:
+  """A one-line progress report on stderr: MB done, MB/s and ETA."""
+
+  def __init__(self, total_bytes: int | None, label: str):
+    self.total, self.label, self.done = total_bytes, label, 0
+    self._start = self._last = time.monotonic()
+    self._tty = sys.stderr.isatty()
+
+  def add(self, nbytes: int) -> None:
+    self.done += nbytes
+    now = time.monotonic()
+    if now - self._last >= (0.5 if self._tty else 30.0):
+      self._last = now
+      self._print(now, end="\r" if self._tty else "\n")
+
+  def close(self) -> None:
+    if self.done and time.monotonic() - self._start >= 1.0:
+      self._print(time.monotonic(), end="\n")
+
+  def _print(self, now: float, end: str) -> None:
+    rate = self.done / max(now - self._start, 1e-9)
+    total = f"/{self.total / 1e6:,.0f}" if self.total else ""
+    eta = ""
+    if self.total and rate > 0:
+      left = max(self.total - self.done, 0) / rate
+      eta = f", ETA {int(left // 60)}:{int(left % 60):02d}"
+    print(f"{self.label}: {self.done / 1e6:,.0f}{total} MB, {rate / 1e6:.2f} MB/s"
+          f"{eta}", end=end, file=sys.stderr, flush=True)
+
+
+class ShardWriter:
+  """Appends a split's token stream and writes full windows to shards."""
+
+  def __init__(self, folder: epath.Path, split: str, seq_len: int, vocab_size: int,
+               count_tokens: bool):
+    self._folder, self._split, self._width = folder, split, seq_len + 1
+    self._rows_per_shard = max(1, SHARD_TOKENS // self._width)
+    self._tokens: list[np.ndarray] = []
+    self._domains: list[np.ndarray] = []
+    self._buffered = 0
+    self.shard_rows: list[int] = []
+    self.counts = np.zeros(vocab_size, np.int64) if count_tokens else None
+
+  def add(self, tokens_T: np.ndarray, domains_T: np.ndarray) -> None:
+    self._tokens.append(tokens_T)
+    self._domains.append(domains_T)
+    self._buffered += len(tokens_T)
+    if self._buffered >= self._rows_per_shard * self._width:
+      self._flush(final=False)
+
+  def close(self) -> None:
+    self._flush(final=True)
+
+  def _flush(self, final: bool) -> None:
+    if not self._tokens:
+      return
+    tokens, domains = np.concatenate(self._tokens), np.concatenate(self._domains)
+    per = self._rows_per_shard * self._width
+    while len(tokens) >= per or (final and len(tokens) >= self._width):
+      rows = min(per, len(tokens)) // self._width
+      size = rows * self._width
+      self._write(tokens[:size].reshape(rows, self._width),
+                  domains[:size].reshape(rows, self._width))
+      tokens, domains = tokens[size:], domains[size:]
+    self._tokens, self._domains, self._buffered = [tokens], [domains], len(tokens)
+
+  def _write(self, tokens: np.ndarray, domains: np.ndarray) -> None:
+    k = len(self.shard_rows)
+    dtype = np.uint8 if domains.max(initial=0) < 256 else np.uint16
+    for kind, array in (("tokens", tokens), ("domains", domains.astype(dtype))):
+      with (self._folder / f"{self._split}_{kind}_{k:05d}.npy").open("wb") as f:
+        np.save(f, array)
+    if self.counts is not None:
+      self.counts += np.bincount(tokens.reshape(-1), minlength=len(self.counts))
+    self.shard_rows.append(len(tokens))
+
+
+def _encode_groups(sp, items: Iterable[tuple[str, Document]],
+                   domain_ids: dict[str, int], progress: Progress | None
+                   ) -> Iterator[list[tuple[str, np.ndarray, np.ndarray]]]:
+  """Per group of (split, document) items, in order: (split, tokens int32[T],
+  domains uint16[T]) for each run of one split's documents, the EOS-joined stream
+  of `encode_documents`, a bounded group at a time."""
+  cont = None
+  group: list[tuple[str, str, bool, bool, int]] = []  # split, text, first, last, id
+  size = 0
+
+  def flush():
+    nonlocal cont
+    ids: list = [None] * len(group)
+    threads = _threads()
+    for first in (True, False):
+      idx = [i for i, g in enumerate(group) if g[2] == first]
+      if not idx:
+        continue
+      if not first:
+        cont = cont or continuation_model(sp)
+      model = sp if first else cont
+      for i, out in zip(idx, model.encode([group[i][1] for i in idx],
+                                          num_threads=threads)):
+        ids[i] = out
+    runs, tokens, domains = [], [], []
+    for k, ((split, text, _, last, dom), piece_ids) in enumerate(zip(group, ids)):
+      if last:
+        piece_ids.append(EOS_ID)
+      tokens.append(np.asarray(piece_ids, np.int32))
+      domains.append(np.full(len(piece_ids), dom, np.uint16))
+      if progress is not None:
+        progress.add(len(text.encode("utf-8")))
+      if k + 1 == len(group) or group[k + 1][0] != split:
+        runs.append((split, np.concatenate(tokens), np.concatenate(domains)))
+        tokens, domains = [], []
+    return runs
+
+  for split, doc in items:
+    dom = domain_ids.setdefault(doc.domain, len(domain_ids))
+    if dom >= 1 << 16:
+      raise DataError(f"the corpus has more than {1 << 16} domains; give text: "
+                      "files fewer distinct stems")
+    parts = pieces(doc.text)
+    for j, part in enumerate(parts):
+      group.append((split, part, j == 0, j == len(parts) - 1, dom))
+      size += len(part)
+    if size >= GROUP_CHARS:
+      yield flush()
+      group, size = [], 0
+  if group:
+    yield flush()
+
+
+class Windows:
+  """A split's windows from its shards: rows by index, int32[L+1] each."""
+
+  def __init__(self, tokens: Sequence[np.ndarray], domains: Sequence[np.ndarray],
+               width: int):
+    self._tokens, self._domains, self.width = list(tokens), list(domains), width
+    self._starts = np.cumsum([0] + [len(t) for t in self._tokens])
+
+  def __len__(self) -> int:
+    return int(self._starts[-1])
+
+  @property
+  def shape(self) -> tuple[int, int]:
+    return (len(self), self.width)
+
+  @property
+  def size(self) -> int:
+    return len(self) * self.width
+
+  def rows(self, idx) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens int32[..., L+1], domains int32[..., L+1]) of rows `idx` (an int or
+    an int array)."""
+    idx = np.asarray(idx, np.int64)
+    if np.any((idx < 0) | (idx >= len(self))):
+      raise IndexError(f"window index out of range [0, {len(self)})")
+    flat = idx.reshape(-1)
+    shard = np.searchsorted(self._starts, flat, side="right") - 1
+    tokens = np.empty((len(flat), self.width), np.int32)
+    domains = np.empty((len(flat), self.width), np.int32)
+    for k in np.unique(shard):
+      sel = shard == k
+      local = flat[sel] - self._starts[k]
+      tokens[sel] = self._tokens[k][local]
+      domains[sel] = self._domains[k][local]
+    return (tokens.reshape(idx.shape + (self.width,)),
+            domains.reshape(idx.shape + (self.width,)))
+
+  def tokens(self) -> np.ndarray:
+    """Every window's tokens, int32[N, L+1] (in memory: for small splits)."""
+    return self.rows(np.arange(len(self)))[0]
+
+  def domains(self) -> np.ndarray:
+    """Every window's domain ids, int32[N, L+1] (in memory: for small splits)."""
+    return self.rows(np.arange(len(self)))[1]
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Packed:
-  """Packed windows of every split, int32[N, L+1] each, and the domain names."""
-  train_tokens: np.ndarray
-  train_domains: np.ndarray
-  validation_tokens: np.ndarray
-  validation_domains: np.ndarray
-  test_tokens: np.ndarray
-  test_domains: np.ndarray
+  """Packed windows of every split, the domain names and the training tokens'
+  counts (int64[V])."""
+  train: Windows
+  validation: Windows
+  test: Windows
   domain_names: tuple[str, ...]
+  token_counts: np.ndarray
   cache_dir: str
+
+  @property
+  def train_tokens(self) -> np.ndarray:
+    return self.train.tokens()
 
 
 def tokenizer_hash(sp) -> str:
@@ -84,52 +314,102 @@ def _load_array(path: epath.Path) -> np.ndarray:
 
 
 def _load(cache: epath.Path) -> Packed:
-  arrays = {f"{s}_{k}": _load_array(cache / f"{s}_{k}.npy")
-            for s in SPLITS for k in ("tokens", "domains")
-            if (cache / f"{s}_{k}.npy").exists()}  # Caches older than test: none.
-  empty = np.zeros((0, arrays["train_tokens"].shape[1]), np.int32)
-  arrays.setdefault("test_tokens", empty)
-  arrays.setdefault("test_domains", empty)
-  names = tuple(json.loads((cache / "domains.json").read_text()))
-  return Packed(**arrays, domain_names=names, cache_dir=os.fspath(cache))
+  meta = json.loads((cache / MARKER).read_text())
+  width = meta["seq_len"] + 1
+  splits = {}
+  for split in SPLITS:
+    n = len(meta["shards"][split])
+    splits[split] = Windows(
+        [_load_array(cache / f"{split}_tokens_{k:05d}.npy") for k in range(n)],
+        [_load_array(cache / f"{split}_domains_{k:05d}.npy") for k in range(n)],
+        width)
+  return Packed(**splits, domain_names=tuple(meta["domains"]),
+                token_counts=np.asarray(meta["token_counts"], np.int64),
+                cache_dir=os.fspath(cache))
 
 
-def _save(cache: epath.Path, arrays: dict[str, np.ndarray],
-          names: Sequence[str]) -> None:
-  """Writes a new cache dir (a temporary one renamed into place, where renames
-  exist); an existing one (from a racing process) wins."""
+def _remove_stale(cache: epath.Path) -> None:
+  """Removes temporary dirs of earlier preparations of `cache` (killed or failed:
+  the caller holds the preparation lock, or is the only writer)."""
+  if not is_local(cache):
+    return
+  for tmp in cache.parent.glob(f".{cache.name}.*.tmp"):
+    tmp.rmtree(missing_ok=True)
+
+
+def load_or_pack(train: Iterable[Document], validation: Iterable[Document], sp,
+                 seq_len: int, *, corpus_key: str, cache_root: str | os.PathLike,
+                 test: Iterable[Document] = (),
+                 total_bytes: int | Callable[[], int | None] | None = None,
+                 check: Callable[[], None] | None = None,
+                 tagged: Callable[[], Iterable[tuple[str, Document]]] | None = None
+                 ) -> Packed:
+  """Packs every split with one domain numbering (train first), cached on disk.
+
+  The documents are read once per split, streamed; or, with `tagged()` (every
+  split's documents in one pass, as (split, document), where every domain
+  appears in train before any other split), once in all. `total_bytes` (the
+  text of all splits) gives the progress report its ETA; `check()`, called
+  before the cache is marked complete, may raise (e.g. a corpus that changed
+  meanwhile)."""
+  key = hashlib.sha256(f"{FORMAT}/{corpus_key}/{tokenizer_hash(sp)}/{seq_len}"
+                       .encode()).hexdigest()[:16]
+  cache = as_path(cache_root) / "packed" / key
+  if (cache / MARKER).exists():
+    return _load(cache)
   cache.parent.mkdir(parents=True, exist_ok=True)
+  _remove_stale(cache)
   tmp = (cache.parent / f".{cache.name}.{os.getpid()}.tmp" if is_local(cache)
          else cache)  # Object stores: objects are written whole, marker last.
-  tmp.mkdir(parents=True, exist_ok=True)
-  for name, array in arrays.items():
-    with (tmp / f"{name}.npy").open("wb") as f:
-      np.save(f, array)
-  (tmp / "domains.json").write_text(json.dumps(list(names)))
-  if tmp == cache:
-    return
   try:
-    tmp.rename(cache)
-  except OSError:
-    tmp.rmtree()  # Only the temporary dir this call created.
+    tmp.mkdir(parents=True, exist_ok=True)
+    meta = _pack_into(tmp, (train, validation, test), sp, seq_len, total_bytes,
+                      tagged)
+    if check is not None:
+      check()
+    (tmp / MARKER).write_text(json.dumps(meta))
+  except OSError as e:
+    if tmp != cache:
+      tmp.rmtree(missing_ok=True)
+    if e.errno == errno.ENOSPC:
+      raise DataError(f"no space left on the device while writing packed windows "
+                      f"under {cache.parent}; free space or set data.cache_dir to a "
+                      "larger disk (nothing was kept)") from None
+    raise
+  except BaseException:
+    if tmp != cache:
+      tmp.rmtree(missing_ok=True)
+    raise
+  if tmp != cache:
+    try:
+      tmp.rename(cache)
+    except OSError:
+      tmp.rmtree()  # A racing process finished first: keep theirs.
+  return _load(cache)
 
 
-def load_or_pack(train: Sequence[Document], validation: Sequence[Document], sp,
-                 seq_len: int, *, corpus_key: str, cache_root: str | os.PathLike,
-                 test: Sequence[Document] = ()) -> Packed:
-  """Packs every split with one domain numbering (train first), cached on disk."""
-  key = hashlib.sha256(
-      f"{corpus_key}/{tokenizer_hash(sp)}/{seq_len}".encode()).hexdigest()[:16]
-  cache = as_path(cache_root) / "packed" / key
-  if (cache / "domains.json").exists():
-    return _load(cache)
+def _pack_into(folder: epath.Path, splits: Sequence[Iterable[Document]], sp,
+               seq_len: int, total_bytes, tagged) -> dict:
+  """Writes every split's shards into `folder`; the marker's content."""
   domain_ids: dict[str, int] = {}
-  arrays = {}
-  for split, docs in zip(SPLITS, (train, validation, test)):
-    tokens, domains = pack(*encode_documents(sp, docs, domain_ids), seq_len)
-    arrays[f"{split}_tokens"], arrays[f"{split}_domains"] = tokens, domains
-  _save(cache, arrays, list(domain_ids))
-  return Packed(**arrays, domain_names=tuple(domain_ids), cache_dir=os.fspath(cache))
+  progress = Progress(total_bytes() if callable(total_bytes) else total_bytes,
+                      "packing")
+  writers = {split: ShardWriter(folder, split, seq_len, sp.vocab_size(),
+                                count_tokens=split == "train") for split in SPLITS}
+  if tagged is None:  # One pass per split, train first.
+    tagged = ((split, doc) for split, docs in zip(SPLITS, splits) for doc in docs)
+  else:
+    tagged = tagged()
+  for runs in _encode_groups(sp, tagged, domain_ids, progress):
+    for split, tokens_T, domains_T in runs:
+      writers[split].add(tokens_T, domains_T)
+  for writer in writers.values():
+    writer.close()
+  progress.close()
+  return {"format": FORMAT, "seq_len": seq_len,
+          "shards": {split: w.shard_rows for split, w in writers.items()},
+          "domains": list(domain_ids),
+          "token_counts": writers["train"].counts.tolist()}
 
 
 def window_batch(tokens_BxL1: np.ndarray, domains_BxL1: np.ndarray
@@ -143,13 +423,13 @@ def window_batch(tokens_BxL1: np.ndarray, domains_BxL1: np.ndarray
 class PackedSequences(Sequence[dict]):
   """Random access to packed windows as dicts of int32[L] (a grain source)."""
 
-  def __init__(self, tokens_NxL1: np.ndarray, domains_NxL1: np.ndarray):
-    self._tokens, self._domains = tokens_NxL1, domains_NxL1
+  def __init__(self, windows: Windows):
+    self._windows = windows
 
   def __len__(self) -> int:
-    return len(self._tokens)
+    return len(self._windows)
 
   def __getitem__(self, i) -> dict[str, np.ndarray]:
     if isinstance(i, slice):
       return [self[j] for j in range(*i.indices(len(self)))]
-    return window_batch(self._tokens[i], self._domains[i])
+    return window_batch(*self._windows.rows(i))

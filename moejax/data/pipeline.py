@@ -11,9 +11,11 @@ A trainer that stores only i in its checkpoints resumes exactly where it left of
 
 What is written (nothing existing is ever overwritten or deleted):
   <workdir>/tokenizer.model        SentencePiece model, reused whenever present
-  <cache>/tfds/<key>/...           the `moejax_text` TFDS dataset (embedded, text:)
   <cache>/tokenizers/<key>.model   the tokenizer, kept for other workdirs
-  <cache>/packed/<key>/...         packed windows and domain names (.npy, .json)
+  <cache>/packed/<key>/...         packed window shards and `packed.json` (written
+                                   last: `moejax.data.packing`)
+Every source is streamed (`moejax.data.stream`): memory does not grow with the
+corpus.
 where <cache> is `data.cache_dir` (`moejax.data.cache`: by default the user cache
 dir; `""` is `<workdir>/data`). In a multi-process run process 0 prepares and
 writes the workdir; the others wait for it, then open what it built.
@@ -48,6 +50,7 @@ MIN_SEQ_LEN = 8
 class Datasets:
   """Training batches by index, fixed held-out batches, and what describes them."""
   train: grain.MapDataset  # ds.train[i]: batch i, endless.
+  train_sequences_stream: grain.MapDataset  # Sequence j of the shuffled stream.
   eval_batches: tuple[Batch, ...]  # In order; each of min(B, eval_sequences) rows.
   test_batches: tuple[Batch, ...]  # The same from the test split; () without one.
   tokenizer: spm.SentencePieceProcessor
@@ -62,6 +65,14 @@ class Datasets:
   batch_size: int
   source: str
   cache_dir: str
+
+  def train_rows(self, i: int, rows) -> Batch:
+    """Rows `rows` (positions, int[R]) of training batch i, read alone:
+    equal to `ds.train[i][k][rows]` for every key k."""
+    B = self.batch_size  # pylint: disable=invalid-name
+    items = [self.train_sequences_stream[i * B + int(r)] for r in rows]
+    return {k: np.stack([x[k] for x in items]) for k in ("inputs", "targets",
+                                                         "domains")}
 
   @property
   def steps_per_epoch(self) -> int:
@@ -105,6 +116,9 @@ def validate(cfg: DataConfig) -> None:
         "(260 + the corpus's distinct characters)")
   if cfg.max_bytes is not None:
     _positive_int("data.max_bytes", cfg.max_bytes)
+  if cfg.bad_input not in ("error", "skip"):
+    raise DataError(f"data.bad_input must be 'error' or 'skip', got "
+                    f"{cfg.bad_input!r}")
   if (isinstance(cfg.eval_fraction, bool)
       or not isinstance(cfg.eval_fraction, (int, float))
       or not 0 < cfg.eval_fraction <= 0.5):
@@ -117,21 +131,19 @@ def validate(cfg: DataConfig) -> None:
                     f"got {cfg.test_fraction!r}; e.g. data.test_fraction=0.05")
 
 
-def make_eval_batches(tokens_NxL1: np.ndarray, domains_NxL1: np.ndarray,
-                      batch_size: int, max_batches: int) -> tuple[Batch, ...]:
+def make_eval_batches(windows: packing.Windows, batch_size: int,
+                      max_batches: int) -> tuple[Batch, ...]:
   """Up to `max_batches` fixed batches of min(batch_size, N) rows, spread over N.
 
   The rows are evenly spaced over the held-out windows, and batch j takes every
   `count`-th of them from the j-th, so each batch (the first is also the routing
   probe set) spans the whole held-out split and every domain in it.
   """
-  n = len(tokens_NxL1)
+  n = len(windows)
   rows = min(batch_size, n)
   count = min(max_batches, n // rows)
   idx = (np.arange(count * rows) * n // (count * rows)).reshape(rows, count).T
-  return tuple(
-      packing.window_batch(np.array(tokens_NxL1[i]), np.array(domains_NxL1[i]))
-      for i in idx)
+  return tuple(packing.window_batch(*windows.rows(i)) for i in idx)
 
 
 def load_datasets(cfg: DataConfig, *, workdir: str | os.PathLike,
@@ -164,9 +176,11 @@ def _load(cfg: DataConfig, workdir, batch_size: int, *, writer: bool) -> Dataset
                                          cache_file=cache_file, may_train=writer)
     packed = packing.load_or_pack(corpus.train, corpus.validation, sp,
                                   cfg.seq_len, corpus_key=corpus.key,
-                                  cache_root=root, test=corpus.test)
-  n_train, n_eval = len(packed.train_tokens), len(packed.validation_tokens)
-  n_test = len(packed.test_tokens)
+                                  cache_root=root, test=corpus.test,
+                                  total_bytes=corpus.total_bytes,
+                                  check=corpus.check, tagged=corpus.tagged)
+  n_train, n_eval = len(packed.train), len(packed.validation)
+  n_test = len(packed.test)
   L = cfg.seq_len  # pylint: disable=invalid-name
   if n_train < batch_size:
     raise DataError(
@@ -183,17 +197,16 @@ def _load(cfg: DataConfig, workdir, batch_size: int, *, writer: bool) -> Dataset
         "raise data.test_fraction, or add text")
   if is_new and writer:  # Once the data is known to work: a bad run leaves none.
     tokenizer.save_tokenizer(sp, workdir / tokenizer.TOKENIZER_FILE)
-  sequences = packing.PackedSequences(packed.train_tokens, packed.train_domains)
+  sequences = packing.PackedSequences(packed.train)
   # Shuffle before repeat: each epoch is a new permutation (seed + epoch).
-  train = (grain.MapDataset.source(sequences).shuffle(seed=cfg.seed).repeat(None)
-           .batch(batch_size, drop_remainder=True))
+  stream = grain.MapDataset.source(sequences).shuffle(seed=cfg.seed).repeat(None)
+  train = stream.batch(batch_size, drop_remainder=True)
   return Datasets(
       train=train,
-      eval_batches=make_eval_batches(packed.validation_tokens,
-                                     packed.validation_domains, batch_size,
+      train_sequences_stream=stream,
+      eval_batches=make_eval_batches(packed.validation, batch_size,
                                      cfg.eval_batches),
-      test_batches=(make_eval_batches(packed.test_tokens, packed.test_domains,
-                                      batch_size, cfg.eval_batches)
+      test_batches=(make_eval_batches(packed.test, batch_size, cfg.eval_batches)
                     if n_test else ()),
       tokenizer=sp,
       vocab_size=sp.vocab_size(),
@@ -201,9 +214,8 @@ def _load(cfg: DataConfig, workdir, batch_size: int, *, writer: bool) -> Dataset
       train_sequences=n_train,
       eval_sequences=n_eval,
       test_sequences=n_test,
-      train_tokens=int(packed.train_tokens.size),
-      token_counts=np.bincount(np.asarray(packed.train_tokens).reshape(-1),
-                               minlength=sp.vocab_size()),
+      train_tokens=packed.train.size,
+      token_counts=packed.token_counts,
       seq_len=L,
       batch_size=batch_size,
       source=cfg.source,

@@ -5,11 +5,12 @@ Forms of `data.source`:
 - `text:<path or glob>[,<path or glob>...]`: local UTF-8 files, each file's stem its
   domain (files with the same stem share a domain);
 - `tfds:<name>[:split]`: a prepared TFDS dataset (array_record) in `data.tfds_data_dir`.
-`embedded` and `text:` are written once as the TFDS dataset `moejax_text` under
-`<cache>/tfds/<key>/` (`moejax.data.cache`), where `key` hashes the file list,
-sizes and mtimes, `max_bytes`, `eval_fraction` and `test_fraction` (when > 0); a
-changed corpus gets a new key, an unchanged one is reused without reading the
-files again.
+Every source is streamed (`moejax.data.stream`): documents are read, chunked
+and carved as they are iterated, never held whole. A corpus's key hashes what
+decides its content (for `text:`, the file list, sizes and mtimes, `max_bytes`,
+`eval_fraction`, `test_fraction` when > 0); the caches of `moejax.data.cache` are
+keyed by it, so a prepared corpus is reused without reading the files again, and
+a file that changes while it is prepared is an error (nothing is kept).
 """
 
 import dataclasses
@@ -20,8 +21,9 @@ import re
 from collections.abc import Callable, Sequence
 
 from moejax.data import documents as docs_lib
+from moejax.data import stream
 from moejax.data.config import DataConfig
-from moejax.data.corpus import Corpus, RecordDocuments, corpus_key
+from moejax.data.corpus import Corpus, corpus_key
 from moejax.data.documents import Document
 from moejax.errors import DataError
 
@@ -124,75 +126,84 @@ def read_text_files(files: Sequence[pathlib.Path], max_bytes: int | None
   return out
 
 
-def _check_line_breaks(docs: Sequence[Document]) -> None:
-  """DataError for a domain with text for two chunks but too few line ends to
-  cut it into them (the held-out split is cut at line ends)."""
-  sizes: dict[str, int] = {}
-  chunks: dict[str, int] = {}
-  for doc in docs:
-    sizes[doc.domain] = sizes.get(doc.domain, 0) + docs_lib.utf8_len(doc.text)
-    chunks[doc.domain] = chunks.get(doc.domain, 0) + len(
-        docs_lib.chunk_text(doc.text))
-  for domain, size in sizes.items():
-    if size >= 2 * docs_lib.CHUNK_BYTES and chunks[domain] < 2:
-      raise DataError(
-          f"the text of domain {domain!r} ({size:,} bytes) has no line breaks, "
-          f"and validation text is held out in ~{docs_lib.CHUNK_BYTES // 1024} KiB "
-          "chunks cut at line ends; break the text into lines (e.g. one "
-          "paragraph per line)")
+def check_carve(counts: stream.Counts, eval_fraction: float,
+                test_fraction: float) -> None:
+  """DataError when the carve holds out no validation (or, asked for, no test)
+  text; `counts` are the stream's chunks and bytes per domain."""
+  if not counts.chunks:
+    return
+  for split, need in (("validation", 2), ("test", 3)):
+    if split == "test" and not test_fraction:
+      continue
+    if any(stream.held_out(n, eval_fraction, test_fraction)[split]
+           for n in counts.chunks.values()):
+      continue
+    if split == "validation":
+      for domain, size in counts.bytes.items():
+        if size >= 2 * docs_lib.CHUNK_BYTES and counts.chunks[domain] < 2:
+          raise DataError(
+              f"the text of domain {domain!r} ({size:,} bytes) has no line breaks, "
+              f"and validation text is held out in ~{docs_lib.CHUNK_BYTES // 1024} "
+              "KiB chunks cut at line ends; break the text into lines (e.g. one "
+              "paragraph per line)")
+    n = sum(counts.chunks.values())
+    raise DataError(
+        f"the corpus is too small to hold out {split} text ({n} chunk(s) of "
+        f"~{docs_lib.CHUNK_BYTES // 1024} KiB, at least {need} per domain "
+        "needed); add text")
 
 
-def _carved(read: Callable[[], list[Document]], eval_fraction: float,
-            test_fraction: float):
-  """Reads documents and carves them; a DataError when nothing can be held out."""
-  def documents_fn():
-    docs = read()
-    splits = docs_lib.carve_splits(docs, eval_fraction, test_fraction)
-    for split, need in (("validation", 2), ("test", 3)):
-      if not getattr(splits, split) and (split == "validation" or test_fraction):
-        if split == "validation":
-          _check_line_breaks(docs)
-        n = sum(len(docs_lib.chunk_text(d.text)) for d in docs)
-        raise DataError(
-            f"the corpus is too small to hold out {split} text ({n} chunk(s) of "
-            f"~{docs_lib.CHUNK_BYTES // 1024} KiB, at least {need} per domain "
-            "needed); add text")
-    return splits
-  return documents_fn
-
-
-def _built_corpus(source: str, key: str, read: Callable[[], list[Document]],
-                  cfg: DataConfig, cache: os.PathLike) -> Corpus:
-  """Writes (once) and opens the `moejax_text` dataset of an embedded/text: source."""
-  from moejax.data import text_builder  # pylint: disable=g-import-not-at-top
-  builder = text_builder.prepare(
-      _carved(read, cfg.eval_fraction, cfg.test_fraction),
-      os.path.join(os.fspath(cache), "tfds", key))
-  splits = text_builder.data_sources(builder)
-  domain_of = lambda r: r["domain"].decode("utf-8")
-  docs = {split: RecordDocuments(records, "text", domain_of, source)
-          for split, records in splits.items()}
-  return Corpus(source, key, docs["train"], docs["validation"],
-                docs.get("test", ()))
+def carved_corpus(source: str, key: str, chunks_fn, cfg: DataConfig,
+                  empty: Callable[[], None] | None = None,
+                  unchanged: Callable[[], None] | None = None) -> Corpus:
+  """The Corpus of a chunk stream carved into train, validation and test;
+  `empty()` raises for a stream without chunks."""
+  def check(counts):
+    if not counts.chunks and empty is not None:
+      empty()
+    check_carve(counts, cfg.eval_fraction, cfg.test_fraction)
+  carved = stream.Carved(chunks_fn, cfg.eval_fraction, cfg.test_fraction, check)
+  return Corpus(source, key, carved.split("train"), carved.split("validation"),
+                carved.split("test") if cfg.test_fraction else (),
+                total_bytes=lambda: carved.total_bytes, check=unchanged,
+                tagged=carved.tagged)
 
 
 def open_corpus(cfg: DataConfig, cache: str | os.PathLike) -> Corpus:
-  """The train and held-out documents of `cfg.source` (embedded and text:
-  datasets built under `<cache>/tfds/` when absent)."""
+  """The train and held-out documents of `cfg.source`, streamed (nothing is read
+  until they are iterated). `cache` is unused by every source today."""
+  del cache
   spec = parse_source(cfg.source)
   carve = (cfg.max_bytes, cfg.eval_fraction, docs_lib.CHUNK_BYTES, "v1")
   if cfg.test_fraction:  # Keys (and caches) without a test split are unchanged.
     carve += (("test_fraction", cfg.test_fraction),)
+  if cfg.bad_input != "error":
+    carve += (("bad_input", cfg.bad_input),)
   if spec.kind == "embedded":
     from moejax.data import embedded  # pylint: disable=g-import-not-at-top
     key = corpus_key(embedded.fingerprint(), carve)
-    return _built_corpus(cfg.source, key, lambda: embedded.documents(cfg.max_bytes),
-                         cfg, cache)
+    return carved_corpus(
+        cfg.source, key,
+        lambda: stream.document_chunks(embedded.documents(cfg.max_bytes)), cfg)
   if spec.kind == "text":
     files = text_files(spec.patterns)
-    stats = [(os.fspath(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    stats = stream.file_stats(files)
     key = corpus_key("text", stats, carve)
-    return _built_corpus(cfg.source, key,
-                         lambda: read_text_files(files, cfg.max_bytes), cfg, cache)
+
+    def empty():
+      raise DataError(f"the text corpus is empty ({len(files)} file(s), all empty "
+                      "or whitespace); give files with text in data.source")
+
+    def unchanged():
+      now = stream.file_stats(text_files(spec.patterns))
+      if now != stats:
+        changed = next((a[0] for a, b in zip(stats, now) if a != b),
+                       "the file list")
+        raise DataError(f"the corpus changed while it was prepared ({changed}); "
+                        "nothing was kept: rerun once the files are final")
+    return carved_corpus(
+        cfg.source, key,
+        lambda: stream.text_chunks(files, cfg.max_bytes, cfg.bad_input), cfg,
+        empty=empty, unchanged=unchanged)
   from moejax.data import tfds_source  # pylint: disable=g-import-not-at-top
   return tfds_source.open_tfds(spec.name, spec.split, cfg)

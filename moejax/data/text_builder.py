@@ -1,10 +1,12 @@
 """A TFDS dataset of text documents, written as array_record, read without TensorFlow.
 
-`embedded` and `text:` corpora become a real TFDS dataset, `moejax_text`, with features
-`{"text": Text, "domain": Text}` and splits `train`, `validation` and, when a
-test share is asked, `test` (carved as described in `moejax.data.documents`), in file order (`disable_shuffling=True`). Once
-prepared it is read back with `builder.as_data_source(split)`, or by name with
-`tfds.data_source("moejax_text", data_dir=...)`.
+`moejax_text` writes documents (e.g. a carve of `moejax.data.documents`) as a
+real TFDS dataset with features `{"text": Text, "domain": Text}` and splits
+`train`, `validation` and, when given, `test`, in order (`disable_shuffling=True`);
+it is read back with `builder.as_data_source(split)`, by name with
+`tfds.data_source("moejax_text", data_dir=...)`, or as `tfds:moejax_text`.
+`text:` and `embedded` corpora are streamed from their files instead
+(`moejax.data.stream`): TFDS's writer keeps up to 1 GB of examples in memory.
 """
 
 import contextlib

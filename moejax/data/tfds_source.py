@@ -8,20 +8,33 @@
   split, else carved from the training split by the same rule;
 - `data.max_bytes` caps the training split; a held-out split is capped at
   `max_bytes * eval_fraction` (test: `max_bytes * test_fraction`).
+Records are streamed (read as they are iterated, chunked and carved on the fly:
+`moejax.data.stream`), so memory does not grow with the dataset.
 """
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import tensorflow_datasets as tfds
 
 from moejax.data import documents as docs_lib
+from moejax.data import stream
 from moejax.data.config import DataConfig
 from moejax.data.corpus import Corpus, RecordDocuments, corpus_key
 from moejax.errors import DataError
 
 _HELD_OUT_SPLITS = ("validation", "test")
+
+
+class Reiterable(Iterable):
+  """Documents that `make()` streams afresh on each iteration."""
+
+  def __init__(self, make: Callable[[], Iterator]):
+    self._make = make
+
+  def __iter__(self) -> Iterator:
+    return self._make()
 
 
 def _is_string(feature) -> bool:
@@ -85,18 +98,27 @@ def open_tfds(name: str, split: str, cfg: DataConfig) -> Corpus:
                           domain_of, source)
   held_out = next((s for s in _HELD_OUT_SPLITS if s in info.splits and s != split),
                   None)
-  train_docs = docs_lib.cap_documents(train, cfg.max_bytes)
+  train_docs = capped_train = Reiterable(lambda: stream.capped(train, cfg.max_bytes))
 
   def held_docs(held: str, fraction: float):
     records = RecordDocuments(_data_source(name, held, cfg.tfds_data_dir), text_key,
                               domain_of, f"tfds:{name}:{held}")
     cap = None if cfg.max_bytes is None else math.ceil(cfg.max_bytes * fraction)
-    return docs_lib.cap_documents(records, cap)
+    return Reiterable(lambda: stream.capped(records, cap))
 
-  test_docs, test_split = [], None
+  def carved(eval_fraction, test_fraction=0.0):
+    return stream.Carved(lambda: stream.document_chunks(capped_train), eval_fraction,
+                         test_fraction)
+
+  test_docs, test_split = (), None
+  if next(iter(train_docs), None) is None:
+    raise DataError(f"TFDS dataset {name!r} split {split!r} has no text; "
+                    "pick another split or dataset in data.source")
   if held_out is None:
-    train_docs, valid_docs, test_docs = docs_lib.carve_splits(
-        train_docs, cfg.eval_fraction, cfg.test_fraction)
+    whole = carved(cfg.eval_fraction, cfg.test_fraction)
+    valid_docs = whole.split("validation")
+    test_docs = whole.split("test") if cfg.test_fraction else ()
+    train_docs = whole.split("train")
   else:
     valid_docs = held_docs(held_out, cfg.eval_fraction)
     if (cfg.test_fraction and held_out == "validation" and "test" in info.splits
@@ -104,10 +126,8 @@ def open_tfds(name: str, split: str, cfg: DataConfig) -> Corpus:
       test_split = "test"
       test_docs = held_docs("test", cfg.test_fraction)
     elif cfg.test_fraction:
-      train_docs, test_docs = docs_lib.carve(train_docs, cfg.test_fraction)
-  if not train_docs:
-    raise DataError(f"TFDS dataset {name!r} split {split!r} has no text; "
-                    "pick another split or dataset in data.source")
+      rest = carved(cfg.test_fraction)
+      train_docs, test_docs = rest.split("train"), rest.split("validation")
   splits = {s: info.splits[s].num_examples for s in info.splits}
   parts = ("tfds", name, split, held_out, str(builder.data_dir),
            str(builder.version), splits, text_key, cfg.max_bytes,

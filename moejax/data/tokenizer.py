@@ -37,20 +37,25 @@ RESERVED_PIECES = 4 + 256  # Special and byte pieces: a vocabulary needs more.
 TOKENIZER_FILE = "tokenizer.model"
 
 
-def _lines(docs: Sequence[Document]) -> Iterator[str]:
+def _doc_lines(docs: Sequence[Document]) -> Iterator[list[str]]:
+  """The non-blank lines of each document."""
   for doc in docs:
-    for line in doc.text.splitlines():
-      if line.strip():
-        yield line
+    yield [line for line in doc.text.splitlines() if line.strip()]
 
 
 def sample_lines(docs: Sequence[Document], max_lines: int) -> list[str]:
-  """At most `max_lines` non-blank lines of `docs`, evenly spaced, in order."""
-  total = sum(1 for _ in _lines(docs))
+  """At most `max_lines` non-blank lines of `docs`, evenly spaced, in order
+  (two passes over `docs`, which may be a stream: memory is the sample's)."""
+  total = sum(len(lines) for lines in _doc_lines(docs))
   if total <= max_lines:
-    return list(_lines(docs))
-  keep = {i * total // max_lines for i in range(max_lines)}
-  return [line for i, line in enumerate(_lines(docs)) if i in keep]
+    return [line for lines in _doc_lines(docs) for line in lines]
+  out, seen, k = [], 0, 0  # Keep line i * total // max_lines, i = 0, 1, ...
+  for lines in _doc_lines(docs):
+    while k < max_lines and (want := k * total // max_lines) < seen + len(lines):
+      out.append(lines[want - seen])
+      k += 1
+    seen += len(lines)
+  return out
 
 
 def _training_error(e: RuntimeError, vocab_size: int) -> DataError:

@@ -241,7 +241,7 @@ class _Run:
     timer, previous, metrics, current = StepTimer(), None, None, None
     for step in range(int(state.step) + 1, program.end + 1):
       self._stop_if_asked(program, step - 1, state, next_batch, metrics)
-      batch = program.batch(self.data.train[next_batch])
+      batch = program.train_batch(self.data, next_batch)
       train_step = program.train_step(step)
       if train_step is not current:  # Compilation is not a training step.
         timer.stop(previous)

@@ -15,8 +15,10 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
+from moejax.data.rows import place_rows
 from moejax.models.config import TransformerConfig
 from moejax.models.transformer import TransformerLM
 from moejax.parallel import hosts
@@ -118,6 +120,16 @@ class StageProgram:
     """The global batch (every process holds it whole) as a global array on the
     mesh; each process places the rows of its own devices."""
     return shard_batch(model_inputs(batch), self.mesh)
+
+  def train_batch(self, data, i: int) -> dict:
+    """Training batch i as global arrays, this process reading only its rows."""
+    sharding = batch_sharding(self.mesh)
+    try:
+      sharding.shard_shape((data.batch_size,))
+    except ValueError:  # shard_batch's one-line error for rows that do not split.
+      shard_batch({"rows": np.zeros(data.batch_size, np.int8)}, self.mesh)
+    return place_rows(lambda rows: model_inputs(data.train_rows(i, rows)),
+                      data.batch_size, sharding)
 
 
 def stage_mesh(config: RunConfig, index: int) -> jax.sharding.Mesh:

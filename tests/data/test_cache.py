@@ -10,7 +10,7 @@ import textwrap
 import pytest
 
 from moejax.data import cache as cache_lib
-from moejax.data import load_datasets, packing, text_builder, tokenizer
+from moejax.data import load_datasets, packing, stream, tokenizer
 from tests.data.corpora import small_config, snapshot
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -39,10 +39,10 @@ def test_second_workdir_reuses_dataset_tokenizer_and_windows(
 
   monkeypatch.setattr(tokenizer, "train_tokenizer",
                       lambda *a: pytest.fail("tokenizer trained again"))
-  monkeypatch.setattr(packing, "encode_documents",
+  monkeypatch.setattr(packing, "_encode_groups",
                       lambda *a: pytest.fail("windows packed again"))
-  monkeypatch.setattr(text_builder.MoejaxText, "_split_generators",
-                      lambda *a: pytest.fail("dataset built again"))
+  monkeypatch.setattr(stream, "text_chunks",
+                      lambda *a: pytest.fail("corpus read again"))
   second = load_datasets(cfg, workdir=tmp_path / "w2", batch_size=4)
   assert snapshot(tmp_path / "cache") == before
   assert ((tmp_path / "w2" / "tokenizer.model").read_bytes()
@@ -78,7 +78,6 @@ def test_two_runs_preparing_one_corpus_at_once_take_turns(text_config, tmp_path)
   assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
   # One prepared everything under the lock; the other found it ready.
   assert sorted(out.split()[-1] for out, _ in outs) == ["reused", "trained"]
-  assert len(list((cache / "tfds").iterdir())) == 1
   assert len(list((cache / "packed").iterdir())) == 1
   assert len(list((cache / "tokenizers").iterdir())) == 1
   assert ((tmp_path / "w0" / "tokenizer.model").read_bytes()

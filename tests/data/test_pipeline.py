@@ -7,7 +7,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from moejax.data import documents as docs_lib
-from moejax.data import load_datasets, text_builder
+from moejax.data import load_datasets, sources, text_builder
 from moejax.data import tfds_source
 from moejax.data.documents import Document
 from moejax.errors import DataError
@@ -48,7 +48,7 @@ def test_epochs_are_permutations_and_reshuffled(text_config, tmp_path):
   cfg = small_config(text_config.source, seq_len=256)  # Few windows: a short test.
   ds = load_datasets(cfg, workdir=tmp_path / "w", batch_size=B)
   n = ds.train_sequences
-  tokens = np.load(next((tmp_path / "w/data/packed").glob("*/train_tokens.npy")))
+  tokens = np.load(next((tmp_path / "w/data/packed").glob("*/train_tokens_00000.npy")))
   assert tokens.shape == (n, 257)
   ids = _window_ids(ds, tokens, -(-2 * n // B))
   epoch1, epoch2 = ids[:n], ids[n:2 * n]
@@ -63,7 +63,7 @@ def test_eval_batches_are_fixed_spread_held_out_windows(text_config, tmp_path):
   ds = load_datasets(text_config, workdir=tmp_path / "w", batch_size=B)
   assert len(ds.eval_batches) == text_config.eval_batches == 2
   assert all(b["inputs"].shape == (B, 32) for b in ds.eval_batches)
-  held = np.load(next((tmp_path / "w/data/packed").glob("*/validation_tokens.npy")))
+  held = np.load(next((tmp_path / "w/data/packed").glob("*/validation_tokens_00000.npy")))
   assert len(held) == ds.eval_sequences
   index = {r.tobytes(): i for i, r in enumerate(held)}
   rows = [[index[np.append(i, t[-1]).astype(np.int32).tobytes()]
@@ -95,7 +95,12 @@ def test_counts_and_describe(text_config, tmp_path):
 
 def test_tfds_source_reads_a_prepared_dataset(text_config, tmp_path):
   text = load_datasets(text_config, workdir=tmp_path / "a", batch_size=B)
-  [data_dir] = (tmp_path / "a/data/tfds").iterdir()
+  # The same carve, written by hand as a TFDS dataset (train and validation).
+  files = sources.text_files(text_config.source[5:].split(","))
+  splits = docs_lib.carve_splits(sources.read_text_files(files, None),
+                                 text_config.eval_fraction, 0.0)
+  data_dir = tmp_path / "tfds"
+  text_builder.prepare(lambda: splits, data_dir)
   cfg = dataclasses.replace(text_config, source="tfds:moejax_text",
                             tfds_data_dir=str(data_dir))
   ds = load_datasets(cfg, workdir=tmp_path / "b", batch_size=B)
@@ -199,3 +204,25 @@ def test_test_split_is_never_seen_by_training_or_validation(tmp_path):
                                      eval_fraction=0.25),
                         workdir=tmp_path / "plain", batch_size=B)
   assert plain.test_batches == () and plain.test_sequences == 0
+
+
+def test_train_rows_place_the_batch_each_process_holds(text_config, tmp_path):
+  import jax  # pylint: disable=g-import-not-at-top
+  from moejax.data.rows import place_rows, process_rows  # pylint: disable=g-import-not-at-top
+  from moejax.parallel import (MeshConfig, batch_sharding, make_mesh,  # pylint: disable=g-import-not-at-top
+                               shard_batch)
+  ds = load_datasets(text_config, workdir=tmp_path / "w", batch_size=8)
+  for i in (0, 7, ds.steps_per_epoch + 1):  # Across an epoch boundary too.
+    whole = ds.train[i]
+    rows = np.array([1, 4, 6])
+    part = ds.train_rows(i, rows)
+    for k in whole:
+      np.testing.assert_array_equal(part[k], whole[k][rows])
+  mesh = make_mesh(MeshConfig(data=2, expert=4), num_experts=4)
+  sharding = batch_sharding(mesh)
+  assert process_rows(8, sharding).tolist() == list(range(8))  # One process.
+  placed = place_rows(lambda r: ds.train_rows(3, r), 8, sharding)
+  want = shard_batch(ds.train[3], mesh)
+  for k in want:
+    assert placed[k].sharding == want[k].sharding
+    np.testing.assert_array_equal(jax.device_get(placed[k]), ds.train[3][k])

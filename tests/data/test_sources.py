@@ -1,5 +1,6 @@
-"""The three source forms: parsing, the embedded corpus, `text:` as a TFDS dataset."""
+"""The three source forms: parsing, the embedded corpus, `text:` streamed."""
 
+import dataclasses
 import os
 import pathlib
 import subprocess
@@ -8,7 +9,7 @@ import sys
 import pytest
 
 from moejax.data import documents as docs_lib
-from moejax.data import embedded, load_datasets, sources
+from moejax.data import embedded, load_datasets, sources, stream
 from moejax.data.documents import Document
 from tests.data.corpora import small_config
 
@@ -58,42 +59,39 @@ def test_embedded_loads_as_datasets(tmp_path):
   assert ds.train[0]["inputs"].shape == (4, 32)
 
 
-def _tfds_dir(workdir):
-  return sorted((workdir / "data" / "tfds").glob("*/moejax_text/1.0.0"))
+def _packed_dirs(workdir):
+  return sorted((workdir / "data" / "packed").iterdir())
 
 
-def test_text_glob_becomes_a_tfds_dataset(text_config, corpus_dir, tmp_path):
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  workdir = tmp_path / "w"
-  load_datasets(text_config, workdir=workdir, batch_size=4)
-  [ds_dir] = _tfds_dir(workdir)
-  for split in ("train", "validation"):
-    assert (ds_dir / f"moejax_text-{split}.array_record-00000-of-00001").is_file()
-  # Read back by name, as any TFDS dataset, and compare with the carve by hand.
-  splits = tfds.data_source("moejax_text", data_dir=str(ds_dir.parents[1]))
-  got = {s: [Document(r["text"].decode(), r["domain"].decode()) for r in splits[s]]
-         for s in ("train", "validation")}
+@pytest.mark.parametrize("max_bytes", [None, 24_000])
+def test_text_glob_streams_the_whole_file_carve(text_config, corpus_dir,
+                                                 monkeypatch, max_bytes):
+  # Blocks far smaller than the files: the stream cuts them at many places.
+  monkeypatch.setattr(stream, "BLOCK_BYTES", 1000)
+  cfg = dataclasses.replace(text_config, max_bytes=max_bytes, test_fraction=0.2)
+  corpus = sources.open_corpus(cfg, None)
   files = sources.text_files([f"{corpus_dir}/*.txt"])
-  docs = sources.read_text_files(files, None)
+  docs = sources.read_text_files(files, max_bytes)
   assert [d.domain for d in docs] == ["json", "prose", "wrap"]  # One per file.
-  train, valid = docs_lib.carve(docs, text_config.eval_fraction)
-  assert got == {"train": train, "validation": valid}
-  assert {d.domain for d in got["validation"]} == {"json", "prose", "wrap"}
+  want = docs_lib.carve_splits(docs, cfg.eval_fraction, cfg.test_fraction)
+  got = (list(corpus.train), list(corpus.validation), list(corpus.test))
+  assert got == tuple(want)
+  assert {d.domain for d in got[1]} == {"json", "prose", "wrap"}
 
 
-def test_text_dataset_is_reused_then_rebuilt_on_change(text_config, corpus_dir,
+def test_packed_cache_is_reused_then_rebuilt_on_change(text_config, corpus_dir,
                                                        tmp_path):
   workdir = tmp_path / "w"
   load_datasets(text_config, workdir=workdir, batch_size=4)
-  [first] = _tfds_dir(workdir)
+  [first] = _packed_dirs(workdir)
   stamp = {p: p.stat().st_mtime_ns for p in first.iterdir()}
   load_datasets(text_config, workdir=workdir, batch_size=4)
-  assert _tfds_dir(workdir) == [first]
+  assert _packed_dirs(workdir) == [first]
   assert stamp == {p: p.stat().st_mtime_ns for p in first.iterdir()}
   with open(corpus_dir / "prose.txt", "a", encoding="utf-8") as f:
     f.write("One more line of prose.\n" * 100)
   load_datasets(text_config, workdir=workdir, batch_size=4)
-  assert len(_tfds_dir(workdir)) == 2 and first in _tfds_dir(workdir)
+  assert len(_packed_dirs(workdir)) == 2 and first in _packed_dirs(workdir)
 
 
 def test_text_max_bytes_is_shared_between_files(corpus_dir):

@@ -74,15 +74,43 @@ def test_batch_dict_shifts_targets(docs, sp):
   np.testing.assert_array_equal(batch["domains"], win_domains[:4, :-1])
 
 
+@pytest.mark.parametrize("small", [False, True], ids=["whole", "pieces"])
+def test_streamed_windows_equal_the_in_memory_pack(docs, sp, tmp_path, monkeypatch,
+                                                  small):
+  if small:  # Documents in pieces, many encode groups, windows over many shards.
+    monkeypatch.setattr(packing, "PIECE_CHARS", 700)
+    monkeypatch.setattr(packing, "GROUP_CHARS", 3000)
+    monkeypatch.setattr(packing, "SHARD_TOKENS", 40 * (L + 1) + 7)
+  packed = packing.load_or_pack(docs[:2], docs[2:], sp, L, corpus_key="k",
+                                cache_root=tmp_path)
+  ids: dict[str, int] = {}
+  for split, part in (("train", docs[:2]), ("validation", docs[2:])):
+    want_tokens, want_domains = packing.pack(
+        *packing.encode_documents(sp, part, ids), L)
+    got = getattr(packed, split)
+    np.testing.assert_array_equal(got.tokens(), want_tokens)
+    np.testing.assert_array_equal(got.domains(), want_domains)
+    if split == "train":
+      np.testing.assert_array_equal(
+          packed.token_counts, np.bincount(want_tokens.reshape(-1), minlength=400))
+  assert packed.domain_names == tuple(ids) == ("prose", "wrap", "json")
+  assert len(packed.test) == 0
+  [cache] = (tmp_path / "packed").iterdir()
+  shards = sorted(cache.glob("train_domains_*.npy"))
+  assert (len(shards) > 2) == small
+  assert all(np.load(f).dtype == np.uint8 for f in shards)  # 1 byte per token.
+
+
 def test_packed_arrays_are_cached(docs, sp, tmp_path, monkeypatch):
   first = packing.load_or_pack(docs[:2], docs[2:], sp, L, corpus_key="k",
                                cache_root=tmp_path)
   assert len(list((tmp_path / "packed").iterdir())) == 1
-  monkeypatch.setattr(packing, "encode_documents", lambda *a: pytest.fail("re-encoded"))
+  monkeypatch.setattr(packing, "_encode_groups", lambda *a: pytest.fail("re-encoded"))
   again = packing.load_or_pack(docs[:2], docs[2:], sp, L, corpus_key="k",
                                cache_root=tmp_path)
   np.testing.assert_array_equal(again.train_tokens, first.train_tokens)
-  np.testing.assert_array_equal(again.validation_domains, first.validation_domains)
+  np.testing.assert_array_equal(again.validation.domains(),
+                                first.validation.domains())
   assert again.domain_names == first.domain_names == ("prose", "wrap", "json")
 
 

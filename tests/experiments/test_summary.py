@@ -181,3 +181,11 @@ def test_stage_summaries_read_each_stage_tail_and_the_soft_phase():
   assert "| stablemoe | 0 distill (0-20) | 1.950 | - | 90.0 | - |" in table
   assert "| stablemoe | 1 frozen (20-100) | 1.000 | - | 50.0 | - |" in table
   assert report.stage_table(report.group([run("switch", [40.0])])) == ""
+
+
+def test_soft_phase_edges_fall_back_to_the_nearest_logged_rows():
+  # Logged every 20 steps: no row in steps 1-5 or 44-49 of the soft phase (1-50).
+  rows = [{"step": s, "stage": 0, "router/experts_per_token": e}
+          for s, e in ((20, 7.0), (40, 3.0), (60, 1.0), (80, 1.0))]
+  (stage,) = stage_summaries(rows, [_stage("dts", 100, hard_step=50)])
+  assert (stage.experts_per_token_first, stage.experts_per_token_last) == (7.0, 3.0)

@@ -54,7 +54,7 @@ class Launch:
 
   def __init__(self, args: list[str], *, root: pathlib.Path, name: str,
                num_processes: int = 2, devices: int = 4,
-               env: dict[str, str] | None = None):
+               env: dict[str, str] | None = None, cli: tuple[str, ...] = CLI):
     self.root, self.name, self.n = pathlib.Path(root), name, num_processes
     port = free_port()
     base = {**os.environ, **(env or {})}
@@ -72,7 +72,7 @@ class Launch:
       env_i = {**base, "JAX_PROCESS_ID": str(i), "MOEJAX_AUDIT_LOG": str(audit_log)}
       with open(log, "w") as out:
         self._procs.append(subprocess.Popen(
-            [sys.executable, *CLI, *args], cwd=REPO, env=env_i, stdout=out,
+            [sys.executable, *cli, *args], cwd=REPO, env=env_i, stdout=out,
             stderr=subprocess.STDOUT, start_new_session=True))
       self._logs.append((log, audit_log))
 

@@ -11,6 +11,7 @@ every process; and that only process 0 writes the workdir outside orbax's
 checkpoints.
 """
 
+import json
 import re
 
 import numpy as np
@@ -20,6 +21,7 @@ from moejax.metrics.writers import read_metrics
 from tests.multihost import launch
 from tests.multihost.runs import (STABLEMOE, TINY, assert_process0_writes_workdir,
                                   assert_same_run, cli_args, reference)
+from tests.data.corpora import write_corpus
 from tests.test_readme import DOCS
 
 pytestmark = pytest.mark.multihost
@@ -150,4 +152,17 @@ def test_data_error_on_process_0_stops_every_process_with_its_line(tmp_path):
     assert r.returncode == 1
     assert r.lines()[-1] == (
         f"moejax: error: {corpus} is binary (NUL byte at offset 9); give only "
-        "UTF-8 text files in data.source")
+        "UTF-8 text files in data.source (or set data.bad_input=skip to drop "
+        "such lines)")
+
+
+def test_each_process_reads_only_its_rows(tmp_path):
+  write_corpus(tmp_path / "corpus")
+  args = [str(tmp_path / "corpus"), str(tmp_path / "w")]
+  launch.run(args + [str(tmp_path / "p{}.json")], root=tmp_path, name="rows",
+             timeout=TIMEOUT, cli=("-m", "tests.multihost.rows_probe"))
+  p0, p1 = (json.loads((tmp_path / f"p{i}.json").read_text()) for i in (0, 1))
+  assert p0["equal"] == p1["equal"] == [True] * 5  # Gathered: the whole batch.
+  # Batch rows split over (data 2, expert 4): each process holds 4 of 8 rows,
+  # reads only those, and the two halves are disjoint.
+  assert p0["read"] == [[0, 1, 2, 3]] * 5 and p1["read"] == [[4, 5, 6, 7]] * 5
