@@ -143,6 +143,14 @@ class HashRouter(Router):
         np.asarray(token_counts_V), num_experts))
 
 
+  def __post_init__(self):
+    # The table's size, not an option: known when the router is built.
+    if self.vocab_size < 1:
+      raise ConfigError(
+          "router 'hash' needs token ids and the vocabulary size; build it with "
+          "make_router(..., vocab_size=V)")
+    super().__post_init__()
+
   @classmethod
   def check_options(cls, options: dict[str, Any], *, num_experts: int,
                     top_k: int) -> None:
@@ -161,10 +169,6 @@ class HashRouter(Router):
     if token_ids_T is None:
       raise ConfigError(
           "router 'hash' needs token ids in the MoE layer; pass token_ids_BL")
-    if self.vocab_size < 1:
-      raise ConfigError(
-          "router 'hash' needs token ids and the vocabulary size; build it with "
-          "make_router(..., vocab_size=V)")
     if not (self.is_initializing()
             or self.has_variable(TABLE_COLLECTION, TABLE_NAME)):
       raise ConfigError(
