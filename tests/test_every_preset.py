@@ -1,13 +1,14 @@
-"""Every preset samples and evaluates: each experiment file of configs/ and each
-`moejax.train.presets.METHODS` entry trains at `model.size=tiny` for the fewest
-steps that save a checkpoint (one per stage), then `moejax-sample`'s and
-`moejax-eval`'s library entries run on that workdir.
+"""Every preset samples and evaluates: each `moejax.train.presets.METHODS`
+entry and each experiment file of configs/ trains once, then `moejax-sample`'s
+and `moejax-eval`'s library entries run on its workdir (`check_trained`).
 
-The runs go in subprocesses on one CPU device, as on a laptop: decoding then
-routes one sequence, which a training-only option (the aux loss's
-micro-batches) once refused. Each subprocess runs several presets, so jax is
-imported once per group; XLA:CPU compiles at optimisation level 0, which halves
-what these tiny runs spend their time on (the checks compare a run with itself).
+The METHODS entries train once per test session, in the golden run
+(`tests/train/test_golden.py`), which asserts their metrics and then calls
+`check_trained` on the same workdir. A configs/ file trains there too when,
+shrunk here to `model.size=tiny` for the fewest steps that save a checkpoint,
+it is the same run as a method (every file is, today); a file that equals no
+method trains here, in a subprocess on one CPU device as on a laptop (XLA:CPU
+at optimisation level 0, which halves what these tiny runs spend their time on).
 
 `python -m tests.test_every_preset NAME...` runs presets by name and prints one
 JSON line per preset.
@@ -26,7 +27,6 @@ import traceback
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-GROUPS = 3  # Subprocesses the presets are spread over (pytest -n spreads them).
 PROMPT = "def main("
 NEW_TOKENS = 4
 
@@ -87,22 +87,31 @@ def run_config(name: str):
 
 
 def check_preset(name: str, workdir: pathlib.Path) -> dict[str, float]:
-  """Trains preset `name` in `workdir`, samples and evaluates it there;
+  """Trains preset `name` in `workdir`, then `check_trained`. Returns seconds
+  per part."""
+  from moejax.train import train_and_evaluate  # pylint: disable=g-import-not-at-top
+  config = run_config(name)
+  start = time.perf_counter()
+  train_and_evaluate(config, workdir, verbose=False)
+  return {"train": time.perf_counter() - start,
+          **check_trained(workdir, config.train.steps)}
+
+
+def check_trained(workdir: pathlib.Path, steps: int) -> dict[str, float]:
+  """Samples and evaluates the run trained `steps` steps in `workdir`;
   AssertionError where a result is wrong. Returns seconds per part."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   from moejax.evaluate import evaluate, write_result  # pylint: disable=g-import-not-at-top
   from moejax.metrics.writers import read_metrics  # pylint: disable=g-import-not-at-top
   from moejax.models.decode import Decoder  # pylint: disable=g-import-not-at-top
   from moejax.sample import annotate, sample  # pylint: disable=g-import-not-at-top
-  from moejax.train import train_and_evaluate  # pylint: disable=g-import-not-at-top
   from moejax.train.trained import load_trained  # pylint: disable=g-import-not-at-top
-  config = run_config(name)
   times, start = {}, time.perf_counter()
-  train_and_evaluate(config, workdir, verbose=False)
-  times["train"] = time.perf_counter() - start
-  start = time.perf_counter()
   trained = load_trained(workdir)  # What moejax-sample and moejax-eval load.
-  assert trained.step == config.train.steps, trained.step
+  assert trained.step == steps, trained.step
+  # One device, as on a laptop: decoding routes one sequence, which a
+  # training-only option (the aux loss's micro-batches) once refused.
+  assert trained.mesh.size == 1, trained.mesh
   decoder = Decoder(trained.model_config, mesh=trained.mesh)
   first, again = (sample(trained, PROMPT, max_new_tokens=NEW_TOKENS, seed=1,
                          decoder=decoder)[0] for _ in range(2))
@@ -131,14 +140,17 @@ def check_preset(name: str, workdir: pathlib.Path) -> dict[str, float]:
   return times
 
 
-def _groups() -> list[list[str]]:
-  names = list(presets())
-  return [names[i::GROUPS] for i in range(GROUPS)]
+def without_method() -> list[str]:
+  """The presets (configs/ files) that, shrunk, equal no METHODS entry."""
+  return [name for name, same in presets().items()
+          if not any(n.startswith("method:") for n in [name, *same])]
 
 
-@pytest.mark.parametrize("group", range(GROUPS))
-def test_every_preset_trains_samples_and_evaluates(group, tmp_path):
-  names = _groups()[group]
+def test_config_files_equal_to_no_method_train_samples_and_evaluate(tmp_path):
+  names = without_method()
+  if not names:
+    pytest.skip("every configs/ file is a METHODS run once shrunk; those train, "
+                "sample and evaluate in tests/train/test_golden.py")
   env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
          "XLA_FLAGS": "--xla_backend_optimization_level=0"}  # One device.
   proc = subprocess.run(
@@ -158,7 +170,6 @@ def test_presets_cover_every_file_and_method():
   covered = {n for name, same in presets().items() for n in [name, *same]}
   assert covered == ({f"configs/{p.name}" for p in (ROOT / "configs").glob("*.py")}
                      | {f"method:{m}" for m in METHODS})
-  assert sorted(n for g in _groups() for n in g) == sorted(presets())
 
 
 def main(names: list[str]) -> None:

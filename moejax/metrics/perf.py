@@ -5,7 +5,9 @@ Shapes: L sequence length, D model width, F hidden width, E experts, K experts
 per token, V vocabulary.
 """
 
+import contextlib
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -66,33 +68,29 @@ def train_flops_per_token(config: TransformerConfig, seq_len: int) -> float:
 class StepTimer:
   """Wall time of training steps only.
 
-  `start()` after a step is dispatched, `stop(outputs)` waits for the device and
-  stops the clock before anything else runs (evaluation, probes, checkpoints,
-  logging), `count()` adds a step timed by the running clock, `take()` returns
-  (steps, seconds) since the last take.
+  The clock runs from the end of the first `paused()` block (a loop's first
+  step compiles inside one) except inside later ones: evaluation, probes,
+  checkpoints, logging, compilation. `count()` adds a step dispatched while the
+  clock runs; `take()` returns (steps, seconds) since the last take.
   """
 
   def __init__(self):
     self._since: float | None = None
     self._seconds, self._steps = 0.0, 0
-    self.started = False
-
-  @property
-  def running(self) -> bool:
-    return self._since is not None
-
-  def start(self) -> None:
-    self.started = True
-    self._since = time.perf_counter()
 
   def count(self) -> None:
     self._steps += 1
 
-  def stop(self, outputs: Any) -> None:
+  @contextlib.contextmanager
+  def paused(self, outputs: Any) -> Iterator[None]:
+    """Waits for `outputs` (steps run asynchronously), so the clock stops when
+    the device has finished them, and restarts it when the block ends."""
     jax.block_until_ready(outputs)
     if self._since is not None:
       self._seconds += time.perf_counter() - self._since
       self._since = None
+    yield
+    self._since = time.perf_counter()
 
   def take(self) -> tuple[int, float]:
     taken = self._steps, self._seconds

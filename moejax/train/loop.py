@@ -5,9 +5,12 @@ a sequence of stages (one, `train`, unless the config lists several); entering a
 stage applies its transform to the previous stage's state. Checkpoints live in a
 directory per stage and the run resumes automatically from the newest one, in
 the right stage at the right step, with the data position it had. Each stage's
-mesh, model and jitted steps are built by `moejax.train.program`.
+mesh, model and jitted steps are built by `moejax.train.program`. After a step,
+the hooks that are due run (log, probe, evaluate, save; `moejax.train.hooks`)
+while the step clock is paused.
 """
 
+import functools
 import math
 import time
 from typing import Any
@@ -18,25 +21,24 @@ from etils import epath
 
 from moejax.errors import (CheckpointError, Interrupted, StorageError,
                            TrainingDiverged)
-from moejax.metrics.fluctuation import FluctuationProbe, write_curve
+from moejax.metrics.fluctuation import write_curve
 from moejax.metrics.perf import (StepTimer, peak_flops, perf_metrics,
                                  train_flops_per_token)
-from moejax.metrics.trace import ReplayReference
 from moejax.metrics.writers import MetricWriter
 from moejax.models.config import TransformerConfig, transformer_config_from_json
 from moejax.parallel import hosts
 from moejax.parallel.rules import with_shardings
 from moejax.paths import as_path
-from moejax.routing.replay import replay_variables
 from moejax.stages.machine import check_frozen, enter_stage, transition_key
 from moejax.stages.stage import boundaries
 from moejax.train.checkpoint import StageCheckpoints, restore_params
 from moejax.train.config import RunConfig
 from moejax.train.guard import guarded_run
+from moejax.train.hooks import Hook, StepEnd
 from moejax.train.optimizer import learning_rate_schedule
 from moejax.train.preemption import StopSignals
-from moejax.train.program import (StageProgram, build_program, model_inputs,
-                                  run_keys, stage_mesh)
+from moejax.train.probing import RouteProbe
+from moejax.train.program import StageProgram, build_program, run_keys, stage_mesh
 from moejax.train.progress import Progress
 from moejax.train.state import TrainState
 from moejax.train.workdir import check_workdir, record_config, saved_config
@@ -70,29 +72,26 @@ def _init_source(config: RunConfig) -> tuple[epath.Path, TransformerConfig] | No
 
 
 class _Run:
-  """The state of one `train_and_evaluate` call: writers, checkpoints, probes."""
+  """One `train_and_evaluate` call: the stages' programs, the checkpoints, the
+  metric rows, the route probe and the summary the call returns."""
 
   def __init__(self, config: RunConfig, workdir: epath.Path, data, verbose: bool,
                signals: StopSignals | None = None):
     self.config, self.workdir, self.data = config, workdir, data
     self.signals = signals
-    is_main = hosts.is_writer()
     tc = config.train
     self.checkpoints = StageCheckpoints(workdir / "checkpoints",
                                         len(config.stages),
                                         max_to_keep=tc.keep_checkpoints)
-    self.writer = MetricWriter(workdir, enabled=is_main, config=config.to_json())
-    self.peak_flops = peak_flops()
-    self.probe = FluctuationProbe(workdir, enabled=is_main)
-    self.probe_batch = model_inputs(data.eval_batches[0])
-    self.replay = ReplayReference(tc.replay_routes, self.probe.dir)
-    if tc.probe_every:
-      self.probe.save_inputs(self.probe_batch["inputs"],
-                             data.eval_batches[0]["domains"],
-                             data.domain_names)
-    self.progress_enabled = verbose and is_main
+    self.writer = MetricWriter(workdir, enabled=hosts.is_writer(),
+                               config=config.to_json())
+    self.probe = RouteProbe(workdir, data, tc.replay_routes,
+                            enabled=hosts.is_writer(),
+                            save_inputs=bool(tc.probe_every))
+    self.progress_enabled = verbose and hosts.is_writer()
     self.progress: Progress | None = None
     self.schedule = learning_rate_schedule(config.optim, tc.steps)
+    self.peak_flops = peak_flops()
     self.init_rng, self.step_rng = run_keys(tc.seed)
     self.last_saved: int | None = None
     self.summary: dict[str, Any] = {}
@@ -126,7 +125,7 @@ class _Run:
       program = self.program(state_stage)
       self.last_saved = step
       self.writer.truncate_after(step)
-      self.probe.resume(step)
+      self.probe.fluctuation.resume(step)
       self.progress.message(f"resumed stage {state_stage} "
                             f"({stages[state_stage].name}) at step {step}")
       prev_model = stages[state_stage].model
@@ -157,7 +156,8 @@ class _Run:
         raise failed_save from None  # The save that filled the disk.
       raise
     self._close()
-    curve = write_curve(self.workdir, self.probe) if self.probe.enabled else None
+    probe = self.probe.fluctuation
+    curve = write_curve(self.workdir, probe) if probe.enabled else None
     if curve is not None:
       self.summary["router/settled_share_first_probe"] = curve["settled_share"][0]
     self.summary["step"] = boundaries(stages)[-1]
@@ -178,21 +178,20 @@ class _Run:
     failed_save = errors.get(self.checkpoints.close)
     return failed_save if isinstance(failed_save, StorageError) else None
 
-  def _stop_if_asked(self, program: StageProgram, step: int, state: TrainState,
-                     next_batch: int, metrics) -> None:
-    """At the boundary after `step`: a failed background save ends the run
-    here; so does a stop signal, after saving `state` and waiting for it."""
+  def _stop_if_asked(self, end: StepEnd) -> None:
+    """At the boundary after `end.step`: a failed background save ends the run
+    here; so does a stop signal, after saving `end.state` and waiting for it."""
     self.checkpoints.poll()
-    signals = self.signals
+    signals, step, program = self.signals, end.step, end.program
     if signals is None or not signals.should_stop(step):
       return
     if step == 0:
       raise Interrupted(f"stopped by {signals.describe()} before step 1; nothing "
                         "was trained", exit_code=signals.exit_code)
     if self.last_saved != step:
-      if metrics is not None:
-        _check_finite(step, hosts.fetch(metrics), self.last_saved)
-      self.save(program, state, next_batch)
+      if end.metrics is not None:
+        _check_finite(step, end.host_metrics, self.last_saved)
+      self.save(program, end.state, end.next_batch)
     self.checkpoints.wait()
     where = self.checkpoints.stage(program.index).directory
     raise Interrupted(
@@ -217,37 +216,20 @@ class _Run:
         + (f", after {program.stage.transform}" if program.stage.transform else ""))
     return state
 
-  def _probe(self, program: StageProgram, state: TrainState, step: int
-             ) -> dict[str, Any]:
-    """Routes the probe tokens: saves their routes, returns the fluctuation
-    metrics, the probe loss and, with `train.replay_routes`, the probe loss
-    under the reference routes."""
-    out = hosts.fetch(program.probe(state.variables(), self.probe_batch))
-    row = {"probe/loss": float(out["loss"]),
-           **self.probe.record(step, out["routes"], out["trace"])}
-    self.replay.observe(out["trace"])
-    reference = self.replay.trace()
-    if reference is not None:
-      variables = {**state.variables(), **replay_variables(reference)}
-      replayed = program.probe(variables, self.probe_batch)
-      row["probe/replay_loss"] = float(hosts.fetch(replayed["loss"]))
-    return row
-
   def _loop(self, program: StageProgram, state: TrainState, next_batch: int):
-    tc = self.config.train
-    tokens_per_step = tc.batch_size * self.config.data.seq_len
-    flops_per_token = train_flops_per_token(program.stage.model,
-                                            self.config.data.seq_len)
-    timer, previous, metrics, current = StepTimer(), None, None, None
-    for step in range(int(state.step) + 1, program.end + 1):
-      self._stop_if_asked(program, step - 1, state, next_batch, metrics)
+    """Trains `program`'s stage from `state` to its last step, running the
+    hooks that are due after each step."""
+    timer, previous, current = StepTimer(), None, None
+    hooks = self._hooks(program, timer)
+    end = StepEnd(program, int(state.step), state, None, next_batch)
+    for step in range(end.step + 1, program.end + 1):
+      self._stop_if_asked(end)
       batch = program.train_batch(self.data, next_batch)
       train_step = program.train_step(step)
       if train_step is not current:  # Compilation is not a training step.
-        timer.stop(previous)
-        state, metrics = self._first_step(program, train_step, state, batch)
+        with timer.paused(previous):
+          state, metrics = self._first_step(program, train_step, state, batch)
         current = train_step
-        timer.start()
       else:
         state, metrics = train_step(state, batch)
         timer.count()
@@ -255,38 +237,50 @@ class _Run:
         self.progress.advance(step - 1)
       previous = metrics["train/loss"]
       next_batch += 1
-      last = step == program.end
-      log = step % tc.log_every == 0 or last
-      probe = bool(tc.probe_every and program.probe
-                   and (step % tc.probe_every == 0 or last))
-      evaluate = step % tc.eval_every == 0 or last
-      save = step % tc.checkpoint_every == 0 or last
-      if log or probe or evaluate or save:
-        timer.stop(metrics)  # The clock times training steps only.
-      if log:
-        metrics = hosts.fetch(metrics)
-        _check_finite(step, metrics, self.last_saved)
-        row = {k: float(v) if v.ndim == 0 else v for k, v in metrics.items()}
-        row.update(perf_metrics(*timer.take(), tokens_per_step, flops_per_token,
-                                self.peak_flops, program.mesh.size))
-        row["train/learning_rate"] = float(self.schedule(step - 1))
-        self.write(program, step, row)
-        self.progress.update(step, row)
-        self.summary.update({k: v for k, v in row.items() if jnp.ndim(v) == 0})
-      if probe:
-        self.write(program, step, self._probe(program, state, step))
-      if evaluate:
-        row = program.evaluate(state.variables())
-        self.write(program, step, row)
-        self.summary.update(row)
-        self.progress.message(f"step {step:>6} | {program.stage.name} | eval loss "
-                              f"{row['eval/loss']:.4f} | ppl {row['eval/ppl']:.2f}")
-      if save:
-        _check_finite(step, hosts.fetch(metrics), self.last_saved)
-        self.save(program, state, next_batch)
-      if not timer.running:
-        timer.start()
+      end = StepEnd(program, step, state, metrics, next_batch)
+      due = [hook for hook in hooks if hook.due(step, last=step == program.end)]
+      if due:
+        with timer.paused(metrics):  # The clock times training steps only.
+          for hook in due:
+            hook.action(end)
     return state, next_batch
+
+  def _hooks(self, program: StageProgram, timer: StepTimer) -> list[Hook]:
+    """The periodic work after a step of `program`'s stage, in this order."""
+    tc = self.config.train
+    return [Hook(tc.log_every, functools.partial(self._log, timer)),
+            Hook(tc.probe_every if program.probe else 0, self._probe),
+            Hook(tc.eval_every, self._evaluate),
+            Hook(tc.checkpoint_every, self._checkpoint)]
+
+  def _log(self, timer: StepTimer, end: StepEnd) -> None:
+    """A row of the step's metrics, throughput and learning rate."""
+    metrics, seq_len = end.host_metrics, self.config.data.seq_len
+    _check_finite(end.step, metrics, self.last_saved)
+    row = {k: float(v) if v.ndim == 0 else v for k, v in metrics.items()}
+    row.update(perf_metrics(
+        *timer.take(), self.config.train.batch_size * seq_len,
+        train_flops_per_token(end.program.stage.model, seq_len),
+        self.peak_flops, end.program.mesh.size))
+    row["train/learning_rate"] = float(self.schedule(end.step - 1))
+    self.write(end.program, end.step, row)
+    self.progress.update(end.step, row)
+    self.summary.update({k: v for k, v in row.items() if jnp.ndim(v) == 0})
+
+  def _probe(self, end: StepEnd) -> None:
+    self.write(end.program, end.step,
+               self.probe(end.program, end.state, end.step))
+
+  def _evaluate(self, end: StepEnd) -> None:
+    row = end.program.evaluate(end.state.variables())
+    self.write(end.program, end.step, row)
+    self.summary.update(row)
+    self.progress.message(f"step {end.step:>6} | {end.program.stage.name} | eval "
+                          f"loss {row['eval/loss']:.4f} | ppl {row['eval/ppl']:.2f}")
+
+  def _checkpoint(self, end: StepEnd) -> None:
+    _check_finite(end.step, end.host_metrics, self.last_saved)
+    self.save(end.program, end.state, end.next_batch)
 
   def _first_step(self, program: StageProgram, train_step, state: TrainState,
                   batch):

@@ -3,6 +3,7 @@
 import time
 import types
 
+import jax.numpy as jnp
 import pytest
 
 from moejax.metrics.perf import (StepTimer, peak_flops, perf_metrics,
@@ -45,15 +46,29 @@ def test_perf_metrics():
 
 def test_step_timer_counts_only_running_time():
   timer = StepTimer()
-  timer.start()
+  time.sleep(0.2)  # Before the first pause (the compiled first step): not timed.
+  with timer.paused(None):
+    time.sleep(0.2)  # Compilation: not training.
   time.sleep(0.05)
   timer.count()
-  timer.stop(None)
-  time.sleep(0.5)  # Evaluation, checkpoints: not training.
-  timer.start()
+  with timer.paused(None):
+    time.sleep(0.5)  # Evaluation, checkpoints: not training.
   time.sleep(0.05)
   timer.count()
-  timer.stop(None)
-  steps, seconds = timer.take()
+  with timer.paused(None):
+    steps, seconds = timer.take()  # As the log hook takes them.
+    time.sleep(0.2)
   assert steps == 2 and 0.1 <= seconds < 0.4
   assert timer.take() == (0, 0.0)
+
+
+def test_step_timer_pause_waits_for_the_device():
+  timer = StepTimer()
+  with timer.paused(None):
+    pass
+  x = jnp.ones((1024, 1024)) / 1024
+  out = [x]
+  for _ in range(8):  # Dispatched asynchronously; milliseconds to compute.
+    out.append(out[-1] @ x)
+  with timer.paused(out):
+    assert all(o.is_ready() for o in out)

@@ -1,5 +1,7 @@
 """The golden run: every preset's first steps match the metrics recorded in
-`tests/train/golden.json` (losses, aux losses, every router metric).
+`tests/train/golden.json` (losses, aux losses, every router metric); then the
+same workdir samples and evaluates (`tests/test_every_preset.check_trained`),
+so each preset trains once per test session.
 
 The numbers change only on purpose. After an intended change (a preset's
 config, a routing formula), regenerate that preset's values and say why in the
@@ -20,7 +22,8 @@ import numpy as np
 import pytest
 
 from moejax.train.presets import METHODS
-from tests.train.golden import GOLDEN_FILE, golden_metrics, prepare
+from tests.test_every_preset import check_trained
+from tests.train.golden import GOLDEN_FILE, STEPS, golden_metrics, prepare
 
 
 @pytest.fixture(scope="module")
@@ -43,3 +46,4 @@ def test_golden_run(method, prepared, tmp_path):
   for key, values in expected.items():
     np.testing.assert_allclose(got[key], values, rtol=1e-5, atol=1e-6,
                                err_msg=f"{method} {key}")
+  check_trained(workdir, STEPS)
