@@ -10,6 +10,7 @@ Import what you need from the subpackages (importing `moejax` alone is light):
   moejax.train     config, presets, the pure step, the stage loop, checkpoints
   moejax.data      corpora, the TFDS text builder, tokenizer, packing
   moejax.metrics   router health, routing fluctuation, metric writers
+  moejax.shapes    the glossary of shape letters in names, one meaning each
 """
 
 __version__ = "0.1.0"

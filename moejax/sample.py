@@ -4,6 +4,8 @@
 `trained` (`moejax.train.trained.load_trained`); `annotate(...)` marks each
 token with its expert in one MoE block, in colour on a terminal. The
 `moejax-sample` command (`moejax.cli_sample`) prints both.
+
+Shapes: B batch rows, Y steps (one generated token each).
 """
 
 import dataclasses
@@ -76,7 +78,7 @@ def sample(trained: Trained, prompt: str, *, max_new_tokens: int | None = None,
       top_p=top_p)
   samples = []
   for row in range(num_samples):
-    new = [int(t) for t in out.tokens_BN[row]]
+    new = [int(t) for t in out.tokens_BY[row]]
     if EOS_ID in new:
       new = new[:new.index(EOS_ID)]
     length = len(prompt_ids) + len(new)

@@ -14,6 +14,8 @@ Public API:
 
 A batch is `{"inputs", "targets", "domains"}`, each int32[B, L].
 
+Shapes: B batch, L length (`data.seq_len`).
+
 Modules: `sources` (parse and open `data.source`), `embedded` (the offline stdlib
 corpus), `tfds_source` (`tfds:` datasets), `documents` (byte caps and the held-out
 carve), `text_builder` (the `moejax_text` TFDS builder), `tokenizer` (SentencePiece),

@@ -1,8 +1,10 @@
 """Packing: documents -> an EOS-joined token stream -> windows of L+1 tokens + domains.
 
-Shapes: T tokens in a stream, N windows, L = seq_len, B batch.
+Shapes: T tokens (of a stream), B batch (rows: the windows cut from a stream or
+a split), L length (`seq_len`).
+
 Every document is encoded, followed by EOS, and the documents are concatenated in
-order; the stream is cut into N = T // (L+1) non-overlapping windows (the tail is
+order; the stream is cut into T // (L+1) non-overlapping windows (the tail is
 dropped). A window gives `inputs = w[:-1]` and `targets = w[1:]`; `domains` is the
 domain id of each input token (an EOS belongs to the document it ends).
 
@@ -70,7 +72,7 @@ def encode_documents(sp, docs: Sequence[Document], domain_ids: dict[str, int]
 
 def pack(tokens_T: np.ndarray, domains_T: np.ndarray, seq_len: int
          ) -> tuple[np.ndarray, np.ndarray]:
-  """Cuts a stream into windows: (tokens int32[N, L+1], domains int32[N, L+1])."""
+  """Cuts a stream into windows: (tokens int32[B, L+1], domains int32[B, L+1])."""
   n = len(tokens_T) // (seq_len + 1)
   size = n * (seq_len + 1)
   return (tokens_T[:size].reshape(n, seq_len + 1),

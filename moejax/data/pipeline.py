@@ -1,8 +1,10 @@
 """The data pipeline: `load_datasets(cfg, workdir=..., batch_size=...) -> Datasets`.
 
-Shapes: B batch, L = `cfg.seq_len`. A batch is a dict of int32[B, L]: `inputs`,
-`targets` (inputs shifted by one: both come from one packed window of L+1 tokens)
-and `domains` (the domain id of each input token, an index into `domain_names`).
+Shapes: B batch, L length (`cfg.seq_len`), V vocabulary.
+
+A batch is a dict of int32[B, L]: `inputs`, `targets` (inputs shifted by one:
+both come from one packed window of L+1 tokens) and `domains` (the domain id of
+each input token, an index into `domain_names`).
 
 Training batch i is `ds.train[i]`, a pure function of (corpus, tokenizer, seed, i):
 sequences are shuffled per epoch (each epoch a new permutation of all of them) and
@@ -67,7 +69,7 @@ class Datasets:
   cache_dir: str
 
   def train_rows(self, i: int, rows) -> Batch:
-    """Rows `rows` (positions, int[R]) of training batch i, read alone:
+    """Rows `rows` (sorted batch positions) of training batch i, read alone:
     equal to `ds.train[i][k][rows]` for every key k."""
     B = self.batch_size  # pylint: disable=invalid-name
     items = [self.train_sequences_stream[i * B + int(r)] for r in rows]

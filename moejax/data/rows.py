@@ -1,7 +1,7 @@
 """Each process reads only its rows: training batch i as global arrays on a mesh.
 
-`place_rows(fetch, batch_size, sharding)` asks `fetch(rows)` (positions in the
-global batch, int[R] sorted) for the rows the devices of this process hold, and
+`place_rows(fetch, batch_size, sharding)` asks `fetch(rows)` (sorted positions
+in the global batch) for the rows the devices of this process hold, and
 builds every leaf as one global array of [batch_size, ...] split by `sharding`
 (the batch dimension over devices); the rows of other processes are never read.
 With `Datasets.train_rows` as `fetch`, the arrays equal the whole batch

@@ -1,5 +1,8 @@
 """The packed cache on disk: shards of windows, their writer and their reader.
 
+Shapes: B batch (rows: the windows of a split), L length (`seq_len`), T tokens
+(of a stream), V vocabulary.
+
 Layout of one cache directory: per split, shards `{split}_tokens_{k:05d}.npy`
 int32[n_k, L+1] and `{split}_domains_{k:05d}.npy` uint8 (uint16 when a shard has
 ids >= 256) of the same shape, and `packed.json` (shard sizes, domain names,
@@ -106,11 +109,11 @@ class Windows:
             domains.reshape(idx.shape + (self.width,)))
 
   def tokens(self) -> np.ndarray:
-    """Every window's tokens, int32[N, L+1] (in memory: for small splits)."""
+    """Every window's tokens, int32[B, L+1] (in memory: for small splits)."""
     return self.rows(np.arange(len(self)))[0]
 
   def domains(self) -> np.ndarray:
-    """Every window's domain ids, int32[N, L+1] (in memory: for small splits)."""
+    """Every window's domain ids, int32[B, L+1] (in memory: for small splits)."""
     return self.rows(np.arange(len(self)))[1]
 
 

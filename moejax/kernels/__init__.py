@@ -1,6 +1,8 @@
 """Grouped matmul kernels for the dropless MoE path, behind one function.
 
-  grouped_matmul(lhs_MK, rhs_GKN, group_sizes_G,
+Shapes: M routed rows, I input width, O output width, G groups.
+
+  grouped_matmul(lhs_MI, rhs_GIO, group_sizes_G,
                  impl="xla" | "pallas" | "megablox" | "tiled" | "auto")
 
 `MATMUL_IMPLS` lists the names; `check_impl` raises a ConfigError for others.

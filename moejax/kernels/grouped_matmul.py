@@ -1,7 +1,7 @@
 """Grouped matmul: rows grouped contiguously, each group times its own matrix.
 
-Shapes (kernels/ only: K is a contraction width, not top-k): M rows, K
-contraction, N output width, G groups.
+Shapes: M routed rows (the lhs rows, grouped contiguously), I input width
+(contracted), O output width, G groups.
 
   out[m] = lhs[m] @ rhs[g(m)]  for m < sum(group_sizes);  0 for later rows.
 
@@ -62,22 +62,22 @@ def available_impls(platform: str | None = None) -> tuple[str, ...]:
   return tuple(names)
 
 
-def _xla(lhs_MK, rhs_GKN, group_sizes_G, *, tiles, interpret):
+def _xla(lhs_MI, rhs_GIO, group_sizes_G, *, tiles, interpret):
   del tiles, interpret
-  return jax.lax.ragged_dot(lhs_MK, rhs_GKN, group_sizes_G)
+  return jax.lax.ragged_dot(lhs_MI, rhs_GIO, group_sizes_G)
 
 
-def _pallas(lhs_MK, rhs_GKN, group_sizes_G, *, tiles, interpret):
+def _pallas(lhs_MI, rhs_GIO, group_sizes_G, *, tiles, interpret):
   platform = jax.default_backend()
   target = "tpu" if platform == "tpu" else "gpu"
   if interpret is None:
     interpret = platform not in ("gpu", "tpu")
   return pallas_impl.pallas_grouped_matmul(
-      lhs_MK, rhs_GKN, group_sizes_G, target=target, tiles=tiles,
+      lhs_MI, rhs_GIO, group_sizes_G, target=target, tiles=tiles,
       interpret=interpret)
 
 
-def _megablox(lhs_MK, rhs_GKN, group_sizes_G, *, tiles, interpret):
+def _megablox(lhs_MI, rhs_GIO, group_sizes_G, *, tiles, interpret):
   platform = jax.default_backend()
   if interpret is None:
     if platform == "gpu":
@@ -85,12 +85,12 @@ def _megablox(lhs_MK, rhs_GKN, group_sizes_G, *, tiles, interpret):
           "matmul='megablox' is a TPU kernel; on GPU use 'pallas' or 'auto'")
     interpret = platform != "tpu"
   return megablox.megablox_grouped_matmul(
-      lhs_MK, rhs_GKN, group_sizes_G, tiles=tiles, interpret=interpret)
+      lhs_MI, rhs_GIO, group_sizes_G, tiles=tiles, interpret=interpret)
 
 
-def _tiled(lhs_MK, rhs_GKN, group_sizes_G, *, tiles, interpret):
+def _tiled(lhs_MI, rhs_GIO, group_sizes_G, *, tiles, interpret):
   del interpret
-  return tiled.tiled_grouped_matmul(lhs_MK, rhs_GKN, group_sizes_G,
+  return tiled.tiled_grouped_matmul(lhs_MI, rhs_GIO, group_sizes_G,
                                     tm=tiles[0] if tiles else None)
 
 
@@ -98,11 +98,11 @@ _IMPLS: dict[str, GroupedMatmul] = {
     "xla": _xla, "pallas": _pallas, "megablox": _megablox, "tiled": _tiled}
 
 
-def grouped_matmul(lhs_MK: jax.Array, rhs_GKN: jax.Array,
+def grouped_matmul(lhs_MI: jax.Array, rhs_GIO: jax.Array,
                    group_sizes_G: jax.Array, *, impl: str = "xla",
                    tiles: Tiles | None = None,
                    interpret: bool | None = None) -> jax.Array:
-  """[M, K] rows grouped by `group_sizes_G` times [G, K, N] -> [M, N].
+  """[M, I] rows grouped by `group_sizes_G` times [G, I, O] -> [M, O].
 
   Rows must be sorted by group with sum(group_sizes) <= M; rows past the sum
   come out 0. Differentiable w.r.t. lhs and rhs. lhs and rhs are promoted to a
@@ -119,9 +119,9 @@ def grouped_matmul(lhs_MK: jax.Array, rhs_GKN: jax.Array,
       GPU/TPU backend can compile them (CPU), so CI runs the real kernel code.
   """
   fn = _IMPLS[resolve_impl(impl)]
-  dtype = jnp.result_type(lhs_MK, rhs_GKN)
-  lhs_MK, rhs_GKN = lhs_MK.astype(dtype), rhs_GKN.astype(dtype)
-  num_rows, num_groups = lhs_MK.shape[0], rhs_GKN.shape[0]
+  dtype = jnp.result_type(lhs_MI, rhs_GIO)
+  lhs_MI, rhs_GIO = lhs_MI.astype(dtype), rhs_GIO.astype(dtype)
+  num_rows, num_groups = lhs_MI.shape[0], rhs_GIO.shape[0]
   if num_rows == 0 or num_groups == 0:
-    return jnp.zeros((num_rows, rhs_GKN.shape[2]), dtype)
-  return fn(lhs_MK, rhs_GKN, group_sizes_G, tiles=tiles, interpret=interpret)
+    return jnp.zeros((num_rows, rhs_GIO.shape[2]), dtype)
+  return fn(lhs_MI, rhs_GIO, group_sizes_G, tiles=tiles, interpret=interpret)

@@ -1,7 +1,7 @@
 """impl="megablox": jax's TPU grouped matmul `megablox.gmm`, to our contract.
 
-Shapes (kernels/ only: K is a contraction width): M rows, K, N, G groups,
-Mp = M rounded up to a multiple of tm.
+Shapes: M routed rows (padded here to a multiple of tm), I input width, O
+output width, G groups.
 
 megablox.gmm (its own custom VJP: dX by gmm with transposed rhs, dW by its
 `tgmm`) needs M divisible by tm and leaves rows past sum(group_sizes)
@@ -40,45 +40,45 @@ def is_available() -> bool:
 
 
 @jax.custom_vjp
-def _zero_cotangent_rows(x_MK: jax.Array, valid_M: jax.Array) -> jax.Array:
+def _zero_cotangent_rows(x_MI: jax.Array, valid_M: jax.Array) -> jax.Array:
   """Identity whose VJP zeroes the cotangent rows where ~valid_M."""
   del valid_M
-  return x_MK
+  return x_MI
 
 
-def _zero_fwd(x_MK, valid_M):
-  return x_MK, valid_M
+def _zero_fwd(x_MI, valid_M):
+  return x_MI, valid_M
 
 
-def _zero_bwd(valid_M, dx_MK):
+def _zero_bwd(valid_M, dx_MI):
   # A select, not a multiply: the rows we drop may hold NaNs.
-  return jnp.where(valid_M[:, None], dx_MK, jnp.zeros_like(dx_MK)), None
+  return jnp.where(valid_M[:, None], dx_MI, jnp.zeros_like(dx_MI)), None
 
 
 _zero_cotangent_rows.defvjp(_zero_fwd, _zero_bwd)
 
 
-def megablox_grouped_matmul(lhs_MK: jax.Array, rhs_GKN: jax.Array,
+def megablox_grouped_matmul(lhs_MI: jax.Array, rhs_GIO: jax.Array,
                             group_sizes_G: jax.Array, *,
                             tiles: tuple[int, int, int] | None = None,
                             interpret: bool = False) -> jax.Array:
-  """[M, K] rows grouped by `group_sizes_G` times [G, K, N] -> [M, N] via megablox.
+  """[M, I] rows grouped by `group_sizes_G` times [G, I, O] -> [M, O] via megablox.
 
   float32 or bfloat16 only (megablox's dtypes); rows past the groups come out 0.
   """
   gmm = load_gmm()
-  num_rows, num_k = lhs_MK.shape
+  num_rows, d_in = lhs_MI.shape
   tm, tk, tn = tiles or TILES
-  # Full-dimension blocks are always legal on TPU; megablox masks ragged K, N.
+  # Full-dimension blocks are always legal on TPU; megablox masks ragged I, O.
   tm = min(tm, -(-num_rows // 8) * 8)
-  tk, tn = min(tk, num_k), min(tn, rhs_GKN.shape[2])
-  x_MK = tiling.pad_to_multiple(lhs_MK, 0, tm)
+  tk, tn = min(tk, d_in), min(tn, rhs_GIO.shape[2])
+  x_MI = tiling.pad_to_multiple(lhs_MI, 0, tm)
   group_sizes_G = group_sizes_G.astype(jnp.int32)
-  valid_M = jnp.arange(x_MK.shape[0]) < jnp.sum(group_sizes_G)
-  x_MK = _zero_cotangent_rows(x_MK, valid_M)
+  valid_M = jnp.arange(x_MI.shape[0]) < jnp.sum(group_sizes_G)
+  x_MI = _zero_cotangent_rows(x_MI, valid_M)
   # Positional: megablox's custom_vjp marks dtype, tiling, transpose_rhs and
   # interpret as non-differentiable by position.
-  y_MN = gmm(x_MK, rhs_GKN, group_sizes_G, lhs_MK.dtype, (tm, tk, tn), None,
+  y_MO = gmm(x_MI, rhs_GIO, group_sizes_G, lhs_MI.dtype, (tm, tk, tn), None,
              None, False, interpret)
-  y_MN = jnp.where(valid_M[:, None], y_MN, jnp.zeros_like(y_MN))
-  return y_MN[:num_rows]
+  y_MO = jnp.where(valid_M[:, None], y_MO, jnp.zeros_like(y_MO))
+  return y_MO[:num_rows]

@@ -1,17 +1,17 @@
 """Grouped matmul kernels for the Pallas Triton (GPU) backend, on padded rows.
 
-Shapes (kernels/ only: K is a contraction width): R = P * tm padded rows in P
-row tiles of tm rows, K contraction, N output width, G groups.
+Shapes: R buffer rows (P * tm padded rows), P row tiles of tm rows, I input
+width (contracted), O output width, G groups.
 
 Written for Triton's model: refs are whole arrays in global memory (no
 BlockSpecs), every program loads power-of-two tiles with `pl.ds`, and the
 block->group table is an ordinary int32 input read as a scalar. The same code
 runs on CPU with `interpret=True`, which is how the tests exercise it.
 
-- `gmm`: out[tile t] = x[tile t] @ w[group_P[t]], grid (P, N/tn), a K loop
+- `gmm`: out[tile t] = x[tile t] @ w[group_P[t]], grid (P, O/tn), an I loop
   inside; unused trailing tiles write zeros without loading anything.
 - `tgmm`: dw[g] = sum over g's tiles of x[tile]^T @ dy[tile], grid
-  (G, K/tk, N/tn), a loop over the group's tiles with dynamic bounds (an empty
+  (G, I/tk, O/tn), a loop over the group's tiles with dynamic bounds (an empty
   group's loop runs 0 times and writes zeros): the ragged-contracting product.
 """
 
@@ -55,41 +55,41 @@ def _gmm_kernel(group_ref, used_ref, x_ref, w_ref, o_ref, *, tm, tk, tn,
   def _compute():
     g = group_ref[t]
 
-    def body(k, acc_MN):
+    def body(k, acc_RO):
       ks = _tile(k, tk)
-      x_MK = x_ref[rows, ks]
+      x_RI = x_ref[rows, ks]
       if transpose_rhs:
-        return acc_MN + _dot(x_MK, w_ref[g, cols, ks], 1, 1)
-      return acc_MN + _dot(x_MK, w_ref[g, ks, cols], 1, 0)
+        return acc_RO + _dot(x_RI, w_ref[g, cols, ks], 1, 1)
+      return acc_RO + _dot(x_RI, w_ref[g, ks, cols], 1, 0)
 
-    acc_MN = jax.lax.fori_loop(0, num_k, body, jnp.zeros((tm, tn), jnp.float32))
-    o_ref[rows, cols] = acc_MN.astype(o_ref.dtype)
+    acc_RO = jax.lax.fori_loop(0, num_k, body, jnp.zeros((tm, tn), jnp.float32))
+    o_ref[rows, cols] = acc_RO.astype(o_ref.dtype)
 
   @pl.when(jnp.logical_not(used))
   def _zero():
     o_ref[rows, cols] = jnp.zeros((tm, tn), o_ref.dtype)
 
 
-def gmm(x_RK: jax.Array, w_GKN: jax.Array, plan: TilePlan, *,
+def gmm(x_RI: jax.Array, w_GIO: jax.Array, plan: TilePlan, *,
         tiles: tuple[int, int, int], transpose_rhs: bool = False,
         interpret: bool = False) -> jax.Array:
-  """[R, K] padded rows times their tile's group weights -> [R, N].
+  """[R, I] padded rows times their tile's group weights -> [R, O].
 
-  With transpose_rhs, w is [G, N, K] and read transposed (the dX product).
-  K and N must be multiples of tk and tn; R is P * tm by construction.
+  With transpose_rhs, w is [G, O, I] and read transposed (the dX product).
+  I and O must be multiples of tk and tn; R is P * tm by construction.
   """
   tm, tk, tn = tiles
-  num_rows, k_dim, n_dim = gmm_dims(x_RK, w_GKN, plan, tiles, transpose_rhs)
+  num_rows, d_in, d_out = gmm_dims(x_RI, w_GIO, plan, tiles, transpose_rhs)
   kernel = functools.partial(_gmm_kernel, tm=tm, tk=tk, tn=tn,
-                             num_k=k_dim // tk, transpose_rhs=transpose_rhs)
+                             num_k=d_in // tk, transpose_rhs=transpose_rhs)
   return pl.pallas_call(
       kernel,
-      out_shape=jax.ShapeDtypeStruct((num_rows, n_dim), x_RK.dtype),
-      grid=(plan.num_tiles, n_dim // tn),
+      out_shape=jax.ShapeDtypeStruct((num_rows, d_out), x_RI.dtype),
+      grid=(plan.num_tiles, d_out // tn),
       compiler_params=COMPILER_PARAMS,
       interpret=interpret,
       name="moejax_gmm",
-  )(plan.group_P, plan.num_used_tiles, x_RK, w_GKN)
+  )(plan.group_P, plan.num_used_tiles, x_RI, w_GIO)
 
 
 def _tgmm_kernel(start_ref, count_ref, x_ref, dy_ref, o_ref, *, tm, tk, tn):
@@ -97,30 +97,30 @@ def _tgmm_kernel(start_ref, count_ref, x_ref, dy_ref, o_ref, *, tm, tk, tn):
   ks, cols = _tile(kb, tk), _tile(j, tn)
   start = start_ref[g]
 
-  def body(t, acc_KN):
+  def body(t, acc_IO):
     rows = _tile(t, tm)
-    return acc_KN + _dot(x_ref[rows, ks], dy_ref[rows, cols], 0, 0)
+    return acc_IO + _dot(x_ref[rows, ks], dy_ref[rows, cols], 0, 0)
 
-  acc_KN = jax.lax.fori_loop(start, start + count_ref[g], body,
+  acc_IO = jax.lax.fori_loop(start, start + count_ref[g], body,
                              jnp.zeros((tk, tn), jnp.float32))
-  o_ref[g, ks, cols] = acc_KN.astype(o_ref.dtype)
+  o_ref[g, ks, cols] = acc_IO.astype(o_ref.dtype)
 
 
-def tgmm(x_RK: jax.Array, dy_RN: jax.Array, plan: TilePlan, num_groups: int, *,
+def tgmm(x_RI: jax.Array, dy_RO: jax.Array, plan: TilePlan, num_groups: int, *,
          tiles: tuple[int, int, int], out_dtype: jnp.dtype,
          interpret: bool = False) -> jax.Array:
-  """Per group g: x[g's rows]^T @ dy[g's rows] -> [G, K, N] (0 for empty g)."""
+  """Per group g: x[g's rows]^T @ dy[g's rows] -> [G, I, O] (0 for empty g)."""
   tm, tk, tn = tiles
-  num_rows, k_dim = x_RK.shape
-  n_dim = dy_RN.shape[1]
+  num_rows, d_in = x_RI.shape
+  d_out = dy_RO.shape[1]
   assert tm == plan.tm and num_rows == plan.num_padded_rows
-  assert k_dim % tk == 0 and n_dim % tn == 0, (k_dim, tk, n_dim, tn)
+  assert d_in % tk == 0 and d_out % tn == 0, (d_in, tk, d_out, tn)
   kernel = functools.partial(_tgmm_kernel, tm=tm, tk=tk, tn=tn)
   return pl.pallas_call(
       kernel,
-      out_shape=jax.ShapeDtypeStruct((num_groups, k_dim, n_dim), out_dtype),
-      grid=(num_groups, k_dim // tk, n_dim // tn),
+      out_shape=jax.ShapeDtypeStruct((num_groups, d_in, d_out), out_dtype),
+      grid=(num_groups, d_in // tk, d_out // tn),
       compiler_params=COMPILER_PARAMS,
       interpret=interpret,
       name="moejax_tgmm",
-  )(plan.tile_start_G, plan.tile_count_G, x_RK, dy_RN)
+  )(plan.tile_start_G, plan.tile_count_G, x_RI, dy_RO)

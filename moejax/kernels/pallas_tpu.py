@@ -1,18 +1,18 @@
 """Grouped matmul kernels for the Pallas Mosaic (TPU) backend, on padded rows.
 
-Shapes (kernels/ only: K is a contraction width): R = P * tm padded rows in P
-row tiles of tm rows, K contraction, N output width, G groups.
+Shapes: R buffer rows (P * tm padded rows), P row tiles of tm rows, I input
+width (contracted), O output width, G groups.
 
 Written for Mosaic's model: BlockSpecs move (tm, tk) / (tk, tn) tiles into
 VMEM, the block->group table arrives by scalar prefetch and picks the weight
-block inside the index map, and the K reduction is the innermost
+block inside the index map, and the I reduction is the innermost
 ("arbitrary") grid axis accumulating in a float32 VMEM scratch. Runs on CPU
 with `interpret=True`. On TPU, `impl="megablox"` (jax's tuned kernel) is the
 default; this one is the same design as `pallas_gpu`, kept for comparison.
 
-- `gmm`: grid (N/tn, P, K/tk); unused trailing tiles skip the matmul and
+- `gmm`: grid (O/tn, P, I/tk); unused trailing tiles skip the matmul and
   re-use the last used tile's input blocks (no new DMA), writing zeros.
-- `tgmm`: grid (K/tk, N/tn, P); a group's tiles are consecutive, so its output
+- `tgmm`: grid (I/tk, O/tn, P); a group's tiles are consecutive, so its output
   block is revisited on consecutive steps: zeroed at its first tile, stored at
   its last. Empty groups own no tile and are zeroed afterwards.
 """
@@ -53,16 +53,16 @@ def _gmm_kernel(group_ref, used_ref, x_ref, w_ref, o_ref, acc_ref, *,
     o_ref[...] = acc_ref[...].astype(o_ref.dtype)
 
 
-def gmm(x_RK: jax.Array, w_GKN: jax.Array, plan: TilePlan, *,
+def gmm(x_RI: jax.Array, w_GIO: jax.Array, plan: TilePlan, *,
         tiles: tuple[int, int, int], transpose_rhs: bool = False,
         interpret: bool = False) -> jax.Array:
-  """[R, K] padded rows times their tile's group weights -> [R, N].
+  """[R, I] padded rows times their tile's group weights -> [R, O].
 
-  With transpose_rhs, w is [G, N, K] and read transposed (the dX product).
-  K and N must be multiples of tk and tn; R is P * tm by construction.
+  With transpose_rhs, w is [G, O, I] and read transposed (the dX product).
+  I and O must be multiples of tk and tn; R is P * tm by construction.
   """
   tm, tk, tn = tiles
-  num_rows, k_dim, n_dim = gmm_dims(x_RK, w_GKN, plan, tiles, transpose_rhs)
+  num_rows, d_in, d_out = gmm_dims(x_RI, w_GIO, plan, tiles, transpose_rhs)
 
   def live(t, used_ref):  # An unused tile re-reads the last used tile's blocks.
     return jnp.maximum(jnp.minimum(t, used_ref[0] - 1), 0)
@@ -77,19 +77,19 @@ def gmm(x_RK: jax.Array, w_GKN: jax.Array, plan: TilePlan, *,
   w_block = (None, tn, tk) if transpose_rhs else (None, tk, tn)
   grid_spec = pltpu.PrefetchScalarGridSpec(
       num_scalar_prefetch=2,
-      grid=(n_dim // tn, plan.num_tiles, k_dim // tk),
+      grid=(d_out // tn, plan.num_tiles, d_in // tk),
       in_specs=[pl.BlockSpec((tm, tk), x_map), pl.BlockSpec(w_block, w_map)],
       out_specs=pl.BlockSpec((tm, tn), lambda j, t, k, *_: (t, j)),
       scratch_shapes=[pltpu.VMEM((tm, tn), jnp.float32)])
   return pl.pallas_call(
       functools.partial(_gmm_kernel, transpose_rhs=transpose_rhs),
-      out_shape=jax.ShapeDtypeStruct((num_rows, n_dim), x_RK.dtype),
+      out_shape=jax.ShapeDtypeStruct((num_rows, d_out), x_RI.dtype),
       grid_spec=grid_spec,
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "arbitrary", "arbitrary")),
       interpret=interpret,
       name="moejax_gmm_tpu",
-  )(plan.group_P, plan.num_used_tiles, x_RK, w_GKN)
+  )(plan.group_P, plan.num_used_tiles, x_RI, w_GIO)
 
 
 def _tgmm_kernel(group_ref, x_ref, dy_ref, o_ref, acc_ref):
@@ -109,35 +109,35 @@ def _tgmm_kernel(group_ref, x_ref, dy_ref, o_ref, acc_ref):
     o_ref[...] = acc_ref[...].astype(o_ref.dtype)
 
 
-def tgmm(x_RK: jax.Array, dy_RN: jax.Array, plan: TilePlan, num_groups: int, *,
+def tgmm(x_RI: jax.Array, dy_RO: jax.Array, plan: TilePlan, num_groups: int, *,
          tiles: tuple[int, int, int], out_dtype: jnp.dtype,
          interpret: bool = False) -> jax.Array:
-  """Per group g: x[g's rows]^T @ dy[g's rows] -> [G, K, N] (0 for empty g).
+  """Per group g: x[g's rows]^T @ dy[g's rows] -> [G, I, O] (0 for empty g).
 
   Unused trailing tiles extend the last group with zero rows (adding 0).
   """
   tm, tk, tn = tiles
-  num_rows, k_dim = x_RK.shape
-  n_dim = dy_RN.shape[1]
+  num_rows, d_in = x_RI.shape
+  d_out = dy_RO.shape[1]
   assert tm == plan.tm and num_rows == plan.num_padded_rows
-  assert k_dim % tk == 0 and n_dim % tn == 0, (k_dim, tk, n_dim, tn)
+  assert d_in % tk == 0 and d_out % tn == 0, (d_in, tk, d_out, tn)
   grid_spec = pltpu.PrefetchScalarGridSpec(
       num_scalar_prefetch=1,
-      grid=(k_dim // tk, n_dim // tn, plan.num_tiles),
+      grid=(d_in // tk, d_out // tn, plan.num_tiles),
       in_specs=[pl.BlockSpec((tm, tk), lambda kb, j, t, grp: (t, kb)),
                 pl.BlockSpec((tm, tn), lambda kb, j, t, grp: (t, j))],
       out_specs=pl.BlockSpec((None, tk, tn),
                              lambda kb, j, t, grp: (grp[t], kb, j)),
       scratch_shapes=[pltpu.VMEM((tk, tn), jnp.float32)])
-  dw_GKN = pl.pallas_call(
+  dw_GIO = pl.pallas_call(
       _tgmm_kernel,
-      out_shape=jax.ShapeDtypeStruct((num_groups, k_dim, n_dim), out_dtype),
+      out_shape=jax.ShapeDtypeStruct((num_groups, d_in, d_out), out_dtype),
       grid_spec=grid_spec,
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "parallel", "arbitrary")),
       interpret=interpret,
       name="moejax_tgmm_tpu",
-  )(plan.group_P, x_RK, dy_RN)
+  )(plan.group_P, x_RI, dy_RO)
   # An empty group is never visited, or only by unused tiles (which add 0).
   nonempty_G = plan.tile_count_G > 0
-  return jnp.where(nonempty_G[:, None, None], dw_GKN, jnp.zeros_like(dw_GKN))
+  return jnp.where(nonempty_G[:, None, None], dw_GIO, jnp.zeros_like(dw_GIO))

@@ -1,8 +1,8 @@
 """Row tiling for grouped matmuls: each group padded only to a tile multiple.
 
-Shapes (kernels/ only: here K is a contraction width, not top-k):
-  M rows grouped contiguously by group, G groups, tm rows per tile,
-  P = M // tm + min(G, M) row tiles (a static bound), R = P * tm padded rows.
+Shapes: M routed rows (grouped contiguously by group), G groups, P row tiles
+(M // tm + min(G, M), a static bound, of tm rows), R buffer rows (P * tm
+padded rows), I input width, O output width.
 
 The padded layout puts group g at tile `tile_start_G[g]` and gives it
 `ceil(size_g / tm)` tiles, so every tile holds rows of one group only and a
@@ -103,23 +103,23 @@ def make_tile_plan(group_sizes_G: jax.Array, num_rows: int, tm: int) -> TilePlan
       tm=tm)
 
 
-def _gather_rows_with_zero(x_XC: jax.Array, rows_Y: jax.Array) -> jax.Array:
+def _gather_rows_with_zero(x: jax.Array, rows: jax.Array) -> jax.Array:
   """x[rows], where row index x.shape[0] reads a zero row (no copy of x)."""
-  return x_XC.at[rows_Y].get(mode="fill", fill_value=0)
+  return x.at[rows].get(mode="fill", fill_value=0)
 
 
-def pad_rows(x_MC: jax.Array, plan: TilePlan) -> jax.Array:
-  """[M, C] grouped rows -> [R, C] padded layout (padding rows zero)."""
-  return _gather_rows_with_zero(x_MC, plan.src_row_R)
+def pad_rows(x: jax.Array, plan: TilePlan) -> jax.Array:
+  """[M, ...] grouped rows -> [R, ...] padded layout (padding rows zero)."""
+  return _gather_rows_with_zero(x, plan.src_row_R)
 
 
-def unpad_rows(x_RC: jax.Array, plan: TilePlan) -> jax.Array:
-  """[R, C] padded layout -> [M, C] grouped rows (rows past the groups zero).
+def unpad_rows(x: jax.Array, plan: TilePlan) -> jax.Array:
+  """[R, ...] padded layout -> [M, ...] grouped rows (zero past the groups).
 
   pad_rows and unpad_rows are each other's transpose: every real row appears
   exactly once on each side, so the VJP of one is the other.
   """
-  return _gather_rows_with_zero(x_RC, plan.dst_row_M)
+  return _gather_rows_with_zero(x, plan.dst_row_M)
 
 
 def pad_to_multiple(x: jax.Array, axis: int, multiple: int) -> jax.Array:
@@ -141,15 +141,15 @@ def fit_tile(dim: int, tile: int) -> int:
   return min(tile, max(16, 1 << (max(dim, 1) - 1).bit_length()))
 
 
-def gmm_dims(x_RK, w_GKN, plan: TilePlan, tiles: tuple[int, int, int],
+def gmm_dims(x_RI, w_GIO, plan: TilePlan, tiles: tuple[int, int, int],
              transpose_rhs: bool) -> tuple[int, int, int]:
-  """(R, K, N) of a padded grouped matmul, checked against the plan and tiles.
+  """(R, I, O) of a padded grouped matmul, checked against the plan and tiles.
 
-  With transpose_rhs, w is [G, N, K] (the dX product).
+  With transpose_rhs, w is [G, O, I] (the dX product).
   """
   tm, tk, tn = tiles
-  num_rows, k_dim = x_RK.shape
-  n_dim = w_GKN.shape[1] if transpose_rhs else w_GKN.shape[2]
+  num_rows, d_in = x_RI.shape
+  d_out = w_GIO.shape[1] if transpose_rhs else w_GIO.shape[2]
   assert tm == plan.tm and num_rows == plan.num_padded_rows
-  assert k_dim % tk == 0 and n_dim % tn == 0, (k_dim, tk, n_dim, tn)
-  return num_rows, k_dim, n_dim
+  assert d_in % tk == 0 and d_out % tn == 0, (d_in, tk, d_out, tn)
+  return num_rows, d_in, d_out

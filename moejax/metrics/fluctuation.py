@@ -1,6 +1,7 @@
 """Routing fluctuation: how often probe tokens change expert during training.
 
-Shapes: N probe tokens, P probes so far.
+Shapes: T tokens (the probe tokens), Y steps (the probes so far), B batch, L
+length (of the probe batch).
 
 Every `probe_every` steps the trainer routes a fixed set of held-out tokens
 deterministically and records each token's (top) expert in every MoE layer.
@@ -60,7 +61,7 @@ class FluctuationProbe:
   def record(self, step: int, routes: dict[str, np.ndarray],
              trace: dict[str, dict[str, np.ndarray]] | None = None
              ) -> dict[str, float]:
-    """Stores `routes` (layer -> int[N]) and the full routing `trace` (see
+    """Stores `routes` (layer -> int[T]) and the full routing `trace` (see
     `moejax.metrics.trace`); returns the fluctuation metrics."""
     routes = {k: np.asarray(v) for k, v in routes.items()}
     if self.enabled:
@@ -93,18 +94,18 @@ def settling_curve(steps: list[int], routes: list[np.ndarray]
                    ) -> tuple[np.ndarray, np.ndarray]:
   """Per token the last probe step whose expert differs from the final one
   (the first probe step if it never changed), and for each probe step the share
-  of tokens settled by then. routes: P arrays int[N]."""
-  stacked_PN = np.stack(routes)
-  differs_PN = stacked_PN != stacked_PN[-1]
+  of tokens settled by then. routes: Y arrays int[T]."""
+  stacked_YT = np.stack(routes)
+  differs_YT = stacked_YT != stacked_YT[-1]
   steps_arr = np.asarray(steps)
   # Index of the last probe that differs; -1 when none does.
-  last_diff_N = np.where(differs_PN.any(0),
-                         len(steps) - 1 - np.argmax(differs_PN[::-1], axis=0), -1)
+  last_diff_T = np.where(differs_YT.any(0),
+                         len(steps) - 1 - np.argmax(differs_YT[::-1], axis=0), -1)
   # A token is settled from the probe after its last difference.
-  settled_at_N = steps_arr[np.minimum(last_diff_N + 1, len(steps) - 1)]
-  settled_at_N = np.where(last_diff_N < 0, steps_arr[0], settled_at_N)
-  share_P = np.array([np.mean(settled_at_N <= s) for s in steps_arr])
-  return settled_at_N, share_P
+  settled_at_T = steps_arr[np.minimum(last_diff_T + 1, len(steps) - 1)]
+  settled_at_T = np.where(last_diff_T < 0, steps_arr[0], settled_at_T)
+  share_Y = np.array([np.mean(settled_at_T <= s) for s in steps_arr])
+  return settled_at_T, share_Y
 
 
 def write_curve(workdir: str | os.PathLike, probe: FluctuationProbe) -> dict | None:

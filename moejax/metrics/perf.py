@@ -1,8 +1,8 @@
 """Throughput of training steps: a clock that runs only while they do, model
 FLOPs per token, and model FLOPs utilisation (MFU) where the chip's peak is known.
 
-Shapes: L sequence length, D model width, F hidden width, E experts, K experts
-per token, V vocabulary.
+Shapes: L length (of a sequence), D model width, F hidden width, E experts, K
+top-k experts per token, V vocabulary.
 """
 
 import contextlib

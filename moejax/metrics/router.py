@@ -1,6 +1,6 @@
 """Router health statistics computed inside the jitted step (scalars only).
 
-Shapes: T tokens, E experts, K slots per token.
+Shapes: T tokens, E experts, K top-k slots per token.
 """
 
 import jax

@@ -1,5 +1,7 @@
 """TensorBoard event files of a run: scalars, per-expert load, hparams and config.
 
+Shapes: E experts.
+
 The event file is opened on the first write, so a run that writes nothing (an
 evaluation-only rerun of a finished run) leaves no empty file. On opening, the
 run's config goes in as hparams (flattened scalar keys, shown by the HParams

@@ -1,13 +1,14 @@
 """Routing traces of the probe tokens, on disk, and the reference a run replays.
 
-Shapes: N probe tokens (B * L of the probe batch, row-major), K slots per token.
+Shapes: T tokens (the probe tokens: B * L of the probe batch, row-major), K
+top-k slots per token, B batch, L length.
 
 Format: at every probe the trainer writes `<workdir>/probes/trace_<step>.npz`
 (numpy, compressed) with, for every MoE layer `layer_<i>`, three arrays:
 
-  layer_<i>/expert  int32[N, K]    expert of each routing slot
-  layer_<i>/weight  float32[N, K]  its combine weight
-  layer_<i>/mask    bool[N, K]     whether the slot is used
+  layer_<i>/expert  int32[T, K]    expert of each routing slot
+  layer_<i>/weight  float32[T, K]  its combine weight
+  layer_<i>/mask    bool[T, K]     whether the slot is used
 
 i.e. the `Routing` each layer used for the probe tokens (saved beside them in
 `probes/inputs.npz`; `probes/step_<step>.npz` keeps each token's top expert,

@@ -1,11 +1,11 @@
 """Autoregressive generation with a KV cache over `TransformerLM`.
 
-Shapes: B rows generated together, P prompt length, L tokens of one call,
-N new tokens, V vocabulary, S = max_len cache slots.
+Shapes: B batch rows generated together, L length of one call (the prompt's for
+the first), Y steps (one new token each), V vocabulary.
 
 `Decoder(config, mesh=None)` runs the model in decode mode: `extend` appends
 tokens to a cache of keys and values (the first call, with no cache, is the
-prefill) and returns their logits and experts; `generate` samples N tokens in
+prefill) and returns their logits and experts; `generate` samples Y tokens in
 one jitted program (a `lax.scan` over steps). Routing is as at evaluation.
 
 Decoding is causal only if a token's output does not depend on the other
@@ -60,12 +60,12 @@ class Generation:
   """What `Decoder.generate` returns (numpy, the padding rows removed).
 
   Attributes:
-    tokens_BN: int32[B, N] the generated ids.
-    experts: `layer_<i>` -> int32[B, P + N] the top expert that served each
+    tokens_BY: int32[B, Y] the generated ids.
+    experts: `layer_<i>` -> int32[B, L + Y] the top expert that served each
       prompt and generated token in MoE block i (-1: no expert).
   """
 
-  tokens_BN: np.ndarray
+  tokens_BY: np.ndarray
   experts: dict[str, np.ndarray]
 
 
@@ -112,10 +112,10 @@ class Decoder:
       tokens_BL = shard_batch(tokens_BL, self.mesh)
     return self._extend(variables, cache, tokens_BL)
 
-  def _generate_fn(self, variables, prompt_BP, key, temperature, top_p, *,
+  def _generate_fn(self, variables, prompt_BL, key, temperature, top_p, *,
                    steps):
-    cache, logits_BPV, prompt_experts = self._extend_fn(variables, None,
-                                                        prompt_BP)
+    cache, logits_BLV, prompt_experts = self._extend_fn(variables, None,
+                                                        prompt_BL)
 
     def one(carry, key_t):
       cache, logits_BV = carry
@@ -124,25 +124,25 @@ class Decoder:
                                                    token_B[:, None])
       return (cache, logits_B1V[:, 0]), (token_B, experts)
 
-    _, (tokens_NB, experts_N) = jax.lax.scan(
-        one, (cache, logits_BPV[:, -1]), jax.random.split(key, steps))
-    experts = {k: jnp.concatenate([v, experts_N[k][:, :, 0].T], axis=1)
+    _, (tokens_YB, experts_Y) = jax.lax.scan(
+        one, (cache, logits_BLV[:, -1]), jax.random.split(key, steps))
+    experts = {k: jnp.concatenate([v, experts_Y[k][:, :, 0].T], axis=1)
                for k, v in prompt_experts.items()}
-    return tokens_NB.T, experts
+    return tokens_YB.T, experts
 
-  def generate(self, variables, prompt_BP, *, max_new_tokens: int,
+  def generate(self, variables, prompt_BL, *, max_new_tokens: int,
                key: jax.Array, temperature: float = 1.0,
                top_p: float = 1.0) -> Generation:
     """Samples `max_new_tokens` tokens after each prompt row (same lengths).
 
-    ConfigError when P + N exceeds the model's max_len or a setting is out of
+    ConfigError when L + Y exceeds the model's max_len or a setting is out of
     range; the same key gives the same tokens.
     """
-    prompt_BP = np.asarray(prompt_BP, np.int32)
-    if prompt_BP.ndim != 2 or prompt_BP.shape[1] < 1:
-      raise ConfigError(f"prompt must be int[B, P] with P >= 1, got shape "
-                        f"{prompt_BP.shape}")
-    rows, length = prompt_BP.shape
+    prompt_BL = np.asarray(prompt_BL, np.int32)
+    if prompt_BL.ndim != 2 or prompt_BL.shape[1] < 1:
+      raise ConfigError(f"prompt must be int[B, L] with L >= 1, got shape "
+                        f"{prompt_BL.shape}")
+    rows, length = prompt_BL.shape
     if max_new_tokens < 1 or length + max_new_tokens > self.config.max_len:
       raise ConfigError(
           f"a prompt of {length} tokens + max_new_tokens={max_new_tokens} must "
@@ -153,11 +153,11 @@ class Decoder:
       raise ConfigError(f"temperature={temperature} must be >= 0 and top_p="
                         f"{top_p} in (0, 1]")
     pad = -rows % self.row_multiple
-    padded_BP = np.concatenate([prompt_BP, np.repeat(prompt_BP[:1], pad, 0)])
+    padded_BL = np.concatenate([prompt_BL, np.repeat(prompt_BL[:1], pad, 0)])
     if self.mesh is not None:
-      padded_BP = shard_batch(padded_BP, self.mesh)
-    tokens_BN, experts = jax.device_get(self._generate(
-        variables, padded_BP, key, jnp.float32(temperature), jnp.float32(top_p),
+      padded_BL = shard_batch(padded_BL, self.mesh)
+    tokens_BY, experts = jax.device_get(self._generate(
+        variables, padded_BL, key, jnp.float32(temperature), jnp.float32(top_p),
         steps=max_new_tokens))
-    return Generation(tokens_BN=np.asarray(tokens_BN[:rows]),
+    return Generation(tokens_BY=np.asarray(tokens_BY[:rows]),
                       experts={k: np.asarray(v[:rows]) for k, v in experts.items()})

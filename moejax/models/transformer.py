@@ -1,7 +1,8 @@
 """A decoder-only Transformer LM whose chosen FFN layers are MoE layers.
 
-Shapes: B batch, L length, D model width, H heads, Dh head width, F hidden
-width, V vocabulary.
+Shapes: B batch, L length (of this call when decoding), T tokens (B * L), D
+model width, F hidden width, E experts, K top-k slots, A head width, H heads,
+V vocabulary, X cache positions (max_len).
 """
 
 import flax.linen as nn
@@ -37,30 +38,30 @@ class CausalSelfAttention(nn.Module):
     qkv = nn.DenseGeneral(
         (3, self.num_heads, head_dim), use_bias=False, dtype=self.dtype,
         kernel_init=_kernel(("embed", None, "heads", "kv")), name="qkv")(x_BLD)
-    q_BLHK, k_BLHK, v_BLHK = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    q_BLHA, k_BLHA, v_BLHA = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     if cache_at is None:
-      o_BLHK = jax.nn.dot_product_attention(q_BLHK, k_BLHK, v_BLHK,
+      o_BLHA = jax.nn.dot_product_attention(q_BLHA, k_BLHA, v_BLHA,
                                             is_causal=True)
     else:
-      o_BLHK = self._cached(q_BLHK, k_BLHK, v_BLHK, cache_at, cache_len)
+      o_BLHA = self._cached(q_BLHA, k_BLHA, v_BLHA, cache_at, cache_len)
     return nn.DenseGeneral(
         d_model, axis=(-2, -1), use_bias=False, dtype=self.dtype,
-        kernel_init=_kernel(("heads", "kv", "embed")), name="out")(o_BLHK)
+        kernel_init=_kernel(("heads", "kv", "embed")), name="out")(o_BLHA)
 
-  def _cached(self, q_BLHK, k_BLHK, v_BLHK, start, cache_len):
+  def _cached(self, q_BLHA, k_BLHA, v_BLHA, start, cache_len):
     """Writes this call's keys and values at `start` and attends causally to
-    everything cached so far (S = cache_len slots, later ones masked)."""
-    batch, length, heads, head_dim = k_BLHK.shape
+    everything cached so far (X = cache_len positions, later ones masked)."""
+    batch, length, heads, head_dim = k_BLHA.shape
     shape = (batch, cache_len, heads, head_dim)
-    key = self.variable("cache", "key", jnp.zeros, shape, k_BLHK.dtype)
-    value = self.variable("cache", "value", jnp.zeros, shape, v_BLHK.dtype)
+    key = self.variable("cache", "key", jnp.zeros, shape, k_BLHA.dtype)
+    value = self.variable("cache", "value", jnp.zeros, shape, v_BLHA.dtype)
     at = (0, start, 0, 0)
-    key.value = jax.lax.dynamic_update_slice(key.value, k_BLHK, at)
-    value.value = jax.lax.dynamic_update_slice(value.value, v_BLHK, at)
+    key.value = jax.lax.dynamic_update_slice(key.value, k_BLHA, at)
+    value.value = jax.lax.dynamic_update_slice(value.value, v_BLHA, at)
     query_pos_L = start + jnp.arange(length)
-    mask_LS = jnp.arange(cache_len)[None, :] <= query_pos_L[:, None]
-    return jax.nn.dot_product_attention(q_BLHK, key.value, value.value,
-                                        mask=mask_LS[None, None])
+    mask_LX = jnp.arange(cache_len)[None, :] <= query_pos_L[:, None]
+    return jax.nn.dot_product_attention(q_BLHA, key.value, value.value,
+                                        mask=mask_LX[None, None])
 
 
 class DenseFFN(nn.Module):

@@ -16,6 +16,8 @@
 Tokens are split over every device; expert weights over `expert` only. The
 router sees all tokens; dispatch, expert FFNs and combine run per device, with
 capacity counted per device (see `expert_parallel`).
+
+Shapes: T tokens, D model width.
 """
 
 from moejax.parallel import hosts

@@ -1,27 +1,29 @@
 """Expert parallelism: dispatch -> expert FFN -> combine inside `jax.shard_map`.
 
-Shapes: T tokens of the whole batch, S = T / (data * expert) tokens of one
-device, D model width, F hidden width, E experts, K slots per token, N devices
-on the `expert` axis, G = E / N experts held by one device, C capacity of one
-expert for one device's tokens, P = N * C rows a local expert gets, M = S * K
-routed rows of one device, Q = S * min(K, G) most rows one device sends to
-another, R = N * Q most rows one device receives.
+Shapes: T tokens (of the whole batch outside `shard_map`; inside the per-device
+bodies, the T / (data * expert) of one device), D model width, F hidden width,
+E experts, K top-k slots per token, C capacity of one expert for one device's
+tokens, M routed rows of one device (at most T * K), N devices on the `expert`
+axis, G groups (the E / N experts one device holds), R buffer rows (capacity:
+the N * C a local expert gets; dropless: a chunk of at most T * min(K, G) one
+device sends another, or the N chunks it receives).
 
 The router runs outside, on all T tokens (XLA adds the communication its global
 operations need); this module takes its `Routing` and does the rest per device:
-- capacity: each device plans [E, C, D] buffers from its own S tokens; an
-  all_to_all over `expert` turns them into [G, P, D] for the local experts, and
+- capacity: each device plans [E, C, D] buffers from its own T tokens; an
+  all_to_all over `expert` turns them into [G, R, D] for the local experts, and
   the reverse all_to_all brings results home for the local combine. Capacity is
-  per device, C = ceil(cf * S * K / E) (a router-fixed C becomes min(C, S)), so
+  per device, C = ceil(cf * T * K / E) (a router-fixed C becomes min(C, T)), so
   a device drops its own overflow even where another device's share has room.
 - dropless: slots sorted by expert go out with a ragged all-to-all and land on
   the owner grouped by local expert, then by source, so the grouped matmul needs
   no second sort; results return the same way. XLA:CPU has no
   ragged-all-to-all: there `dense_ragged_all_to_all` computes the same result
-  with one dense all_to_all of [N, Q, D] per-destination buffers.
+  with one dense all_to_all of [N, R, D] per-destination chunks.
 
-Bounds Q and R assume a token's K slots name distinct experts, as every router in
-`moejax.routing` does. All communication of the expert-parallel layer is here.
+The chunk bound assumes a token's K slots name distinct experts, as every
+router in `moejax.routing` does. All communication of the expert-parallel
+layer is here.
 """
 
 import functools
@@ -52,23 +54,23 @@ def default_exchange(backend: str | None = None) -> str:
 def local_capacity(num_local_tokens: int, num_experts: int, top_k: int,
                    capacity_factor: float,
                    router_capacity: int | None = None) -> int:
-  """C for one device's S tokens; a router-fixed C is kept whole (no extra drops)."""
+  """C for one device's T tokens; a router-fixed C is kept whole (no extra drops)."""
   if router_capacity is not None:
     return max(1, min(router_capacity, num_local_tokens))
   return dispatch.expert_capacity(num_local_tokens, num_experts, top_k,
                                   capacity_factor)
 
 
-def _packed_slots(sizes_NQ: jax.Array, rows: int) -> tuple[jax.Array, jax.Array]:
+def _packed_slots(sizes_NG: jax.Array, rows: int) -> tuple[jax.Array, jax.Array]:
   """For slices packed back to back in each row n: (slice, offset in it) of rows.
 
-  Both are [N, rows]; the slice is Q (one past the last) after all slices.
+  Both are [N, rows]; the slice is G (one past the last) after all slices.
   """
-  ends_NQ = jnp.cumsum(sizes_NQ, axis=1)
-  r_R = jnp.arange(rows, dtype=sizes_NQ.dtype)
-  slot_NR = jnp.sum(r_R[None, None, :] >= ends_NQ[:, :, None], axis=1)
-  last = sizes_NQ.shape[1] - 1
-  start_NR = jnp.take_along_axis(ends_NQ - sizes_NQ, jnp.minimum(slot_NR, last),
+  ends_NG = jnp.cumsum(sizes_NG, axis=1)
+  r_R = jnp.arange(rows, dtype=sizes_NG.dtype)
+  slot_NR = jnp.sum(r_R[None, None, :] >= ends_NG[:, :, None], axis=1)
+  last = sizes_NG.shape[1] - 1
+  start_NR = jnp.take_along_axis(ends_NG - sizes_NG, jnp.minimum(slot_NR, last),
                                  axis=1)
   return slot_NR, r_R[None, :] - start_NR
 
@@ -89,8 +91,8 @@ def dense_ragged_all_to_all(operand: jax.Array, output: jax.Array,
   per_device = input_offsets.shape[0] // n
   a2a = functools.partial(jax.lax.all_to_all, axis_name=axis_name, split_axis=0,
                           concat_axis=0, tiled=True)
-  send_NQ = send_sizes.reshape(n, per_device)
-  slot_NR, within_NR = _packed_slots(send_NQ, chunk)
+  send_NG = send_sizes.reshape(n, per_device)
+  slot_NR, within_NR = _packed_slots(send_NG, chunk)
   sent_NR = slot_NR < per_device
   source_NR = jnp.take_along_axis(input_offsets.reshape(n, per_device),
                                   jnp.minimum(slot_NR, per_device - 1),
@@ -98,35 +100,35 @@ def dense_ragged_all_to_all(operand: jax.Array, output: jax.Array,
   source_NR = jnp.where(sent_NR, source_NR, 0)
   buf_NRD = jnp.where(sent_NR[..., None], operand[source_NR], 0)
   recv_NRD = a2a(buf_NRD)
-  recv_NQ = recv_sizes.reshape(n, per_device)
-  land_NQ = a2a(output_offsets.reshape(n, per_device))
-  slot_NR, within_NR = _packed_slots(recv_NQ, chunk)
-  dest_NR = jnp.take_along_axis(land_NQ, jnp.minimum(slot_NR, per_device - 1),
+  recv_NG = recv_sizes.reshape(n, per_device)
+  land_NG = a2a(output_offsets.reshape(n, per_device))
+  slot_NR, within_NR = _packed_slots(recv_NG, chunk)
+  dest_NR = jnp.take_along_axis(land_NG, jnp.minimum(slot_NR, per_device - 1),
                                 axis=1) + within_NR
   dest_NR = jnp.where(slot_NR < per_device, dest_NR, output.shape[0])
   return output.at[dest_NR.reshape(-1)].set(
       recv_NRD.reshape(-1, operand.shape[1]).astype(output.dtype), mode="drop")
 
 
-def _capacity_local(x_SD, expert_SK, weight_SK, mask_SK, w_in_GDF, w_out_GFD, *,
+def _capacity_local(x_TD, expert_TK, weight_TK, mask_TK, w_in_GDF, w_out_GFD, *,
                     num_experts, capacity, rows, ffn):
-  plan = dispatch.plan_capacity(expert_SK, mask_SK, num_experts, capacity, rows)
-  x_ECD = dispatch.dispatch_capacity(x_SD, plan)
+  plan = dispatch.plan_capacity(expert_TK, mask_TK, num_experts, capacity, rows)
+  x_ECD = dispatch.dispatch_capacity(x_TD, plan)
   # Expert e's rows go to the device holding it; it stacks its sources along C.
-  x_GPD = jax.lax.all_to_all(x_ECD, EXPERT_AXIS, 0, 1, tiled=True)
-  y_GPD = ffn(x_GPD, w_in_GDF, w_out_GFD)
-  y_ECD = jax.lax.all_to_all(y_GPD, EXPERT_AXIS, 1, 0, tiled=True)
-  return dispatch.combine_capacity(y_ECD, plan, weight_SK), plan.kept_TK
+  x_GRD = jax.lax.all_to_all(x_ECD, EXPERT_AXIS, 0, 1, tiled=True)
+  y_GRD = ffn(x_GRD, w_in_GDF, w_out_GFD)
+  y_ECD = jax.lax.all_to_all(y_GRD, EXPERT_AXIS, 1, 0, tiled=True)
+  return dispatch.combine_capacity(y_ECD, plan, weight_TK), plan.kept_TK
 
 
-def _dropless_local(x_SD, expert_SK, weight_SK, mask_SK, w_in_GDF, w_out_GFD, *,
+def _dropless_local(x_TD, expert_TK, weight_TK, mask_TK, w_in_GDF, w_out_GFD, *,
                     num_experts, rows, recv_rows, grouped, exchange):
   n = jax.lax.axis_size(EXPERT_AXIS)
   groups = num_experts // n
   a2a = functools.partial(jax.lax.all_to_all, axis_name=EXPERT_AXIS,
                           split_axis=0, concat_axis=0, tiled=True)
-  plan = dispatch.plan_dropless(expert_SK, mask_SK, num_experts, rows)
-  x_MD = dispatch.dispatch_sorted(x_SD, plan)
+  plan = dispatch.plan_dropless(expert_TK, mask_TK, num_experts, rows)
+  x_MD = dispatch.dispatch_sorted(x_TD, plan)
   count_E = plan.group_sizes_E
   start_E = jnp.cumsum(count_E) - count_E
   recv_NG = a2a(count_E.reshape(n, groups))  # [source, local expert]
@@ -142,7 +144,7 @@ def _dropless_local(x_SD, expert_SK, weight_SK, mask_SK, w_in_GDF, w_out_GFD, *,
   origin_NG = a2a(start_E.reshape(n, groups))  # Where received slices came from.
   y_MD = exchange(y_RD, jnp.zeros(x_MD.shape, y_RD.dtype), at_NG.reshape(-1),
                   recv_NG.reshape(-1), origin_NG.reshape(-1), count_E)
-  return dispatch.combine_sorted(y_MD, plan, weight_SK, mask_SK)
+  return dispatch.combine_sorted(y_MD, plan, weight_TK, mask_TK)
 
 
 def check_mesh(mesh: jax.sharding.Mesh, num_tokens: int, num_experts: int
@@ -178,7 +180,8 @@ def expert_parallel_ffn(
   """Routed experts of T tokens on `mesh`: returns (y [T, D], kept bool[T, K]).
 
   Checks the path and the mesh, then runs `expert_parallel_at` with
-  C = `local_capacity(S, E, K, capacity_factor, routing.slots.per_expert)`.
+  C = `local_capacity(T / devices, E, K, capacity_factor,
+  routing.slots.per_expert)`.
   """
   if dispatch_path not in dispatch.DISPATCH_PATHS:
     raise ConfigError(
@@ -210,7 +213,7 @@ def expert_parallel_at(
   picks the dropless transport: `ragged` or `dense` (default by backend, see
   `default_exchange`). `rows` is a device's allocation (`moejax.moe.budgets`):
   buffer rows per expert (capacity; default C) or sorted rows (dropless;
-  default S * K); it must hold what every device uses.
+  default T * K, T a device's tokens); it must hold what every device uses.
   """
   num_tokens, _ = x_TD.shape
   num_experts = w_in_EDF.shape[0]

@@ -59,9 +59,10 @@ def _agree(error: Exception | None, status: str) -> None:
   (this process's own error as is, another's as the same class and line)."""
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   raw = status.encode("utf-8")[:_MESSAGE_BYTES].ljust(_MESSAGE_BYTES, b"\0")
-  gathered_PM = multihost_utils.process_allgather(np.frombuffer(raw, np.uint8))
-  for row_M in np.asarray(gathered_PM, np.uint8):
-    text = bytes(row_M).rstrip(b"\0").decode("utf-8", "replace")
+  # One row of _MESSAGE_BYTES bytes per process.
+  gathered = multihost_utils.process_allgather(np.frombuffer(raw, np.uint8))
+  for row in np.asarray(gathered, np.uint8):
+    text = bytes(row).rstrip(b"\0").decode("utf-8", "replace")
     if text:
       if error is not None:
         raise error

@@ -1,6 +1,6 @@
 """The device mesh: a `data` axis (batch only) and an `expert` axis (batch and experts).
 
-Shapes: E experts, N = devices on the `expert` axis.
+Shapes: E experts, N devices on the `expert` axis.
 
 Tokens are split over both axes; expert weights are split over `expert` and
 replicated over `data`, so the all-to-all of the expert-parallel layer stays

@@ -1,6 +1,6 @@
 """Load-balancing policies that top-k-style routers plug in.
 
-Shapes: T tokens, E experts, K slots per token, G groups of tokens.
+Shapes: T tokens, E experts, K top-k slots per token.
 
 A policy is a `+`-joined list of at most one balance loss and, optionally,
 `bias`:
@@ -8,10 +8,11 @@ A policy is a `+`-joined list of at most one balance loss and, optionally,
 - `aux`: the Switch/GShard loss E * sum_i f_i P_i per micro-batch, averaged
   over micro-batches. A micro-batch is what one data-parallel device holds (as
   in Megatron-core, MaxText and the micro-batch loss of Qiu et al. 2025): the
-  router sees the whole global batch, so the loss is computed on G contiguous
-  groups of B/G sequences, G = `micro_batches`, or by default the number of
-  devices that split the batch (1 without a mesh). Training needs B divisible
-  by G; outside training such a batch (decoding one sequence) is one group.
+  router sees the whole global batch, so the loss is computed on `micro_batches`
+  contiguous groups of sequences, by default as many as the devices that split
+  the batch (1 without a mesh). Training needs the batch size divisible by
+  their number; outside training such a batch (decoding one sequence) is one
+  group.
 - `sequence`: the same loss per sequence, averaged over sequences (DeepSeek-V3's
   sequence-wise loss, Megatron-core `seq_aux_loss`).
 - `global`: the same loss over the whole global batch: f_i counts every token of
@@ -70,7 +71,7 @@ def parse_policy(spec: str) -> BalancePolicy:
 
 def loss_groups(loss: str, layout: TokenLayout, micro_batches: int = 0, *,
                 training: bool = True) -> int:
-  """G, the number of equal token groups the balance loss `loss` averages over.
+  """The number of equal token groups the balance loss `loss` averages over.
 
   Micro-batches shape a training loss only: outside training (evaluation,
   decoding one sequence) a batch they do not split is one group, so the loss
@@ -94,7 +95,7 @@ def loss_groups(loss: str, layout: TokenLayout, micro_batches: int = 0, *,
 
 def grouped_balance_loss(scores_TE: jax.Array, expert_TK: jax.Array,
                          mask_TK: jax.Array, groups: int) -> jax.Array:
-  """Mean over G contiguous groups of T/G tokens of E * sum_i f_i P_i."""
+  """Mean over `groups` contiguous groups of tokens of E * sum_i f_i P_i."""
   num_tokens = scores_TE.shape[0]
   if num_tokens % groups:
     raise ConfigError(f"{num_tokens} tokens do not split into {groups} groups")
@@ -102,9 +103,9 @@ def grouped_balance_loss(scores_TE: jax.Array, expert_TK: jax.Array,
   def split(a):
     return a.reshape(groups, num_tokens // groups, *a.shape[1:])
 
-  per_group_G = jax.vmap(losses.load_balancing_loss)(
+  per_group = jax.vmap(losses.load_balancing_loss)(
       split(scores_TE), split(expert_TK), split(mask_TK))
-  return jnp.mean(per_group_G)
+  return jnp.mean(per_group)
 
 
 def expert_counts(expert_TK: jax.Array, mask_TK: jax.Array,

@@ -1,11 +1,12 @@
 """BASE layers (Lewis et al. 2021): a balanced linear assignment of tokens to experts.
 
-Shapes: T tokens, D model width, E experts, N = T/E tokens per expert (the
-expert's N "copies" or places in the assignment problem), K = 1 slot per token.
+Shapes: T tokens, D model width, E experts, C capacity (T / E tokens per expert:
+the expert's C "copies" or places in the assignment problem), K top-k slots (1
+per token), Y steps (the phases of eps-scaling).
 
 Training solves max sum_t h_t . w_{a(t)} subject to every expert taking exactly
-N tokens, with a parallel (Jacobi) forward auction in which each expert is one
-object with N places and one price; evaluation routes each token to its argmax
+C tokens, with a parallel (Jacobi) forward auction in which each expert is one
+object with C places and one price; evaluation routes each token to its argmax
 expert. The gate is
 sigmoid(h_t . w_a); there is no auxiliary loss. (The reference, fairseq's
 libbase, runs the mirrored auction in which experts bid for tokens, with the
@@ -61,8 +62,8 @@ def _auction_round(expert_T, bid_T, price_E, scores_TE, eps, copies):
   return expert_T, bid_T, price_E
 
 
-def _scaled_auction(scores_TE, copies, eps_P, max_rounds):
-  """Auction at each eps of the decreasing eps_P in turn (eps-scaling).
+def _scaled_auction(scores_TE, copies, eps_Y, max_rounds):
+  """Auction at each eps of the decreasing eps_Y in turn (eps-scaling).
 
   Each phase starts with every token unassigned and keeps the previous phase's
   prices, already close to the final ones, so the last phase at the target eps
@@ -72,7 +73,7 @@ def _scaled_auction(scores_TE, copies, eps_P, max_rounds):
   """
   num_tokens, num_experts = scores_TE.shape
   none_T = jnp.full((num_tokens,), num_experts, jnp.int32)
-  num_phases = eps_P.shape[0]
+  num_phases = eps_Y.shape[0]
 
   def cond(state):
     phase, rounds = state[3], state[4]
@@ -80,7 +81,7 @@ def _scaled_auction(scores_TE, copies, eps_P, max_rounds):
 
   def body(state):
     expert_T, bid_T, price_E, phase, rounds, done_T, done_eps = state
-    eps = eps_P[phase]
+    eps = eps_Y[phase]
     expert_T, bid_T, price_E = _auction_round(expert_T, bid_T, price_E,
                                               scores_TE, eps, copies)
     complete = jnp.all(expert_T < num_experts)
@@ -91,7 +92,7 @@ def _scaled_auction(scores_TE, copies, eps_P, max_rounds):
 
   state = (none_T, jnp.zeros((num_tokens,), jnp.float32),
            jnp.zeros((num_experts,), jnp.float32), jnp.int32(0), jnp.int32(0),
-           none_T, eps_P[0])
+           none_T, eps_Y[0])
   expert_T, _, _, phase, rounds, done_T, done_eps = jax.lax.while_loop(
       cond, body, state)
   left = jnp.where(phase < num_phases, jnp.mean(expert_T == num_experts), 0.0)
@@ -154,15 +155,15 @@ def balanced_assignment(scores_TE: jax.Array, *, eps_ratio: float = 0.02,
   if eps_scaling > 1:
     num_phases += max(0, math.ceil(math.log(1 / eps_ratio) /
                                    math.log(eps_scaling)))
-  eps_P = jnp.maximum(eps, spread * float(eps_scaling) ** -jnp.arange(
+  eps_Y = jnp.maximum(eps, spread * float(eps_scaling) ** -jnp.arange(
       num_phases, dtype=jnp.float32)).at[-1].set(eps)
-  expert_T, done_eps, rounds, left = _scaled_auction(scores_TE, copies, eps_P,
+  expert_T, done_eps, rounds, left = _scaled_auction(scores_TE, copies, eps_Y,
                                                      max_rounds)
   finished = jnp.all(expert_T < num_experts)
   # No phase finished: the i-th token takes the i-th place (balance holds).
   expert_T = jnp.where(finished, expert_T,
                        jnp.arange(num_tokens, dtype=jnp.int32) // copies)
-  bound_eps = jnp.where(finished, done_eps, jnp.maximum(spread, eps_P[0]))
+  bound_eps = jnp.where(finished, done_eps, jnp.maximum(spread, eps_Y[0]))
   return expert_T, {
       "eps": bound_eps, "eps_target": eps, "rounds": rounds.astype(jnp.float32),
       "unfinished": left}

@@ -1,11 +1,12 @@
 """DSelect-k (Hazimeh et al. 2021): k differentiable binary-coded expert selectors.
 
-Shapes: T tokens, D model width, E experts, I = top_k selectors, M = ceil(log2 E)
-code bits (at least 1), J = 2^M codes, K = E routing slots (slot e is expert e).
+Shapes: T tokens, D model width, E experts, K top-k slots (E of them: slot e is
+expert e), J codes (2^U), U code bits (ceil(log2 E), at least 1), W selectors
+(top_k of them).
 
-Selector i reads M smooth-step units S(z_ib), z_i = W_i h_t + b_i, as a soft
-binary code: its weight on code j is prod_b (S(z_ib) if bit b of j is 1 else
-1 - S(z_ib)). S is exactly 0 or 1 outside |z| < gamma/2, so once the codes
+Selector i reads U smooth-step units S(z_ib), z_i an affine map of h_t, as a
+soft binary code: its weight on code j is prod_b (S(z_ib) if bit b of j is 1
+else 1 - S(z_ib)). S is exactly 0 or 1 outside |z| < gamma/2, so once the codes
 saturate each selector puts all its weight on one expert and at most k experts
 are active per token. Early in training every expert is active (dense).
 """
@@ -34,7 +35,7 @@ def smooth_step(z: jax.Array, gamma: float = 1.0) -> jax.Array:
 
 
 def code_bits(num_experts: int) -> np.ndarray:
-  """bool[J, M]: bit b of code j (M = max(1, ceil(log2 E)), J = 2^M)."""
+  """bool[J, U]: bit b of code j (U = max(1, ceil(log2 E)), J = 2^U)."""
   num_bits = max(1, math.ceil(math.log2(num_experts)))
   codes_J = np.arange(2**num_bits)
   return ((codes_J[:, None] >> np.arange(num_bits)) & 1).astype(bool)
@@ -44,7 +45,7 @@ def code_to_expert(num_experts: int) -> np.ndarray:
   """float32[J, E]: 1 where code j means expert e.
 
   When E is not a power of 2, codes j >= E name no expert; they mean expert
-  j - 2^(M-1) (their top bit is ignored). So a selector's weights over the E
+  j - 2^(U-1) (their top bit is ignored). So a selector's weights over the E
   experts always sum to 1 and a saturated code always names a real expert
   (the reference instead adds a 1/sum(reachable weight) penalty). Experts with
   two codes start with twice the weight of the others.
@@ -55,30 +56,30 @@ def code_to_expert(num_experts: int) -> np.ndarray:
   return np.eye(num_experts, dtype=np.float32)[expert_J]
 
 
-def selector_weights(z_TIM: jax.Array, num_experts: int,
+def selector_weights(z_TWU: jax.Array, num_experts: int,
                      gamma: float) -> jax.Array:
-  """float32[T, I, E]: each selector's distribution over experts (sums to 1)."""
-  s_TIM = smooth_step(z_TIM, gamma)
-  bits_JM = jnp.asarray(code_bits(num_experts))
-  per_bit_TIJM = jnp.where(bits_JM, s_TIM[:, :, None, :],
-                           1.0 - s_TIM[:, :, None, :])
-  codes_TIJ = jnp.prod(per_bit_TIJM, axis=-1)
-  return jnp.einsum("tij,je->tie", codes_TIJ,
+  """float32[T, W, E]: each selector's distribution over experts (sums to 1)."""
+  s_TWU = smooth_step(z_TWU, gamma)
+  bits_JU = jnp.asarray(code_bits(num_experts))
+  per_bit_TWJU = jnp.where(bits_JU, s_TWU[:, :, None, :],
+                           1.0 - s_TWU[:, :, None, :])
+  codes_TWJ = jnp.prod(per_bit_TWJU, axis=-1)
+  return jnp.einsum("twj,je->twe", codes_TWJ,
                     jnp.asarray(code_to_expert(num_experts)))
 
 
-def selector_entropy(sel_TIE: jax.Array) -> jax.Array:
+def selector_entropy(sel_TWE: jax.Array) -> jax.Array:
   """Mean over tokens of the summed selector entropies (the reference's form).
 
   The 1e-6 inside the log keeps the gradient finite where a weight is exactly 0.
   """
-  return -jnp.mean(jnp.sum(sel_TIE * jnp.log(sel_TIE + 1e-6), axis=(1, 2)))
+  return -jnp.mean(jnp.sum(sel_TWE * jnp.log(sel_TWE + 1e-6), axis=(1, 2)))
 
 
 class DSelectKRouter(Router):
   """Per-token DSelect-k: weight_e = sum_i softmax(a)_i * selector_i(e).
 
-  z = W h + b (I x M code logits) and a = A h + c (I mixing logits) in
+  z (W x U code logits) and a (W mixing logits), both affine in h, in
   float32, initialised as the reference code: uniform in +-gamma/100 (every
   S(z) starts in its cubic region, all experts active) and +-0.05. The
   entropy regulariser (weight `entropy_reg`) drives every selector to one
@@ -136,12 +137,12 @@ class DSelectKRouter(Router):
           bias_init=nn.with_logical_partitioning(uniform(limit), (None,)))
 
     x_TD = x_TD.astype(jnp.float32)
-    z_TIM = dense(num_selectors * num_bits, self.gamma / 100.0, "code")(
+    z_TWU = dense(num_selectors * num_bits, self.gamma / 100.0, "code")(
         x_TD).reshape(num_tokens, num_selectors, num_bits)
-    alpha_TI = jax.nn.softmax(dense(num_selectors, 0.05, "mix")(x_TD), axis=-1)
-    sel_TIE = selector_weights(z_TIM, self.num_experts, self.gamma)
-    weight_TE = jnp.einsum("ti,tie->te", alpha_TI, sel_TIE)
-    entropy = selector_entropy(sel_TIE)
+    alpha_TW = jax.nn.softmax(dense(num_selectors, 0.05, "mix")(x_TD), axis=-1)
+    sel_TWE = selector_weights(z_TWU, self.num_experts, self.gamma)
+    weight_TE = jnp.einsum("tw,twe->te", alpha_TW, sel_TWE)
+    entropy = selector_entropy(sel_TWE)
     # Every expert once, heaviest first (lax.top_k: lower index on ties).
     weight_TK, expert_TK = jax.lax.top_k(weight_TE, self.num_experts)
     mask_TK = weight_TK > 0

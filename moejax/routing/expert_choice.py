@@ -1,7 +1,7 @@
 """Expert-choice routing (Zhou et al. 2022): each expert picks its top-C tokens.
 
 Shapes: T tokens, D model width, E experts, C capacity (tokens per expert),
-K = E routing slots per token (slot e is expert e).
+K top-k slots per token (E of them: slot e is expert e).
 
 Balance is exact by construction: every expert processes exactly C tokens, and a
 token may be picked by 0..E experts. The selection reads every token of the

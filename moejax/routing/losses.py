@@ -1,6 +1,6 @@
 """Auxiliary losses and statistics of routers, as public pure functions.
 
-Shapes: T tokens, E experts, K slots per token.
+Shapes: T tokens, E experts, K top-k slots per token.
 """
 
 import jax

@@ -1,6 +1,7 @@
 """ReMoE (Wang, Zhu, Chen, ICLR 2025): ReLU routing with an adaptive L1 penalty.
 
-Shapes: T tokens, D model width, E experts (every expert is a slot: K = E).
+Shapes: T tokens, D model width, E experts, K top-k slots (E of them: every
+expert is a slot).
 
 Gates G(h) = ReLU(W_r h) (float32); token t uses every expert with G_e > 0,
 weighted by G_e (not renormalised), so the number of experts per token varies

@@ -1,6 +1,7 @@
 """StableMoE routing (Dai et al., ACL 2022): learn and distill, then freeze.
 
-Shapes: T tokens, D model width, E experts, V vocabulary, R distilled width (50).
+Shapes: T tokens, D model width, F hidden width (of the distilled router,
+`distill_dim`: 50), E experts, K top-k slots (1), V vocabulary.
 
 Stage 1 (training): greedy assignment a_t = argmax_i e_i . h_t (no gradient through
 the choice), gate sigma(e_a . h_t), balance loss, and a distilled router over token
@@ -76,16 +77,16 @@ class StableMoERouter(Router):
     centroids_DE = self.param(
         "centroids", nn.with_logical_partitioning(init, ("embed", None)),
         (d_model, self.num_experts), jnp.float32)
-    embedding_VR = self.param(
+    embedding_VF = self.param(
         "distill_embedding",
         nn.with_logical_partitioning(nn.initializers.normal(1.0), ("vocab", None)),
         (self.vocab_size, self.distill_dim), jnp.float32)
-    distill_RE = self.param(
+    distill_FE = self.param(
         "distill_centroids", nn.with_logical_partitioning(init, (None, None)),
         (self.distill_dim, self.num_experts), jnp.float32)
 
     scores_TE = x_TD.astype(jnp.float32) @ centroids_DE
-    distill_TE = embedding_VR[token_ids_T] @ distill_RE
+    distill_TE = embedding_VF[token_ids_T] @ distill_FE
     greedy_T = jnp.argmax(jax.lax.stop_gradient(scores_TE), axis=-1)
     distilled_T = jnp.argmax(distill_TE, axis=-1)
     learning = self.stage == 1 and not deterministic

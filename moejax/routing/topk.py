@@ -1,7 +1,8 @@
 """Top-k routers: Switch (top-1), GShard-style top-k, and DeepSeek-V3-style
 sigmoid top-k with an aux-loss-free bias and group-limited routing.
 
-Shapes: T tokens, D model width, E experts, K = top_k, G expert groups.
+Shapes: T tokens, D model width, E experts, K top-k slots, Q expert groups (of
+group-limited routing).
 """
 
 from typing import Any, ClassVar
@@ -48,17 +49,19 @@ def group_limited_mask(select_TE: jax.Array, num_groups: int, top_groups: int,
                        group_top: int = 2) -> jax.Array:
   """bool[T, E]: the experts of each token's `top_groups` best expert groups.
 
-  Experts are split into G contiguous groups (e.g. one per device or node); a
+  Experts are split into Q contiguous groups (e.g. one per device or node); a
   group's score is the sum of its `group_top` highest selection scores (at
   most the group's size; `group_score_count` gives the references' rules).
   """
   num_tokens, num_experts = select_TE.shape
   per_group = num_experts // num_groups
-  select_TGP = select_TE.reshape(num_tokens, num_groups, per_group)
-  best_TGP, _ = jax.lax.top_k(select_TGP, min(group_top, per_group))
-  _, groups_TK = jax.lax.top_k(jnp.sum(best_TGP, axis=-1), top_groups)
-  keep_TG = jnp.any(jax.nn.one_hot(groups_TK, num_groups, dtype=jnp.bool_), 1)
-  return jnp.repeat(keep_TG, per_group, axis=1)
+  # [T, Q, min(group_top, per_group)]: each group's best selection scores.
+  best, _ = jax.lax.top_k(select_TE.reshape(num_tokens, num_groups, per_group),
+                          min(group_top, per_group))
+  score_TQ = jnp.sum(best, axis=-1)
+  _, chosen = jax.lax.top_k(score_TQ, top_groups)  # [T, top_groups] group ids.
+  keep_TQ = jnp.any(jax.nn.one_hot(chosen, num_groups, dtype=jnp.bool_), 1)
+  return jnp.repeat(keep_TQ, per_group, axis=1)
 
 
 class TopKRouter(Router):

@@ -53,39 +53,39 @@ def _value_and_grads(impl: str):
   """jit of (out, dlhs, drhs) for cotangent dout; sizes are traced (one compile)."""
   fn = IMPLS[impl]
 
-  def run(lhs_MK, rhs_GKN, sizes_G, dout_MN):
-    out_MN, vjp = jax.vjp(lambda x, w: fn(x, w, sizes_G), lhs_MK, rhs_GKN)
-    return (out_MN, *vjp(dout_MN))
+  def run(lhs_MI, rhs_GIO, sizes_G, dout_MO):
+    out_MO, vjp = jax.vjp(lambda x, w: fn(x, w, sizes_G), lhs_MI, rhs_GIO)
+    return (out_MO, *vjp(dout_MO))
 
   return jax.jit(run)
 
 
 def _inputs(dtype: str, seed: int = 0):
   rng = np.random.default_rng(seed)
-  lhs_MK = jnp.asarray(rng.normal(size=(M, K)), dtype)
-  rhs_GKN = jnp.asarray(rng.normal(size=(G, K, N)), dtype)
-  dout_MN = jnp.asarray(rng.normal(size=(M, N)), dtype)
-  return lhs_MK, rhs_GKN, dout_MN
+  lhs_MI = jnp.asarray(rng.normal(size=(M, K)), dtype)
+  rhs_GIO = jnp.asarray(rng.normal(size=(G, K, N)), dtype)
+  dout_MO = jnp.asarray(rng.normal(size=(M, N)), dtype)
+  return lhs_MI, rhs_GIO, dout_MO
 
 
 def _check(impl, dtype, sizes_G, seed=0):
-  lhs_MK, rhs_GKN, dout_MN = _inputs(dtype, seed)
+  lhs_MI, rhs_GIO, dout_MO = _inputs(dtype, seed)
   sizes_G = jnp.asarray(sizes_G, jnp.int32)
-  out_MN, dlhs_MK, drhs_GKN = _value_and_grads(impl)(lhs_MK, rhs_GKN, sizes_G,
-                                                     dout_MN)
-  assert out_MN.dtype == dlhs_MK.dtype == drhs_GKN.dtype == jnp.dtype(dtype)
-  assert out_MN.shape == (M, N) and drhs_GKN.shape == (G, K, N)
-  want_dlhs, want_drhs = grouped_matmul_grads_loop(lhs_MK, rhs_GKN, sizes_G,
-                                                   dout_MN)
+  out_MO, dlhs_MI, drhs_GIO = _value_and_grads(impl)(lhs_MI, rhs_GIO, sizes_G,
+                                                     dout_MO)
+  assert out_MO.dtype == dlhs_MI.dtype == drhs_GIO.dtype == jnp.dtype(dtype)
+  assert out_MO.shape == (M, N) and drhs_GIO.shape == (G, K, N)
+  want_dlhs, want_drhs = grouped_matmul_grads_loop(lhs_MI, rhs_GIO, sizes_G,
+                                                   dout_MO)
   tol = TOL[dtype]
-  for got, want in [(out_MN, grouped_matmul_loop(lhs_MK, rhs_GKN, sizes_G)),
-                    (dlhs_MK, want_dlhs), (drhs_GKN, want_drhs)]:
+  for got, want in [(out_MO, grouped_matmul_loop(lhs_MI, rhs_GIO, sizes_G)),
+                    (dlhs_MI, want_dlhs), (drhs_GIO, want_drhs)]:
     np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=tol,
                                atol=tol)
   # Rows past the groups are exactly zero, and get exactly zero gradient.
   total = int(np.sum(sizes_G))
-  assert not np.any(np.asarray(out_MN[total:])) and not np.any(
-      np.asarray(dlhs_MK[total:]))
+  assert not np.any(np.asarray(out_MO[total:])) and not np.any(
+      np.asarray(dlhs_MI[total:]))
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -101,38 +101,38 @@ def test_matches_loop(impl, dtype):
 
 def test_pallas_matches_ragged_dot_on_random_groups():
   rng = np.random.default_rng(1)
-  lhs_MK, rhs_GKN, dout_MN = _inputs("float32", seed=2)
+  lhs_MI, rhs_GIO, dout_MO = _inputs("float32", seed=2)
   for _ in range(4):
     total = int(rng.integers(0, M + 1))
     cuts = np.sort(rng.integers(0, total + 1, G - 1))
     sizes_G = jnp.asarray(np.diff(np.concatenate([[0], cuts, [total]])),
                           jnp.int32)
-    got = _value_and_grads("pallas")(lhs_MK, rhs_GKN, sizes_G, dout_MN)
-    want = _value_and_grads("xla")(lhs_MK, rhs_GKN, sizes_G, dout_MN)
+    got = _value_and_grads("pallas")(lhs_MI, rhs_GIO, sizes_G, dout_MO)
+    want = _value_and_grads("xla")(lhs_MI, rhs_GIO, sizes_G, dout_MO)
     for g, w in zip(got, want):
       np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
 
 
 def test_jax_grad_of_a_loss_under_jit():
-  lhs_MK, rhs_GKN, _ = _inputs("float32")
+  lhs_MI, rhs_GIO, _ = _inputs("float32")
   sizes_G = jnp.array(CASES["mixed"], jnp.int32)
 
   def loss(impl, x, w):
     return jnp.sum(grouped_matmul(x, w, sizes_G, impl=impl, tiles=TILES) ** 2)
 
-  got = jax.jit(jax.grad(functools.partial(loss, "pallas"), (0, 1)))(lhs_MK,
-                                                                      rhs_GKN)
-  want = jax.grad(functools.partial(loss, "xla"), (0, 1))(lhs_MK, rhs_GKN)
+  got = jax.jit(jax.grad(functools.partial(loss, "pallas"), (0, 1)))(lhs_MI,
+                                                                      rhs_GIO)
+  want = jax.grad(functools.partial(loss, "xla"), (0, 1))(lhs_MI, rhs_GIO)
   for g, w in zip(got, want):
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
 
 
 def test_mixed_dtypes_promote_and_empty_shapes():
-  lhs_MK, rhs_GKN, _ = _inputs("float32")
+  lhs_MI, rhs_GIO, _ = _inputs("float32")
   sizes_G = jnp.array(CASES["mixed"], jnp.int32)
   for impl in ("xla", "pallas"):
     out = jax.eval_shape(functools.partial(grouped_matmul, impl=impl),
-                         lhs_MK.astype(jnp.bfloat16), rhs_GKN, sizes_G)
+                         lhs_MI.astype(jnp.bfloat16), rhs_GIO, sizes_G)
     assert out.dtype == jnp.float32 and out.shape == (M, N)
-  empty = grouped_matmul(jnp.zeros((0, K)), rhs_GKN, sizes_G * 0, impl="pallas")
+  empty = grouped_matmul(jnp.zeros((0, K)), rhs_GIO, sizes_G * 0, impl="pallas")
   assert empty.shape == (0, N)

@@ -73,15 +73,15 @@ def test_experts_unknown_matmul_fails_on_any_path():
 
 def _lower(fn, platform: str):
   """Lowers fwd + both grads of fn for `platform` without running anything."""
-  lhs_MK = jnp.zeros((256, 128), jnp.bfloat16)
-  rhs_GKN = jnp.zeros((4, 128, 256), jnp.bfloat16)
+  lhs_MI = jnp.zeros((256, 128), jnp.bfloat16)
+  rhs_GIO = jnp.zeros((4, 128, 256), jnp.bfloat16)
   sizes_G = jnp.array([100, 0, 120, 3], jnp.int32)
 
   def run(x, w, s, dout):
     out, vjp = jax.vjp(lambda x, w: fn(x, w, s), x, w)
     return (out, *vjp(dout))
 
-  args = (lhs_MK, rhs_GKN, sizes_G, jnp.zeros((256, 256), jnp.bfloat16))
+  args = (lhs_MI, rhs_GIO, sizes_G, jnp.zeros((256, 256), jnp.bfloat16))
   if platform != "cuda":
     return jax.jit(run).trace(*args).lower(lowering_platforms=(platform,))
   # Triton asks for the GPU's compute capability: name an abstract H100.

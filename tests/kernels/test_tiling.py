@@ -30,7 +30,7 @@ def test_waste_bound_and_round_trip():
   rng = np.random.default_rng(0)
   num_rows, num_groups, tm = 50, 6, 8
   make = jax.jit(lambda s: tiling.make_tile_plan(s, num_rows, tm))
-  x_MC = jnp.asarray(rng.normal(size=(num_rows, 3)), jnp.float32)
+  x_MI = jnp.asarray(rng.normal(size=(num_rows, 3)), jnp.float32)
   for _ in range(20):
     total = rng.integers(0, num_rows + 1)
     cuts = np.sort(rng.integers(0, total + 1, num_groups - 1))
@@ -40,13 +40,13 @@ def test_waste_bound_and_round_trip():
     assert used <= plan.num_tiles
     # Rows added inside groups: at most tm - 1 per group.
     assert used * tm - total <= num_groups * (tm - 1)
-    x_RC = tiling.pad_rows(x_MC, plan)
+    x_RI = tiling.pad_rows(x_MI, plan)
     real = np.asarray(plan.src_row_R) < num_rows
     assert real.sum() == total
-    np.testing.assert_array_equal(np.asarray(x_RC)[~real], 0)
-    back_MC = np.asarray(tiling.unpad_rows(x_RC, plan))
-    np.testing.assert_array_equal(back_MC[:total], np.asarray(x_MC)[:total])
-    np.testing.assert_array_equal(back_MC[total:], 0)
+    np.testing.assert_array_equal(np.asarray(x_RI)[~real], 0)
+    back_MI = np.asarray(tiling.unpad_rows(x_RI, plan))
+    np.testing.assert_array_equal(back_MI[:total], np.asarray(x_MI)[:total])
+    np.testing.assert_array_equal(back_MI[total:], 0)
     # Every tile holds rows of its table group only.
     group_of_row = np.repeat(np.arange(num_groups), sizes_G)
     src = np.asarray(plan.src_row_R).reshape(-1, tm)

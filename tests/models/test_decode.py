@@ -102,8 +102,8 @@ def test_cached_decoding_on_a_mesh_equals_one_device(dispatch):
                              key=jax.random.key(0), temperature=0.0)
   alone = _decoder(config).generate(variables, prompt, max_new_tokens=6,
                                    key=jax.random.key(0), temperature=0.0)
-  np.testing.assert_array_equal(on_mesh.tokens_BN, alone.tokens_BN)
-  assert on_mesh.tokens_BN.shape == (1, 6)
+  np.testing.assert_array_equal(on_mesh.tokens_BY, alone.tokens_BY)
+  assert on_mesh.tokens_BY.shape == (1, 6)
 
 
 def test_greedy_generation_follows_the_full_forward_argmax():
@@ -112,10 +112,10 @@ def test_greedy_generation_follows_the_full_forward_argmax():
   prompt = np.asarray(jax.random.randint(jax.random.key(3), (1, P), 0, V))
   out = _decoder(config).generate(variables, prompt, max_new_tokens=6,
                                   key=jax.random.key(0), temperature=0.0)
-  seq_BL = np.concatenate([prompt, out.tokens_BN], axis=1)
+  seq_BL = np.concatenate([prompt, out.tokens_BY], axis=1)
   logits, aux = jax.jit(TransformerLM(decoding_config(config)).apply)(
       variables, seq_BL)
-  np.testing.assert_array_equal(out.tokens_BN,
+  np.testing.assert_array_equal(out.tokens_BY,
                                 np.argmax(logits[:, P - 1:-1], axis=-1))
   for layer, route_T in aux["routes"].items():  # The experts of every token.
     np.testing.assert_array_equal(out.experts[layer], route_T.reshape(1, -1))
@@ -129,8 +129,8 @@ def test_a_fixed_seed_reproduces_the_sample():
   runs = [decoder.generate(variables, prompt, max_new_tokens=12,
                            key=jax.random.key(seed), temperature=1.0, top_p=0.9)
           for seed in (7, 7, 8)]
-  np.testing.assert_array_equal(runs[0].tokens_BN, runs[1].tokens_BN)
-  assert not np.array_equal(runs[0].tokens_BN, runs[2].tokens_BN)
+  np.testing.assert_array_equal(runs[0].tokens_BY, runs[1].tokens_BY)
+  assert not np.array_equal(runs[0].tokens_BY, runs[2].tokens_BY)
 
 
 def test_sample_token_draws_from_the_nucleus():

@@ -38,9 +38,9 @@ def test_selector_weights_by_hand():
   # z = [+g/2, -g/2] -> S = [1, 0]: only code 0b01 = expert 1.
   # z = [0, 0] -> S = [1/2, 1/2]: every code 1/4.
   # z = [0, +g/2] -> S = [1/2, 1]: codes 0b10, 0b11 = experts 2, 3 at 1/2.
-  z_TIM = jnp.array([[[0.5, -0.5]], [[0.0, 0.0]], [[0.0, 0.5]]])
+  z_TWU = jnp.array([[[0.5, -0.5]], [[0.0, 0.0]], [[0.0, 0.5]]])
   np.testing.assert_allclose(
-      selector_weights(z_TIM, 4, gamma=1.0)[:, 0],
+      selector_weights(z_TWU, 4, gamma=1.0)[:, 0],
       [[0, 1, 0, 0], [0.25] * 4, [0, 0, 0.5, 0.5]], atol=1e-7)
 
 
@@ -53,11 +53,11 @@ def test_slots_are_the_experts_heaviest_first_and_k_fixed():
   params = nn.unbox(router.init(jax.random.key(1), x_TD))["params"]
 
   def expected_weights(p):  # The selector maths over experts in order.
-    z_TIM = (x_TD @ p["code"]["kernel"] + p["code"]["bias"]).reshape(
+    z_TWU = (x_TD @ p["code"]["kernel"] + p["code"]["bias"]).reshape(
         16, top_k, 3)
-    alpha_TI = jax.nn.softmax(x_TD @ p["mix"]["kernel"] + p["mix"]["bias"])
-    return jnp.einsum("ti,tie->te", alpha_TI,
-                      selector_weights(z_TIM, num_experts, gamma=1.0))
+    alpha_TW = jax.nn.softmax(x_TD @ p["mix"]["kernel"] + p["mix"]["bias"])
+    return jnp.einsum("tw,twe->te", alpha_TW,
+                      selector_weights(z_TWU, num_experts, gamma=1.0))
 
   binary = {**params, "code": {"kernel": jnp.zeros_like(params["code"]["kernel"]),
                                "bias": jnp.where(params["code"]["bias"] >= 0,
