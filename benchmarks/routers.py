@@ -6,7 +6,7 @@ the project's own `make_train_step` (AdamW, the router's aux losses). Methods
 with phases are timed in each: stage methods per stage, EvoMoE's DTS gate in
 its soft phase (temperature tau_max, every expert above the threshold) and its
 hard phase (past `hard_step`: sampled top-1, timed on the one-slot program the
-trainer compiles for it, `moejax.train.program.phase_models`), DSelect-k at
+trainer compiles for it, `moejax.stages.plan.segments`), DSelect-k at
 init (every expert active) and with binary selectors (codes saturated, <= k
 experts per token), ReMoE at init and with its gates trained sparse (about
 top_k experts per token).
@@ -44,8 +44,8 @@ import optax
 from moejax.models import TransformerLM
 from moejax.train import config as train_config
 from moejax.train import make_train_step
-from moejax.stages.stage import boundaries
-from moejax.train.program import init_state, phase_at, phase_models
+from moejax.stages.plan import segment_at, segments
+from moejax.train.program import init_state
 from moejax.train.optimizer import make_optimizer
 from moejax.train.presets import METHODS, method_config
 
@@ -197,12 +197,9 @@ class Timed:
 
   def __init__(self, run: train_config.RunConfig, phase: Phase, iters: int):
     stage = run.stages[phase.stage]
-    bounds = boundaries(run.stages)
-    # The model the trainer compiles for this phase of the router, if it has
-    # static phases (the DTS gate's hard phase: one slot per token).
-    model_config = phase_at(phase_models(
-        stage.model, bounds[phase.stage + 1] - bounds[phase.stage]),
-                            phase.stage_step)
+    # The model the trainer compiles for this segment of the stage (the DTS
+    # gate's hard phase: one slot per token).
+    model_config = segment_at(segments(stage), phase.stage_step)
     if phase.dropless:
       model_config = dataclasses.replace(model_config, moe=dataclasses.replace(
           model_config.moe, dispatch="dropless", matmul="auto"))

@@ -7,7 +7,8 @@ from moejax.routing.contract import ROUTER_STATE, Router, Routing, TokenLayout
 from moejax.routing.dselect import DSelectKRouter, smooth_step
 from moejax.routing.expert_choice import ExpertChoiceRouter
 from moejax.routing.hashing import (HashRouter, frequency_balanced_table,
-                                    set_hash_tables, table_from_tokens)
+                                    frequency_tables, set_hash_tables,
+                                    table_from_tokens)
 from moejax.routing.losses import (expert_fractions, load_balancing_loss,
                                    mean_entropy, router_z_loss)
 from moejax.routing.registry import (ROUTERS, check_router, make_router,
@@ -20,8 +21,9 @@ __all__ = [
     "HashRouter", "ROUTERS", "ROUTER_STATE", "ReMoERouter", "Router", "Routing",
     "SwitchRouter", "TokenLayout", "TopKRouter", "adapt_l1_coef",
     "balanced_assignment", "check_router", "expert_fractions",
-    "frequency_balanced_table", "group_limited_mask", "grouped_balance_loss",
-    "load_balancing_loss", "make_router", "mean_entropy", "parse_policy",
-    "remoe_l1", "router_class", "router_options", "router_z_loss",
-    "set_hash_tables", "smooth_step", "table_from_tokens", "update_bias",
+    "frequency_balanced_table", "frequency_tables", "group_limited_mask",
+    "grouped_balance_loss", "load_balancing_loss", "make_router",
+    "mean_entropy", "parse_policy", "remoe_l1", "router_class",
+    "router_options", "router_z_loss", "set_hash_tables", "smooth_step",
+    "table_from_tokens", "update_bias",
 ]

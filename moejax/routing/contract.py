@@ -10,7 +10,7 @@ pytree, so a new router is one small module plus its registry entry.
 """
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import flax
 import flax.linen as nn
@@ -137,15 +137,6 @@ class Router(nn.Module):
   top_k_means: ClassVar[str] = "experts per token"
 
   @classmethod
-  def prepare_state(cls, model_state: dict, *, num_experts: int, options: dict,
-                    token_counts_V) -> dict:
-    """Called by the trainer after init with the training corpus's token counts
-    (int[V]); returns `model_state` with corpus-dependent constants set. Most
-    routers have none."""
-    del num_experts, options, token_counts_V
-    return model_state
-
-  @classmethod
   def phases(cls, options: dict[str, Any], stage_steps: int
              ) -> tuple[tuple[int, dict[str, Any]], ...]:
     """The router's static phases in a stage of `stage_steps` steps:
@@ -153,11 +144,23 @@ class Router(nn.Module):
 
     From its first step on, a phase's overrides must route exactly as
     `options` (every option, defaults included) do, and may do it with static
-    shapes that follow that phase's sparsity; the trainer compiles one train
-    step per phase (`moejax.train.program`). Most routers have one phase.
+    shapes that follow that phase's sparsity; the stage machine makes each
+    phase a segment of the stage, compiled on its own
+    (`moejax.stages.plan.segments`). Most routers have one phase.
     """
     del options, stage_steps
     return ((0, {}),)
+
+  @classmethod
+  def init_transform(cls, options: dict[str, Any], *, num_experts: int
+                     ) -> Callable[[dict, Any], dict] | None:
+    """`(model_state, token_counts_V) -> model_state`, setting the router state
+    that depends on the training corpus (int[V] token counts) in a fresh
+    state; the stage machine applies it at init
+    (`moejax.stages.plan.init_transform`). None (most routers): nothing to set.
+    """
+    del options, num_experts
+    return None
 
   @classmethod
   def check_options(cls, options: dict[str, Any], *, num_experts: int,

@@ -12,9 +12,10 @@ its Gumbel sample only (sampled top-1). Evaluation: top-1.
 Slots follow the sparsity: the soft phase has K = E slots (or the cap) with a
 mask, and the MoE layer pays for the slots a batch uses (`moejax.moe.budgets`);
 evaluation, and a hard phase known at trace time (`hard_step` <= 0), have one
-slot per token, the cost of Switch. A trainer compiles the hard phase of a
-stage as such a program (`DTSRouter.phases`): from `hard_step` on, `hard_step`
-= -1 routes exactly alike.
+slot per token, the cost of Switch. The stage machine makes the hard phase a
+segment of its stage compiled as such a program (`DTSRouter.phases`,
+`moejax.stages.plan`): from `hard_step` on, `hard_step` = -1 routes exactly
+alike.
 
 One combine weight in training and evaluation (`combine`, the reference's two
 options): `softmax` (its default) weighs a used expert by softmax(W h)_i in both

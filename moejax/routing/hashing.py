@@ -4,13 +4,16 @@ Shapes: T tokens, D model width, E experts, V vocabulary, K = 1 slot per token.
 
 The table is an int32[V] variable in the Flax collection `constants` (not
 `params`: it is never trained), which the trainer keeps in
-`TrainState.model_state`. `set_hash_tables` swaps in a frequency-balanced table
-built from corpus counts after init.
+`TrainState.model_state`. `set_hash_tables` swaps in another table;
+`frequency_tables`, the router's init transform with `balance="frequency"`,
+one balanced on the training corpus's token counts (the stage machine applies
+it to a fresh state: `moejax.stages.plan`).
 """
 
 from collections.abc import Mapping
+import functools
 import heapq
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import flax.linen as nn
 import jax
@@ -116,14 +119,21 @@ def set_hash_tables(model_state: Mapping, table_V) -> dict:
   return new_state
 
 
+def frequency_tables(model_state: Mapping, token_counts_V, *,
+                     num_experts: int) -> dict:
+  """The init transform of `balance="frequency"`: `model_state` with every
+  hash table balanced over E experts on the corpus's int[V] token counts."""
+  return set_hash_tables(model_state, frequency_balanced_table(
+      np.asarray(token_counts_V), num_experts))
+
+
 class HashRouter(Router):
   """Expert = table[token id]; gate 1; no loss; the hidden state is not read.
 
   The table is drawn at init from the `params` rng: a random balanced table
   (`balance="random"`). With `balance="frequency"` init draws the same
-  placeholder and the trainer replaces it with `set_hash_tables(model_state,
-  table_from_tokens(...))` before training. Token ids outside [0, V) are
-  clipped.
+  placeholder, which the router's init transform (`frequency_tables`) replaces
+  before training. Token ids outside [0, V) are clipped.
 
   Attributes:
     balance: `random` or `frequency` (how the table is built; see above).
@@ -134,14 +144,12 @@ class HashRouter(Router):
   top1_only: ClassVar[bool] = True
 
   @classmethod
-  def prepare_state(cls, model_state: dict, *, num_experts: int, options: dict,
-                    token_counts_V) -> dict:
-    """`balance="frequency"`: the table balanced on the training corpus."""
-    if options.get("balance", "random") != "frequency":
-      return model_state
-    return set_hash_tables(model_state, frequency_balanced_table(
-        np.asarray(token_counts_V), num_experts))
-
+  def init_transform(cls, options: dict[str, Any], *, num_experts: int
+                     ) -> Callable[[dict, np.ndarray], dict] | None:
+    """`balance="frequency"`: `frequency_tables` for E = `num_experts`."""
+    if options["balance"] != "frequency":
+      return None
+    return functools.partial(frequency_tables, num_experts=num_experts)
 
   def __post_init__(self):
     # The table's size, not an option: known when the router is built.

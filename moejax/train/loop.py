@@ -284,13 +284,13 @@ class _Run:
 
   def _first_step(self, program: StageProgram, train_step, state: TrainState,
                   batch):
-    """Compiles and runs the first step of a stage or of one of its router's
-    phases, saying so (it takes a while)."""
+    """Compiles and runs the first step of a stage or of one of its segments,
+    saying so (it takes a while)."""
     name = f"stage {program.index} ({program.stage.name})"
     if len(program.train_steps) > 1:
-      phase = [fn for _, fn in program.train_steps].index(train_step)
-      name += (f", router phase {phase + 1} of {len(program.train_steps)} "
-               f"from step {program.train_steps[phase][0]}")
+      segment = [fn for _, fn in program.train_steps].index(train_step)
+      name += (f", segment {segment + 1} of {len(program.train_steps)} "
+               f"from step {program.train_steps[segment][0]}")
     self.progress.message(f"compiling the train step of {name} ...")
     start = time.perf_counter()
     state, metrics = train_step(state, batch)

@@ -2,10 +2,10 @@
 eval and probe steps, and the shardings of its state.
 
 `build_program(config, index, data, init_rng, step_rng)` builds stage `index`;
-the loop (`moejax.train.loop`) runs the programs one after another. A stage
-whose router has static phases (`Router.phases`: EvoMoE's DTS gate, soft then
-hard) has one jitted train step per phase, over the same params and state:
-the hard phase's has one routing slot per token instead of E.
+the loop (`moejax.train.loop`) runs the programs one after another. It
+compiles what the stage machine says (`moejax.stages.plan`): one jitted train
+step per segment of the stage, over the same params and state, and a fresh
+state with its init transform applied.
 """
 
 import dataclasses
@@ -19,12 +19,11 @@ import numpy as np
 import optax
 
 from moejax.data.rows import place_rows
-from moejax.models.config import TransformerConfig
 from moejax.models.transformer import TransformerLM
 from moejax.parallel import hosts
 from moejax.parallel.mesh import make_mesh
 from moejax.parallel.rules import batch_sharding, logical_shardings, shard_batch
-from moejax.routing.registry import router_class, router_options
+from moejax.stages.plan import init_transform, segment_at, segments
 from moejax.stages.stage import Stage, boundaries
 from moejax.train.config import RunConfig
 from moejax.train.optimizer import make_optimizer
@@ -67,34 +66,12 @@ class Evaluator:
             "eval/ppl": math.exp(loss) if loss < 700 else float("inf")}
 
 
-def phase_models(model: TransformerConfig, stage_steps: int
-                 ) -> tuple[tuple[int, TransformerConfig], ...]:
-  """(first stage step, model) of each static phase of a stage's router
-  (`Router.phases`); one phase, `model` itself, for most."""
-  moe = model.moe
-  if not model.moe_layers:
-    return ((0, model),)
-  given = dict(moe.router_options)
-  phases = router_class(moe.router).phases(
-      {**router_options(moe.router), **given}, stage_steps)
-  return tuple(
-      (start, model if not overrides else dataclasses.replace(
-          model, moe=dataclasses.replace(moe, router_options=tuple(
-              sorted({**given, **overrides}.items())))))
-      for start, overrides in phases)
-
-
-def phase_at(phases: tuple[tuple[int, Any], ...], stage_step: int) -> Any:
-  """What `phases`, ((first step, x), ...) ascending, holds at `stage_step`
-  (the update from state step `stage_step` to the next)."""
-  return [x for first, x in phases if stage_step >= first][-1]
-
-
 @dataclasses.dataclass
 class StageProgram:
   """The jitted functions of one stage, its shardings and the global steps it
-  covers. `train_steps` holds (first global step, jitted step) per static
-  phase of the stage's router, ascending; `train_step(step)` picks one."""
+  covers. `train_steps` holds (first global step, jitted step) per segment
+  of the stage (`moejax.stages.plan.segments`), ascending; `train_step(step)`
+  picks one."""
 
   index: int
   stage: Stage
@@ -110,7 +87,7 @@ class StageProgram:
 
   def train_step(self, step: int) -> Callable:
     """The jitted step that takes the state from `step` - 1 to `step`."""
-    return phase_at(self.train_steps, step - 1)
+    return segment_at(self.train_steps, step - 1)
 
   def place(self, state: TrainState) -> TrainState:
     """`state` laid out on this stage's mesh (after an eager transform)."""
@@ -153,26 +130,23 @@ def build_program(config: RunConfig, index: int, data, init_rng: jax.Array,
   shardings = logical_shardings(
       state_specs(model, tx, config.data.seq_len), abstract, mesh)
   jit_init = jax.jit(init_fn, out_shardings=shardings)
-  moe = stage.model.moe
+  prepare = init_transform(stage.model)
 
   def init() -> TrainState:
     state = jit_init()
-    if not stage.model.moe_layers:
+    if prepare is None:
       return state
-    model_state = router_class(moe.router).prepare_state(
-        state.model_state, num_experts=moe.num_experts,
-        options=dict(moe.router_options), token_counts_V=data.token_counts)
+    model_state = prepare(state.model_state, data.token_counts)
     return hosts.place(state.replace(model_state=model_state), shardings)
 
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   steps = tuple(
       (bounds[index] + first, jax.jit(
-          make_train_step(TransformerLM(phase, mesh=model_mesh), tx, step_rng,
+          make_train_step(TransformerLM(segment, mesh=model_mesh), tx, step_rng,
                           stage_start=bounds[index]),
           in_shardings=(shardings, batch_sharding(mesh)),
           out_shardings=(shardings, replicated), donate_argnums=0))
-      for first, phase in phase_models(stage.model,
-                                       bounds[index + 1] - bounds[index]))
+      for first, segment in segments(stage))
   probe = jax.jit(make_probe_step(model)) if stage.model.moe_layers else None
   return StageProgram(index=index, stage=stage, start=bounds[index],
                       end=bounds[index + 1], mesh=mesh, init=init,

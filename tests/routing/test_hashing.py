@@ -1,4 +1,5 @@
-"""Hash layers: routing by token id only, table balance on a Zipf stream, table swap."""
+"""Hash layers: routing by token id only, table balance on a Zipf stream, table
+swap, and the init transform that sets the corpus-balanced table."""
 
 import jax
 import jax.numpy as jnp
@@ -7,8 +8,9 @@ import pytest
 
 from moejax.errors import ConfigError
 from moejax.moe import MoELayer
-from moejax.routing import (frequency_balanced_table, make_router,
-                            set_hash_tables, table_from_tokens)
+from moejax.routing import (HashRouter, frequency_balanced_table,
+                            frequency_tables, make_router, set_hash_tables,
+                            table_from_tokens)
 from moejax.routing.hashing import random_balanced_table
 
 V, E, D = 500, 4, 8
@@ -114,6 +116,30 @@ def test_set_hash_tables_replaces_every_table_and_nothing_else():
     set_hash_tables(model_state, new_table_V[:10])
   with pytest.raises(ConfigError, match="no 'constants/.../hash_table'"):
     set_hash_tables({"constants": {}}, new_table_V)
+
+
+def test_init_transform_sets_every_table_balanced_on_the_counts():
+  """`balance="frequency"` declares `frequency_tables` as its init transform:
+  every table of the state becomes the counts' balanced table; `random` has
+  none (its drawn table is kept)."""
+  router = make_router("hash", num_experts=E, vocab_size=V,
+                       options={"balance": "frequency"})
+  table = _init(router)["constants"]
+  model_state = {"constants": {"block_1": {"moe": {"router": table}},
+                               "block_3": {"moe": {"router": table}}}}
+  counts_V = np.bincount(_zipf_stream(4), minlength=V)
+  transform = HashRouter.init_transform({"balance": "frequency"},
+                                        num_experts=E)
+  new_state = transform(model_state, counts_V)
+  want_V = frequency_balanced_table(counts_V, E)
+  for block in ("block_1", "block_3"):
+    np.testing.assert_array_equal(
+        new_state["constants"][block]["moe"]["router"]["hash_table"], want_V)
+  assert np.any(np.asarray(table["hash_table"]) != want_V)
+  np.testing.assert_array_equal(
+      frequency_tables(model_state, counts_V, num_experts=E)["constants"][
+          "block_1"]["moe"]["router"]["hash_table"], want_V)
+  assert HashRouter.init_transform({"balance": "random"}, num_experts=E) is None
 
 
 def test_clear_errors():

@@ -1,7 +1,9 @@
-"""Router phases: a stage whose router changes sparsity at a known step (the
-DTS gate's hard phase) runs one compiled train step per phase, and the cheaper
-phase's step is the E-slot step, exactly."""
+"""Segments: a stage whose router changes sparsity at a known step (the DTS
+gate's hard phase) is split by the stage machine into segments, the trainer
+runs one compiled train step per segment, and the cheaper segment's step is the
+E-slot step, exactly."""
 
+import dataclasses
 import json
 
 import jax
@@ -9,9 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from moejax.models import TransformerLM
+from moejax.stages.plan import segments
 from moejax.train import make_train_step, parse, train_and_evaluate
 from moejax.train.optimizer import make_optimizer
-from moejax.train.program import init_state, phase_models
+from moejax.train.program import init_state
 from tests.conftest import tiny_config
 
 HARD_STEP = 8
@@ -26,17 +29,18 @@ def _dts_config(steps=16):
   return parse(c)
 
 
-def test_phase_models_override_only_the_hard_phase():
+def test_segments_override_only_the_hard_phase():
   config = _dts_config()
-  model = config.stages[0].model
-  (s0, soft), (s1, hard) = phase_models(model, stage_steps=16)
+  stage = config.stages[0]
+  model = stage.model
+  (s0, soft), (s1, hard) = segments(stage)
   assert (s0, s1) == (0, HARD_STEP)
   assert soft is model
   assert dict(hard.moe.router_options)["hard_step"] == -1
   assert {k: v for k, v in hard.moe.router_options if k != "hard_step"} == {
       k: v for k, v in model.moe.router_options if k != "hard_step"}
   # A stage that ends before hard_step has the soft phase only.
-  assert phase_models(model, stage_steps=HARD_STEP) == ((0, model),)
+  assert segments(dataclasses.replace(stage, steps=HARD_STEP)) == ((0, model),)
 
 
 def test_hard_phase_step_equals_the_e_slot_step():
@@ -44,7 +48,7 @@ def test_hard_phase_step_equals_the_e_slot_step():
   E-slot model's step give the same loss, metrics and new params."""
   config = _dts_config()
   model_config = config.stages[0].model
-  _, hard_config = phase_models(model_config, stage_steps=16)[1]
+  _, hard_config = segments(config.stages[0])[1]
   tx = make_optimizer(config.optim, config.train.steps, ())
   e_slot, hard = TransformerLM(model_config), TransformerLM(hard_config)
   state = init_state(e_slot, tx, jax.random.key(0), config.data.seq_len)
