@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from moejax.errors import ConfigError
+from moejax.layout import block_name, layer_name
 from moejax.models.config import DTYPES, TransformerConfig
 from moejax.moe.ffn_init import FFNInit
 from moejax.moe.layer import MoELayer
@@ -175,14 +176,14 @@ class TransformerLM(nn.Module):
     layers, routes, loads, trace = {}, {}, {}, {}
     for i in range(cfg.num_layers):
       x_BLD, aux = Block(cfg, i in cfg.moe_layers, mesh=self.mesh,
-                         name=f"block_{i}")(
+                         name=block_name(i))(
           x_BLD, tokens_BL, deterministic, step, cache_at)
       if aux is not None:
         aux_loss = aux_loss + aux.aux_loss
-        layers[f"layer_{i}"] = aux.metrics
-        routes[f"layer_{i}"] = aux.top_expert_T
-        loads[f"layer_{i}"] = aux.load_E
-        trace[f"layer_{i}"] = aux.trace
+        layers[layer_name(i)] = aux.metrics
+        routes[layer_name(i)] = aux.top_expert_T
+        loads[layer_name(i)] = aux.load_E
+        trace[layer_name(i)] = aux.trace
     x_BLD = _norm("final_norm", dtype)(x_BLD)
     logits_BLV = jnp.einsum("bld,vd->blv", x_BLD.astype(jnp.float32), embed)
     return logits_BLV, {"aux_loss": aux_loss, "layers": layers, "routes": routes,

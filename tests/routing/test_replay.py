@@ -71,8 +71,12 @@ def test_model_replays_every_layer():
     np.testing.assert_array_equal(aux_r["trace"][layer]["expert"],
                                   recorded[layer]["expert"])
   assert not np.allclose(replayed, logits)
-  with pytest.raises(ConfigError, match="is not layer_<i>"):
+  assert sorted(replay_variables(recorded)[REPLAY_COLLECTION]["block_3"]["moe"]) == [
+      "expert", "mask", "weight"]
+  with pytest.raises(ConfigError, match="is not a MoE layer's name"):
     replay_variables({"block_1": recorded["layer_1"]})
+  with pytest.raises(ConfigError, match="has fields"):
+    replay_variables({"layer_1": {"expert": recorded["layer_1"]["expert"]}})
   # jnp arrays and numpy arrays make the same collection.
   assert jax.tree.structure(replay_variables(recorded)) == jax.tree.structure(
       replay_variables(jax.tree.map(jnp.asarray, recorded)))
