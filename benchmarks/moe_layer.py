@@ -30,10 +30,10 @@ from moejax.moe import MoELayer, dispatch, expert_capacity
 from moejax.moe.reference import capacity_keep_loop, moe_loop
 from moejax.routing import make_router
 
-def _layer(router, num_experts, d_ff, path, capacity_factor, dtype):
-  """The MoE layer for `path` (`capacity` or `dropless/<impl>`)."""
+def _layer(top_k, num_experts, d_ff, path, capacity_factor, dtype):
+  """The top-k MoE layer for `path` (`capacity` or `dropless/<impl>`)."""
   dispatch_path, _, matmul = path.partition("/")
-  return MoELayer(router, num_experts=num_experts, d_ff=d_ff,
+  return MoELayer("topk", num_experts=num_experts, d_ff=d_ff, top_k=top_k,
                   dispatch=dispatch_path, capacity_factor=capacity_factor,
                   dtype=dtype, matmul=matmul or "xla")
 
@@ -60,7 +60,8 @@ def _check(layer, params, x_TD, top_k, path, capacity_factor, sample=16):
   """The layer's output on `sample` tokens equals the naive per-token loop."""
   num_experts = layer.num_experts
   y_TD = jax.jit(layer.apply)({"params": params}, x_TD[None])[0][0]
-  routing = layer.router.clone().apply({"params": params["router"]}, x_TD)
+  router = make_router("topk", num_experts=num_experts, top_k=top_k)
+  routing = router.apply({"params": params["router"]}, x_TD)
   capacity = (expert_capacity(x_TD.shape[0], num_experts, top_k, capacity_factor)
               if path == "capacity" else None)
   kept = capacity_keep_loop(routing.expert_TK, routing.mask_TK, num_experts,
@@ -89,8 +90,7 @@ def run(tokens, d_model, d_ff, experts, top_ks, dtype, capacity_factor, iters,
     rows.append(dict(E=num_experts, k=top_k, path="dense", ms=dense_s * 1e3,
                      tflops=flops / dense_s / 1e12, ratio=1.0))
     for path in paths:
-      router = make_router("topk", num_experts=num_experts, top_k=top_k)
-      layer = _layer(router, num_experts, d_ff, path, capacity_factor, dtype)
+      layer = _layer(top_k, num_experts, d_ff, path, capacity_factor, dtype)
       params = nn.unbox(jax.jit(layer.init)(key, x_TD[None]))["params"]
       _check(layer, params, x_TD, top_k, path, capacity_factor)
       step = _fwd_bwd(lambda p, x, layer=layer: layer.apply({"params": p}, x)[0])

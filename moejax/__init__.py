@@ -7,6 +7,7 @@ Import what you need from the subpackages (importing `moejax` alone is light):
   moejax.parallel  device mesh, sharding rules, the expert-parallel shard_map layer
   moejax.models    the decoder-only Transformer LM
   moejax.stages    params -> params stage transforms (diversify, upcycle, freeze)
+  moejax.pytree    path rules over param trees; moejax.layout the model's paths
   moejax.train     config, presets, the pure step, the stage loop, checkpoints
   moejax.data      corpora, the TFDS text builder, tokenizer, packing
   moejax.metrics   router health, routing fluctuation, metric writers

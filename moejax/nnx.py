@@ -2,52 +2,55 @@
 
 Shapes: B batch, L length, D model width, F hidden width, E experts.
 
-`MoELayer(d_model, num_experts=E, d_ff=F, router="topk", ..., rngs=nnx.Rngs(
-params=0, router=1))` wraps `moejax.moe.MoELayer` (linen) with
-`nnx.bridge.ToNNX` and initialises it in the constructor, so it needs no mesh
-or sharding context: its params keep their logical axis names (`expert`,
-`embed`, `mlp`) as metadata, and `shard(module, mesh)` lays them out with
-moejax's rules. Routers that draw random numbers in training (jitter, the DTS
+`MoELayer(d_model, router="topk", num_experts=E, d_ff=F, ..., rngs=nnx.Rngs(
+params=0, router=1))` takes every field of `moejax.moe.MoELayer` (linen),
+wraps that layer with `nnx.bridge.ToNNX` and initialises it in the
+constructor, so it needs no mesh or sharding context: its params keep their
+logical axis names (`expert`, `embed`, `mlp`) as metadata, and
+`shard(module, mesh)` lays them out with moejax's rules. Routers that draw random numbers in training (jitter, the DTS
 gate) read the `router` stream of the Rngs.
 
 Checked with flax 0.12.8 (Python 3.11) and 0.12.12 (3.12).
 """
 
-from typing import Any, Mapping
+import dataclasses
+from typing import Any
 
 from flax import nnx
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from moejax.errors import ConfigError
 from moejax.moe import layer as linen_layer
 from moejax.parallel.rules import LOGICAL_AXIS_RULES
+
+
+# Every field of the linen layer is an argument here (not `parent`, `name`).
+LAYER_FIELDS = tuple(f.name for f in dataclasses.fields(linen_layer.MoELayer)
+                     if f.init and f.name not in ("parent", "name"))
 
 
 class MoELayer(nnx.Module):
   """A sparse FFN [B, L, D] -> ([B, L, D], `moejax.moe.MoEAux`), NNX-style.
 
-  Arguments are those of `moejax.moe.MoELayer` (the router by name, E once),
-  plus `d_model` (D, to create the params) and `rngs`.
+  Takes `d_model` (D, to create the params), `rngs`, and, as keywords, every
+  field of `moejax.moe.MoELayer` (`LAYER_FIELDS`, with the same defaults),
+  forwarded to the linen layer it wraps.
   """
 
-  def __init__(self, d_model: int, *, num_experts: int, d_ff: int,
-               router: str = "switch", top_k: int = 1,
-               router_options: Mapping[str, Any] | None = None,
-               vocab_size: int = 0, dispatch: str = "capacity",
-               capacity_factor: float = 1.25, dtype=jnp.float32,
-               matmul: str = "xla", mesh: jax.sharding.Mesh | None = None,
-               rngs: nnx.Rngs):
-    layer = linen_layer.MoELayer(
-        router=router, num_experts=num_experts, d_ff=d_ff, dispatch=dispatch,
-        capacity_factor=capacity_factor, dtype=dtype, matmul=matmul, mesh=mesh,
-        top_k=top_k, router_options=dict(router_options or {}),
-        vocab_size=vocab_size)
+  def __init__(self, d_model: int, *, rngs: nnx.Rngs, **layer_fields: Any):
+    unknown = sorted(set(layer_fields) - set(LAYER_FIELDS))
+    if unknown:
+      raise ConfigError(f"moejax.nnx.MoELayer has no argument "
+                        f"{', '.join(unknown)}; valid: {', '.join(LAYER_FIELDS)}")
+    layer = linen_layer.MoELayer(**layer_fields)
     # Variables carry logical names, not mesh shardings: no context needed.
     with nnx.use_eager_sharding(False):
       self.moe = nnx.bridge.ToNNX(layer, rngs=rngs)
-      nnx.bridge.lazy_init(self.moe, jnp.zeros((1, num_experts, d_model), dtype),
-                           token_ids_BL=jnp.zeros((1, num_experts), jnp.int32))
+      tokens = layer.num_experts
+      nnx.bridge.lazy_init(self.moe, jnp.zeros((1, tokens, d_model), layer.dtype),
+                           token_ids_BL=jnp.zeros((1, tokens), jnp.int32))
 
   def __call__(self, x_BLD: jax.Array, *, token_ids_BL: jax.Array | None = None,
                step: jax.Array | None = None, deterministic: bool = True):

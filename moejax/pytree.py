@@ -1,8 +1,16 @@
-"""Param-tree plumbing shared by stages, optimizer and sharding: paths, path
-rules, overlays."""
+"""Param-tree plumbing shared by stages, optimizer, replay and sharding: paths,
+path rules, overlays.
+
+A path rule names params by their '/'-joined path ('block_1/moe/router/gate/kernel'):
+a regex, which must match the whole path, or a predicate over the path. Rules
+select leaves (`match_rules`: freezing, optimizer groups) or subtrees (`select`,
+`update`: stage transforms), so no module spells the model's layout in code.
+"""
 
 import re
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Mapping
+
+Rule = str | re.Pattern | Callable[[str], bool]
 
 import jax
 import numpy as np
@@ -21,15 +29,65 @@ def path_str(path) -> str:
   return "/".join(parts)
 
 
-def match_rules(params, patterns: Iterable[str]) -> Any:
-  """A bool tree: True where a param's path fully matches one of `patterns`."""
-  compiled = [re.compile(p) for p in patterns]
+def matcher(rule: Rule) -> Callable[[str], bool]:
+  """The predicate of a path rule (a regex matches the whole path)."""
+  if callable(rule) and not isinstance(rule, re.Pattern):
+    return rule
+  compiled = re.compile(rule)
+  return lambda path: compiled.fullmatch(path) is not None
+
+
+def match_rules(params, rules: Iterable[Rule]) -> Any:
+  """A bool tree: True where a leaf's path matches one of `rules`."""
+  predicates = [matcher(r) for r in rules]
   return jax.tree_util.tree_map_with_path(
-      lambda path, _: any(c.fullmatch(path_str(path)) for c in compiled), params)
+      lambda path, _: any(p(path_str(path)) for p in predicates), params)
 
 
-def count_matches(params, patterns: Iterable[str]) -> int:
-  return sum(jax.tree.leaves(match_rules(params, patterns)))
+def count_matches(params, rules: Iterable[Rule]) -> int:
+  return sum(jax.tree.leaves(match_rules(params, rules)))
+
+
+def select(tree: Mapping, rule: Rule, *, where: str = "") -> dict[str, Any]:
+  """{path: node} of the outermost nodes (subtrees or leaves) of a nested dict
+  whose path matches `rule`, in the tree's order; a match is not searched
+  further."""
+  matches, match = {}, matcher(rule)
+  for key, node in tree.items():
+    here = f"{where}/{key}" if where else str(key)
+    if match(here):
+      matches[here] = node
+    elif isinstance(node, Mapping):
+      matches.update(select(node, rule, where=here))
+  return matches
+
+
+def update(tree: Mapping, rule: Rule, fn: Callable[[str, Any], Any], *,
+           where: str = "") -> dict:
+  """`tree` (nested dicts) with each node `select` finds replaced by
+  `fn(path, node)`; every other leaf kept (the same objects)."""
+  out, match = {}, matcher(rule)
+  for key, node in tree.items():
+    here = f"{where}/{key}" if where else str(key)
+    if match(here):
+      out[key] = fn(here, node)
+    elif isinstance(node, Mapping):
+      out[key] = update(node, rule, fn, where=here)
+    else:
+      out[key] = node
+  return out
+
+
+def nest(flat: Mapping[str, Any]) -> dict:
+  """{'a/b': x, 'a/c': y} -> {'a': {'b': x, 'c': y}}."""
+  out: dict = {}
+  for path, value in flat.items():
+    *parents, last = path.split("/")
+    node = out
+    for key in parents:
+      node = node.setdefault(key, {})
+    node[last] = value
+  return out
 
 
 def overlay(template: dict, source: dict, *, where: str = "") -> dict:

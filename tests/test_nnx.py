@@ -1,6 +1,8 @@
 """The MoE layer from Flax NNX: no special context, nnx.jit + value_and_grad,
 a mesh, and the `router` rng stream."""
 
+import dataclasses
+
 from flax import nnx
 import flax.linen as nn
 import jax
@@ -9,7 +11,9 @@ import numpy as np
 import pytest
 
 from moejax import nnx as moe_nnx
+from moejax.errors import ConfigError
 from moejax.moe import MoELayer
+from moejax.moe.ffn_init import FFNInit
 from moejax.parallel import MeshConfig, make_mesh
 
 B, L, D, F, E = 8, 4, 16, 32, 4
@@ -44,6 +48,33 @@ def test_nnx_layer_is_the_linen_layer():
   for a, b in zip(jax.tree.leaves(nnx.to_pure_dict(grads)["moe"]),
                   jax.tree.leaves(want_grads)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_every_linen_field_is_accepted_and_forwarded():
+  """The NNX layer takes the linen layer's fields (derived, so they cannot
+  drift): each set here away from its default reaches the wrapped layer."""
+  mesh = make_mesh(MeshConfig(data=2, expert=4), num_experts=E)
+  values = dict(
+      router="topk", num_experts=E, d_ff=F, dispatch="dropless",
+      capacity_factor=2.0, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
+      matmul="auto", mesh=mesh, top_k=2, router_options={"jitter": 0.1},
+      vocab_size=50, num_shared_experts=1, ffn_init=FFNInit("normal"))
+  linen_fields = {f.name for f in dataclasses.fields(MoELayer)} - {"parent",
+                                                                   "name"}
+  assert set(values) == linen_fields == set(moe_nnx.LAYER_FIELDS)
+  defaults = MoELayer("switch", num_experts=1, d_ff=1)
+  assert all(values[k] != getattr(defaults, k)
+             for k in linen_fields - {"router", "num_experts", "d_ff"})
+  model = moe_nnx.MoELayer(D, **values, rngs=nnx.Rngs(0))
+  layer = model.moe.to_nnx__module
+  for key, value in values.items():
+    assert getattr(layer, key) == value, key
+  params = _linen_params(model)
+  assert params["shared_experts"]["w_in"].shape == (1, D, F)
+  assert params["experts"]["w_in"].dtype == jnp.bfloat16
+  with pytest.raises(ConfigError, match="has no argument d_model_typo; valid: "
+                     "router, num_experts"):
+    moe_nnx.MoELayer(D, **KW, d_model_typo=1, rngs=nnx.Rngs(0))
 
 
 def test_router_stream_feeds_training_randomness():

@@ -10,10 +10,10 @@ import jax
 import jax.numpy as jnp
 
 from moejax.errors import ConfigError
+from moejax.layout import block_name, layer_name
 from moejax.models.config import DTYPES, TransformerConfig
 from moejax.moe.ffn_init import FFNInit
 from moejax.moe.layer import MoELayer
-from moejax.routing.registry import make_router
 
 _KERNEL_INIT = nn.initializers.normal(0.02)
 
@@ -107,13 +107,11 @@ class Block(nn.Module):
     if not self.is_moe:
       return x_BLD + DenseFFN(cfg.d_ff, dtype, ffn_init, name="ffn")(h_BLD), None
     moe = cfg.moe
-    router = make_router(moe.router, num_experts=moe.num_experts, top_k=moe.top_k,
-                         vocab_size=cfg.vocab_size,
-                         options=dict(moe.router_options))
     y_BLD, aux = MoELayer(
-        router=router, num_experts=moe.num_experts, d_ff=moe.d_ff or cfg.d_ff,
+        router=moe.router, num_experts=moe.num_experts, d_ff=moe.d_ff or cfg.d_ff,
         dispatch=moe.dispatch, capacity_factor=moe.capacity_factor, dtype=dtype,
-        matmul=moe.matmul, mesh=self.mesh,
+        matmul=moe.matmul, mesh=self.mesh, top_k=moe.top_k,
+        router_options=dict(moe.router_options), vocab_size=cfg.vocab_size,
         num_shared_experts=moe.num_shared_experts, ffn_init=ffn_init, name="moe")(
             h_BLD, token_ids_BL=token_ids_BL, step=step,
             deterministic=deterministic)
@@ -176,14 +174,14 @@ class TransformerLM(nn.Module):
     layers, routes, loads, trace = {}, {}, {}, {}
     for i in range(cfg.num_layers):
       x_BLD, aux = Block(cfg, i in cfg.moe_layers, mesh=self.mesh,
-                         name=f"block_{i}")(
+                         name=block_name(i))(
           x_BLD, tokens_BL, deterministic, step, cache_at)
       if aux is not None:
         aux_loss = aux_loss + aux.aux_loss
-        layers[f"layer_{i}"] = aux.metrics
-        routes[f"layer_{i}"] = aux.top_expert_T
-        loads[f"layer_{i}"] = aux.load_E
-        trace[f"layer_{i}"] = aux.trace
+        layers[layer_name(i)] = aux.metrics
+        routes[layer_name(i)] = aux.top_expert_T
+        loads[layer_name(i)] = aux.load_E
+        trace[layer_name(i)] = aux.trace
     x_BLD = _norm("final_norm", dtype)(x_BLD)
     logits_BLV = jnp.einsum("bld,vd->blv", x_BLD.astype(jnp.float32), embed)
     return logits_BLV, {"aux_loss": aux_loss, "layers": layers, "routes": routes,

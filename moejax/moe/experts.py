@@ -3,14 +3,12 @@
 Shapes: E experts, C capacity, D model width, F hidden width, M sorted rows.
 """
 
-import functools
 from typing import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moejax.kernels import check_impl, grouped_matmul
 from moejax.moe.ffn_init import FFNInit
 
 Dtype = jnp.dtype | str
@@ -41,17 +39,15 @@ def grouped_ffn(x_MD: jax.Array, w_in_EDF: jax.Array, w_out_EFD: jax.Array,
 
 
 class Experts(nn.Module):
-  """GELU FFNs, one per expert, applied to capacity buffers or sorted rows.
+  """The stacked weights of E expert FFNs; `capacity_ffn` and `grouped_ffn`
+  apply them (so does the expert-parallel layer, to its local experts).
 
   Attributes:
     num_experts: E.
     d_model: D.
     d_ff: F, hidden width of each expert.
-    dtype: compute dtype (params stay `param_dtype`).
+    dtype: compute dtype the weights are returned in (stored as `param_dtype`).
     param_dtype: storage dtype of the weights.
-    activation: the nonlinearity between the two matmuls.
-    matmul: grouped matmul impl of the dropless path, one of
-      `moejax.kernels.MATMUL_IMPLS` (`xla`, `pallas`, `megablox`, `auto`).
     ffn_init: the FFN initializer, the dense FFN's (`moejax.moe.ffn_init`).
   """
 
@@ -60,39 +56,20 @@ class Experts(nn.Module):
   d_ff: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  activation: Callable[[jax.Array], jax.Array] = nn.gelu
-  matmul: str = "xla"
   ffn_init: FFNInit = FFNInit()
 
-  def setup(self):
-    check_impl(self.matmul)  # Fails loudly on a typo, whichever path runs.
-    shape_in = (self.num_experts, self.d_model, self.d_ff)
-    shape_out = (self.num_experts, self.d_ff, self.d_model)
-    self.w_in = self.param(
+  @nn.compact
+  def __call__(self) -> tuple[jax.Array, jax.Array]:
+    """(w_in [E, D, F], w_out [E, F, D]) in the compute dtype."""
+    w_in_EDF = self.param(
         "w_in", nn.with_logical_partitioning(self.ffn_init.w_in,
                                              ("expert", "embed", "mlp")),
-        shape_in, self.param_dtype)
-    self.w_out = self.param(
+        (self.num_experts, self.d_model, self.d_ff), self.param_dtype)
+    w_out_EFD = self.param(
         "w_out", nn.with_logical_partitioning(self.ffn_init.w_out,
                                               ("expert", "mlp", "embed")),
-        shape_out, self.param_dtype)
-
-  def _weights(self):
-    return self.w_in.astype(self.dtype), self.w_out.astype(self.dtype)
-
-  def weights(self) -> tuple[jax.Array, jax.Array]:
-    """(w_in [E, D, F], w_out [E, F, D]) in the compute dtype."""
-    return self._weights()
-
-  def __call__(self, x_ECD: jax.Array) -> jax.Array:
-    """Capacity path: [E, C, D] -> [E, C, D]."""
-    return capacity_ffn(x_ECD, *self._weights(), self.activation)
-
-  def grouped(self, x_MD: jax.Array, group_sizes_E: jax.Array) -> jax.Array:
-    """Dropless path: rows sorted by expert, [M, D] -> [M, D] (unused rows 0)."""
-    return grouped_ffn(x_MD, *self._weights(), group_sizes_E, self.activation,
-                       ragged_dot=functools.partial(grouped_matmul,
-                                                    impl=self.matmul))
+        (self.num_experts, self.d_ff, self.d_model), self.param_dtype)
+    return w_in_EDF.astype(self.dtype), w_out_EFD.astype(self.dtype)
 
 
 def shared_ffn(x_TD: jax.Array, w_in_SDF: jax.Array, w_out_SFD: jax.Array,

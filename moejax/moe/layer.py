@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from moejax.errors import ConfigError
-from moejax.kernels import grouped_matmul
+from moejax.kernels import check_impl, grouped_matmul
 from moejax.metrics.router import load_metrics
 from moejax.moe import budgets, routed
 from moejax.moe.experts import Dtype, Experts, SharedExperts
@@ -67,9 +67,9 @@ class MoELayer(nn.Module):
   (`moejax.routing.replay`), those slots are dispatched instead of the router's.
 
   Attributes:
-    router: a router name (`moejax.routing.ROUTERS`), built here with E, `top_k`,
-      `vocab_size` and `router_options`; or an unbound router module
-      (`moejax.routing.make_router`), whose E must be `num_experts`.
+    router: a router name (`moejax.routing.ROUTERS`), built here by
+      `moejax.routing.make_router` with E, `top_k`, `vocab_size` and
+      `router_options` (which it validates).
     num_experts: E.
     d_ff: F, hidden width of each expert.
     dispatch: `capacity` or `dropless`.
@@ -82,10 +82,9 @@ class MoELayer(nn.Module):
     mesh: a `("data", "expert")` mesh (`moejax.parallel.make_mesh`) to run
       dispatch -> experts -> combine expert-parallel on, with capacity per
       device (`moejax.parallel.expert_parallel`); None: one program, global plan.
-    top_k: K of a router given by name (None: 1).
-    router_options: options of a router given by name (its dataclass fields).
-    vocab_size: V, for routers given by name that read token ids (hash,
-      stablemoe).
+    top_k: K, the router's slots per token.
+    router_options: the router's options (its dataclass fields).
+    vocab_size: V, for routers that read token ids (hash, stablemoe).
     num_shared_experts: S dense FFNs of width `d_ff` every token also uses
       (replicated, outside the expert-parallel exchange).
 
@@ -94,7 +93,7 @@ class MoELayer(nn.Module):
   (`moejax.moe.budgets`).
   """
 
-  router: Router | str
+  router: str
   num_experts: int
   d_ff: int
   dispatch: str = "capacity"
@@ -103,34 +102,22 @@ class MoELayer(nn.Module):
   param_dtype: Dtype = jnp.float32
   matmul: str = "xla"
   mesh: jax.sharding.Mesh | None = None
-  top_k: int | None = None
+  top_k: int = 1
   router_options: Mapping[str, Any] | None = None
   vocab_size: int = 0
   num_shared_experts: int = 0
   ffn_init: FFNInit = FFNInit()
 
   def _router(self) -> Router:
-    """The router module; E, K and V given once (ConfigError where they clash)."""
-    if isinstance(self.router, str):
-      return make_router(
-          self.router, num_experts=self.num_experts, top_k=self.top_k or 1,
-          vocab_size=self.vocab_size, options=dict(self.router_options or {}),
-          dispatch=self.dispatch).clone(parent=self, name="router")
-    given = {"top_k": self.top_k, "vocab_size": self.vocab_size or None}
-    clash = [f"{k}={v} (the router has {getattr(self.router, k)})"
-             for k, v in given.items()
-             if v is not None and v != getattr(self.router, k)]
-    if self.router.num_experts != self.num_experts:
-      clash.insert(0, f"num_experts={self.num_experts} (the router has "
-                   f"{self.router.num_experts})")
-    if clash or self.router_options:
-      raise ConfigError(
-          f"MoELayer got {', '.join(clash) or 'router_options'} for a router "
-          "module built by make_router; give each once: pass the router by "
-          "name (MoELayer(router='topk', num_experts=E, top_k=K, "
-          "router_options={...})) or make the router with these values")
-    type(self.router).check_dispatch(self.dispatch)
-    return self.router
+    """The router module, named `router` (its params: `<layer>/router/...`)."""
+    if not isinstance(self.router, str):
+      raise ConfigError(f"MoELayer(router=...) takes a router name, got "
+                        f"{type(self.router).__name__}; give its options as "
+                        "router_options={...}")
+    return make_router(
+        self.router, num_experts=self.num_experts, top_k=self.top_k,
+        vocab_size=self.vocab_size, options=dict(self.router_options or {}),
+        dispatch=self.dispatch).clone(parent=self, name="router")
 
   @nn.compact
   def __call__(self, x_BLD: jax.Array, *, token_ids_BL: jax.Array | None = None,
@@ -140,17 +127,15 @@ class MoELayer(nn.Module):
     batch, length, d_model = x_BLD.shape
     x_TD = x_BLD.reshape(batch * length, d_model)
     token_ids_T = None if token_ids_BL is None else token_ids_BL.reshape(-1)
-    experts = Experts(self.num_experts, d_model, self.d_ff, dtype=self.dtype,
-                      param_dtype=self.param_dtype, matmul=self.matmul,
-                      ffn_init=self.ffn_init, name="experts")
+    check_impl(self.matmul)  # Fails loudly on a typo, whichever path runs.
     # Checked before routing: a batch the mesh cannot split is the error to
     # report. Init needs only shapes: any token count works, however the mesh
     # splits.
     ffn = routed.RoutedFFN.create(
         self.dispatch, num_tokens=batch * length, num_experts=self.num_experts,
         mesh=None if self.is_initializing() else self.mesh,
-        capacity_factor=self.capacity_factor, activation=experts.activation,
-        ragged_dot=functools.partial(grouped_matmul, impl=experts.matmul))
+        capacity_factor=self.capacity_factor, activation=nn.gelu,
+        ragged_dot=functools.partial(grouped_matmul, impl=self.matmul))
     routing = self._router()(
         x_TD, token_ids_T=token_ids_T, step=step,
         layout=TokenLayout(batch, length, routed.token_shards(self.mesh)),
@@ -158,11 +143,14 @@ class MoELayer(nn.Module):
     if self.has_variable(REPLAY_COLLECTION, "expert"):
       routing = replay_routing(routing, {
           f: self.get_variable(REPLAY_COLLECTION, f) for f in TRACE_FIELDS})
-    y_TD, kept_TK = budgets.routed_ffn(ffn, x_TD, routing, *experts.weights())
+    weights = Experts(self.num_experts, d_model, self.d_ff, dtype=self.dtype,
+                      param_dtype=self.param_dtype, ffn_init=self.ffn_init,
+                      name="experts")()
+    y_TD, kept_TK = budgets.routed_ffn(ffn, x_TD, routing, *weights)
     if self.num_shared_experts:
       y_TD = y_TD + SharedExperts(
           self.num_shared_experts, d_model, self.d_ff, dtype=self.dtype,
-          param_dtype=self.param_dtype, activation=experts.activation,
+          param_dtype=self.param_dtype, activation=nn.gelu,
           ffn_init=self.ffn_init, name="shared_experts")(x_TD).astype(y_TD.dtype)
     metrics = dict(routing.metrics)
     load_E = expert_fractions(routing.expert_TK, routing.mask_TK,

@@ -14,13 +14,14 @@ expert changes bring (Megatron-core's router replay forces recorded top-k
 indices the same way).
 """
 
-import re
 from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
 
 from moejax.errors import ConfigError
+from moejax import layout
+from moejax.pytree import nest
 from moejax.routing.contract import Routing
 
 REPLAY_COLLECTION = "replay"
@@ -47,14 +48,14 @@ def replay_routing(routing: Routing, recorded: Mapping[str, jax.Array]) -> Routi
 
 
 def replay_variables(trace: Mapping[str, Mapping[str, jax.Array]]) -> dict:
-  """The `replay` collection for `TransformerLM` from a trace by layer name
-  (`layer_<i>` -> block `block_<i>`, whose MoE layer is named `moe`)."""
-  blocks = {}
+  """The `replay` collection for `TransformerLM` from a trace by layer name,
+  each layer's fields under its MoE layer's path (`moejax.layout`)."""
+  flat = {}
   for layer, fields in trace.items():
-    match = re.fullmatch(r"layer_(\d+)", layer)
-    if match is None or set(fields) != set(TRACE_FIELDS):
-      raise ConfigError(f"trace entry {layer!r} is not layer_<i> with fields "
-                        f"{', '.join(TRACE_FIELDS)}")
-    blocks[f"block_{match.group(1)}"] = {"moe": {
-        f: jnp.asarray(fields[f], _DTYPES[f]) for f in TRACE_FIELDS}}
-  return {REPLAY_COLLECTION: blocks}
+    if set(fields) != set(TRACE_FIELDS):
+      raise ConfigError(f"trace entry {layer!r} has fields {sorted(fields)}, "
+                        f"not {', '.join(TRACE_FIELDS)}")
+    path = layout.moe_path(layer)
+    flat.update({f"{path}/{f}": jnp.asarray(fields[f], _DTYPES[f])
+                 for f in TRACE_FIELDS})
+  return {REPLAY_COLLECTION: nest(flat)}

@@ -14,8 +14,9 @@ class Stage:
     name: shown in logs and `metrics.jsonl` (`stage_name`).
     steps: optimizer steps in this stage.
     model: the model trained in this stage.
-    frozen: regexes over param paths ('block_1/moe/router/gate/kernel') that the
-      optimizer leaves bit-identical in this stage (includes the transform's).
+    frozen: path rules (`moejax.pytree`: regexes over whole param paths such as
+      'block_1/moe/router/gate/kernel') of params that the optimizer leaves
+      bit-identical in this stage (includes the transform's).
     transform: name of the registered transform applied on entry ('' for none).
     transform_options: its options as sorted (name, value) pairs.
   """

@@ -2,9 +2,10 @@
 
 Shapes: D model width, F hidden width, E experts.
 
-- `diversify(params, num_experts, mask_ratio, key)`: EvoMoE's expert-diversify; each
-  dense FFN becomes E experts, expert e = the FFN's weights times an independent
-  per-element Bernoulli mask that zeroes a share `mask_ratio` of them (no rescale).
+- `diversify(params, num_experts, mask_ratio, key, where=rule)`: EvoMoE's
+  expert-diversify; each dense FFN the path rule selects becomes E experts,
+  expert e = the FFN's weights times an independent per-element Bernoulli mask
+  that zeroes a share `mask_ratio` of them (no rescale).
 - `upcycle(dense_params, num_experts, ...)`: sparse upcycling of a dense checkpoint,
   the same code path (mask_ratio 0 by default: every expert a copy).
 - `freeze_distilled_router`: params unchanged; StableMoE's distilled router is
@@ -15,7 +16,6 @@ function, how optimizer moments are carried, and the params it freezes.
 """
 
 import dataclasses
-import re
 from typing import Any, Callable
 
 import jax
@@ -23,9 +23,9 @@ import jax.numpy as jnp
 
 from moejax.errors import ConfigError
 from moejax.models.config import TransformerConfig
+from moejax.layout import DENSE_FFN, block_index, ffn_rule
+from moejax.pytree import Rule, select, update
 from moejax.routing.stablemoe import FREEZE_DISTILLED
-
-_BLOCK = re.compile(r"block_(\d+)$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,45 +39,48 @@ class TransitionContext:
 
 
 def diversify(params: dict, num_experts: int, mask_ratio: float, key: jax.Array,
-              *, layers: tuple[int, ...] | None = None) -> dict:
-  """Replaces each dense `block_<i>/ffn` (i in `layers`, default all) by
-  `block_<i>/moe/experts` with E masked copies: w_in [E, D, F], w_out [E, F, D].
+              *, where: Rule = DENSE_FFN) -> dict:
+  """Replaces each dense FFN subtree whose path matches `where` (a path rule,
+  `moejax.pytree`; default every block's, `moejax.layout.ffn_rule`
+  picks blocks) by E masked copies, the MoE layer's experts beside it:
+  `<block>/ffn` -> `<block>/moe/experts`, w_in [E, D, F], w_out [E, F, D].
 
   Each expert's mask is drawn independently, per element, keep probability
-  1 - mask_ratio; masked weights are zero (kept ones are not rescaled). Router
-  params are not created here: the stage machine takes them from a fresh init.
+  1 - mask_ratio (key `fold_in(key, i)` in block i); masked weights are zero
+  (kept ones are not rescaled). Router params are not created here: the stage
+  machine takes them from a fresh init.
   """
   if not 0.0 <= mask_ratio < 1.0:
     raise ConfigError(f"diversify mask_ratio={mask_ratio} must be in [0, 1)")
-  out = dict(params)
-  for name, block in params.items():
-    m = _BLOCK.match(name)
-    if not m or "ffn" not in block or (layers is not None and
-                                       int(m.group(1)) not in layers):
-      continue
-    layer_key = jax.random.fold_in(key, int(m.group(1)))
-    k_in, k_out = jax.random.split(layer_key)
-    w_in_DF = block["ffn"]["w_in"]["kernel"]
-    w_out_FD = block["ffn"]["w_out"]["kernel"]
+  ffns = select(params, where)
+  if not all(path.endswith("/ffn") for path in ffns):
+    raise ConfigError(f"diversify: the rule {where!r} selects {', '.join(ffns)};"
+                      " it must select dense FFNs (<block>/ffn)")
 
-    def masked_copies(w, k):
-      stacked = jnp.broadcast_to(w, (num_experts, *w.shape))
-      if mask_ratio == 0.0:
-        return stacked
-      keep = jax.random.bernoulli(k, 1.0 - mask_ratio, stacked.shape)
-      return jnp.where(keep, stacked, 0).astype(w.dtype)
+  def masked_copies(w, k):
+    stacked = jnp.broadcast_to(w, (num_experts, *w.shape))
+    if mask_ratio == 0.0:
+      return stacked
+    keep = jax.random.bernoulli(k, 1.0 - mask_ratio, stacked.shape)
+    return jnp.where(keep, stacked, 0).astype(w.dtype)
 
-    new_block = {k: v for k, v in block.items() if k != "ffn"}
-    new_block["moe"] = {"experts": {"w_in": masked_copies(w_in_DF, k_in),
-                                    "w_out": masked_copies(w_out_FD, k_out)}}
-    out[name] = new_block
-  return out
+  def to_experts(path, parent):
+    ffn = parent["ffn"]
+    k_in, k_out = jax.random.split(jax.random.fold_in(key, block_index(path)))
+    out = {k: v for k, v in parent.items() if k != "ffn"}
+    out["moe"] = {"experts": {
+        "w_in": masked_copies(ffn["w_in"]["kernel"], k_in),
+        "w_out": masked_copies(ffn["w_out"]["kernel"], k_out)}}
+    return out
+
+  return update(params, lambda path: f"{path}/ffn" in ffns, to_experts)
 
 
 def upcycle(dense_params: dict, num_experts: int, *, key: jax.Array,
-            layers: tuple[int, ...] | None = None, mask_ratio: float = 0.0) -> dict:
-  """Sparse upcycling: dense FFNs at `layers` become E experts (see `diversify`)."""
-  return diversify(dense_params, num_experts, mask_ratio, key, layers=layers)
+            where: Rule = DENSE_FFN, mask_ratio: float = 0.0) -> dict:
+  """Sparse upcycling: the dense FFNs `where` selects become E experts (see
+  `diversify`)."""
+  return diversify(dense_params, num_experts, mask_ratio, key, where=where)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +105,7 @@ class Transition:
 
 def _diversify_params(params, ctx: TransitionContext):
   return diversify(params, ctx.new.moe.num_experts, ctx.options["mask_ratio"],
-                   ctx.key, layers=ctx.new.moe_layers)
+                   ctx.key, where=ffn_rule(ctx.new.moe_layers))
 
 
 def _replicate_moments(tree, ctx: TransitionContext):
@@ -111,7 +114,7 @@ def _replicate_moments(tree, ctx: TransitionContext):
   if ctx.options["moments"] == "reset":
     return tree
   return diversify(tree, ctx.new.moe.num_experts, 0.0, ctx.key,
-                   layers=ctx.new.moe_layers)
+                   where=ffn_rule(ctx.new.moe_layers))
 
 
 TRANSFORMS: dict[str, Transition] = {

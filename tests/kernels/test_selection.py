@@ -1,9 +1,11 @@
-"""Choosing an impl: the registry, `Experts.matmul`, and that the real kernels lower.
+"""Choosing an impl: the registry, `MoELayer.matmul`, and that the real kernels lower.
 
 The lowering tests compile nothing: they trace the kernels for CUDA (Triton)
 and TPU (Mosaic) on this CPU, which checks block shapes, power-of-two tiles
 and supported ops for the hardware paths we cannot run here.
 """
+
+import functools
 
 import flax.linen as nn
 import jax
@@ -15,7 +17,8 @@ from moejax.errors import ConfigError
 from moejax.kernels import (MATMUL_IMPLS, available_impls, check_impl,
                             grouped_matmul, megablox, pallas_grouped_matmul,
                             resolve_impl)
-from moejax.moe.experts import Experts
+from moejax.moe import MoELayer
+from moejax.moe.experts import Experts, grouped_ffn
 
 
 def test_unknown_impl_is_a_config_error_listing_valid_ones():
@@ -41,13 +44,11 @@ def _experts_apply(matmul: str):
   x_MD = jax.random.normal(jax.random.key(1), (13, D))
   sizes_E = jnp.array([3, 0, 6, 2], jnp.int32)  # 11 rows used, 2 past the end.
   # The same params for every impl (and no eager run of an interpreted kernel).
-  init = jax.jit(lambda key: Experts(E, D, F).init(key, x_MD, sizes_E,
-                                                   method=Experts.grouped))
-  params = nn.unbox(init(jax.random.key(0)))["params"]
-  experts = Experts(E, D, F, matmul=matmul)
+  params = nn.unbox(jax.jit(Experts(E, D, F).init)(jax.random.key(0)))["params"]
+  ragged_dot = functools.partial(grouped_matmul, impl=matmul)
 
   def loss(p, x):
-    y_MD = experts.apply({"params": p}, x, sizes_E, method=Experts.grouped)
+    y_MD = grouped_ffn(x, p["w_in"], p["w_out"], sizes_E, ragged_dot=ragged_dot)
     return jnp.sum(jnp.sin(y_MD)), y_MD
 
   (_, y_MD), grads = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))(
@@ -65,10 +66,10 @@ def test_experts_grouped_pallas_equals_xla():
                grads_pallas, grads_xla)
 
 
-def test_experts_unknown_matmul_fails_on_any_path():
-  experts = Experts(E, D, F, matmul="cuda")
+def test_layer_unknown_matmul_fails_on_any_path():
+  layer = MoELayer("switch", num_experts=E, d_ff=F, matmul="cuda")
   with pytest.raises(ConfigError, match="unknown grouped matmul impl 'cuda'"):
-    experts.init(jax.random.key(0), jnp.ones((E, 2, D)))  # Capacity path.
+    layer.init(jax.random.key(0), jnp.ones((1, 2, D)))  # Capacity path.
 
 
 def _lower(fn, platform: str):

@@ -26,8 +26,7 @@ T, D, F, E = 64, 8, 16, 8  # K = E slots: budgets for 1, 1.125, 1.25, 2, 4, 8 pe
 
 
 def _weights(seed=0):
-  params = nn.unbox(Experts(E, D, F).init(jax.random.key(seed),
-                                          jnp.zeros((E, 1, D))))["params"]
+  params = nn.unbox(Experts(E, D, F).init(jax.random.key(seed)))["params"]
   return params["w_in"], params["w_out"]
 
 

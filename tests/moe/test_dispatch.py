@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from moejax.moe import dispatch
-from moejax.moe.experts import Experts
+from moejax.moe.experts import Experts, capacity_ffn, grouped_ffn
 from moejax.moe.reference import capacity_keep_loop, moe_loop
 
 T, D, F, E = 24, 8, 16, 4
@@ -21,19 +21,20 @@ def _problem(seed: int, top_k: int, mask_prob: float = 0.1):
                                    p=[0.55, 0.25, 0.15, 0.05]) for _ in range(T)])
   weight_TK = jnp.asarray(rng.uniform(0.1, 1.0, size=(T, top_k)), jnp.float32)
   mask_TK = rng.uniform(size=(T, top_k)) > mask_prob
-  params = nn.unbox(Experts(E, D, F).init(jax.random.key(seed), jnp.zeros((E, 1, D))))
+  params = nn.unbox(Experts(E, D, F).init(jax.random.key(seed)))
   return x_TD, jnp.asarray(expert_TK, jnp.int32), weight_TK, jnp.asarray(mask_TK), params
 
 
 def _run(path, params, x_TD, expert_TK, weight_TK, mask_TK, capacity=None):
-  experts = Experts(E, D, F)
+  w_in_EDF, w_out_EFD = Experts(E, D, F).apply(params)
   if path == "capacity":
     plan = dispatch.plan_capacity(expert_TK, mask_TK, E, capacity)
-    y_ECD = experts.apply(params, dispatch.dispatch_capacity(x_TD, plan))
+    y_ECD = capacity_ffn(dispatch.dispatch_capacity(x_TD, plan), w_in_EDF,
+                         w_out_EFD)
     return dispatch.combine_capacity(y_ECD, plan, weight_TK)
   plan = dispatch.plan_dropless(expert_TK, mask_TK, E)
-  y_MD = experts.apply(params, dispatch.dispatch_sorted(x_TD, plan),
-                       plan.group_sizes_E, method=Experts.grouped)
+  y_MD = grouped_ffn(dispatch.dispatch_sorted(x_TD, plan), w_in_EDF, w_out_EFD,
+                     plan.group_sizes_E)
   return dispatch.combine_sorted(y_MD, plan, weight_TK, mask_TK)
 
 
@@ -138,8 +139,9 @@ def test_dropless_plan_for_fewer_rows_than_slots(rows):
   assert np.all(np.asarray(small.token_M) < T)
 
   def fast(x, w, p):
-    y_MD = Experts(E, D, F).apply(p, dispatch.dispatch_sorted(x, small),
-                                  small.group_sizes_E, method=Experts.grouped)
+    y_MD = grouped_ffn(dispatch.dispatch_sorted(x, small),
+                       p["params"]["w_in"], p["params"]["w_out"],
+                       small.group_sizes_E)
     return dispatch.combine_sorted(y_MD, small, w, mask_TK)
 
   kept_TK = capacity_keep_loop(expert_TK, mask_TK, E, None)

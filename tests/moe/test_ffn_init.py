@@ -14,7 +14,6 @@ from moejax.models.config import MoEConfig, TransformerConfig
 from moejax.models.transformer import DenseFFN
 from moejax.moe import MoELayer
 from moejax.moe.ffn_init import FFN_INITS, FFNInit
-from moejax.routing import make_router
 
 D, F, LAYERS = 64, 256, 4
 
@@ -69,8 +68,8 @@ def test_one_expert_moe_with_gate_one_computes_the_dense_ffn():
   dense = DenseFFN(F, ffn_init=init)
   y_dense = dense.apply({"params": {"w_in": {"kernel": w_in_DF},
                                     "w_out": {"kernel": w_out_FD}}}, x_BLD)
-  moe = MoELayer(make_router("topk", num_experts=1, top_k=1), num_experts=1,
-                 d_ff=F, dispatch="dropless", ffn_init=init)
+  moe = MoELayer("topk", num_experts=1, d_ff=F, dispatch="dropless",
+                 ffn_init=init)
   variables = nn.unbox(moe.init(jax.random.key(5), x_BLD))
   experts = {"w_in": init.w_in(k_in, (1, D, F)), "w_out": init.w_out(k_out, (1, F, D))}
   variables["params"]["experts"] = experts

@@ -20,8 +20,8 @@ B, L, D, F, E = 2, 12, 8, 16, 4
     ("switch", 1, "capacity"), ("switch", 1, "dropless"),
     ("topk", 2, "capacity"), ("topk", 2, "dropless")])
 def test_layer_matches_naive_loop(router, top_k, path):
-  layer = MoELayer(make_router(router, num_experts=E, top_k=top_k),
-                   num_experts=E, d_ff=F, dispatch=path, capacity_factor=1.0)
+  layer = MoELayer(router, num_experts=E, d_ff=F, top_k=top_k, dispatch=path,
+                   capacity_factor=1.0)
   x_BLD = jax.random.normal(jax.random.key(1), (B, L, D))
   params = nn.unbox(layer.init(jax.random.key(0), x_BLD))["params"]
 
@@ -53,8 +53,7 @@ def test_layer_matches_naive_loop(router, top_k, path):
 
 
 def test_layer_reports_drops_and_load():
-  layer = MoELayer(make_router("switch", num_experts=E), num_experts=E, d_ff=F,
-                   capacity_factor=0.5)
+  layer = MoELayer("switch", num_experts=E, d_ff=F, capacity_factor=0.5)
   x_BLD = jax.random.normal(jax.random.key(2), (B, L, D))
   variables = layer.init(jax.random.key(0), x_BLD)
   _, aux = layer.apply(variables, x_BLD)
@@ -66,8 +65,7 @@ def test_layer_reports_drops_and_load():
 
 
 def test_bf16_compute_keeps_float32_router():
-  layer = MoELayer(make_router("topk", num_experts=E, top_k=2), num_experts=E,
-                   d_ff=F, dtype=jnp.bfloat16)
+  layer = MoELayer("topk", num_experts=E, d_ff=F, top_k=2, dtype=jnp.bfloat16)
   x_BLD = jax.random.normal(jax.random.key(3), (B, L, D)).astype(jnp.bfloat16)
   variables = layer.init(jax.random.key(0), x_BLD)
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nn.unbox(variables)))
@@ -76,39 +74,32 @@ def test_bf16_compute_keeps_float32_router():
   assert aux.aux_loss.dtype == jnp.float32
 
 
-@pytest.mark.parametrize("router,top_k,options", [
-    ("topk", 2, {"jitter": 0.1}), ("hash", 1, {})])
-def test_router_by_name_is_the_router_module(router, top_k, options):
-  """Naming the router builds the same module: same params, same outputs."""
+def test_router_is_named_and_its_options_reach_it():
+  """The layer builds its router by name with E, K, V and the options (under
+  `router`), as make_router does; a bad option or a module is a one-line error."""
   x_BLD = jax.random.normal(jax.random.key(4), (B, L, D))
-  ids_BL = jax.random.randint(jax.random.key(5), (B, L), 0, 50)
-  by_name = MoELayer(router, num_experts=E, d_ff=F, top_k=top_k, vocab_size=50,
-                     router_options=options)
-  by_module = MoELayer(make_router(router, num_experts=E, top_k=top_k,
-                                   vocab_size=50, options=options),
-                       num_experts=E, d_ff=F)
-  v_name = by_name.init(jax.random.key(0), x_BLD, token_ids_BL=ids_BL)
-  v_module = by_module.init(jax.random.key(0), x_BLD, token_ids_BL=ids_BL)
-  assert (jax.tree.map(jnp.shape, nn.unbox(v_name))
-          == jax.tree.map(jnp.shape, nn.unbox(v_module)))
-  rngs = {"router": jax.random.key(6)}
-  y_name, _ = by_name.apply(v_module, x_BLD, token_ids_BL=ids_BL,
-                            deterministic=False, rngs=rngs)
-  y_module, _ = by_module.apply(v_module, x_BLD, token_ids_BL=ids_BL,
-                                deterministic=False, rngs=rngs)
-  np.testing.assert_array_equal(y_name, y_module)
-
-
-@pytest.mark.parametrize("kwargs,named", [
-    ({"num_experts": 4}, "num_experts=4 (the router has 8)"),
-    ({"num_experts": 8, "top_k": 2}, "top_k=2 (the router has 1)"),
-    ({"num_experts": 8, "router_options": {"jitter": 0.1}}, "router_options"),
-])
-def test_router_module_that_disagrees_is_a_one_line_error(kwargs, named):
-  layer = MoELayer(make_router("switch", num_experts=8), d_ff=F, **kwargs)
-  with pytest.raises(ConfigError, match=re.escape(named)) as e:
-    layer.init(jax.random.key(0), jnp.ones((B, L, D)))
-  assert "\n" not in str(e.value)
+  layer = MoELayer("topk", num_experts=E, d_ff=F, top_k=2,
+                   router_options={"jitter": 0.5})
+  variables = nn.unbox(layer.init(jax.random.key(0), x_BLD))
+  router = make_router("topk", num_experts=E, top_k=2,
+                       options={"jitter": 0.5})
+  assert (jax.tree.map(jnp.shape, variables["params"]["router"])
+          == jax.tree.map(jnp.shape, nn.unbox(router.init(
+              jax.random.key(0), x_BLD.reshape(-1, D)))["params"]))
+  _, aux = layer.apply(variables, x_BLD)
+  assert aux.trace["expert"].shape == (B * L, 2)  # K = top_k.
+  # Jitter (an option) makes training routing depend on the `router` stream.
+  y_a, _ = layer.apply(variables, x_BLD, deterministic=False,
+                       rngs={"router": jax.random.key(1)})
+  y_b, _ = layer.apply(variables, x_BLD, deterministic=False,
+                       rngs={"router": jax.random.key(2)})
+  assert not np.allclose(y_a, y_b)
+  for bad, said in [({"router_options": {"jiter": 0.1}}, "has no option 'jiter'"),
+                    ({"router": router}, "takes a router name, got TopKRouter")]:
+    kwargs = {"router": "topk", "num_experts": E, "d_ff": F, **bad}
+    with pytest.raises(ConfigError, match=re.escape(said)) as e:
+      MoELayer(**kwargs).init(jax.random.key(0), x_BLD)
+    assert "\n" not in str(e.value)
 
 
 def test_unknown_router_name_is_a_one_line_error():
@@ -117,11 +108,9 @@ def test_unknown_router_name_is_a_one_line_error():
     layer.init(jax.random.key(0), jnp.ones((B, L, D)))
 
 
-@pytest.mark.parametrize("by_name", [True, False])
-def test_router_that_cannot_feed_the_dispatch_path_is_rejected(by_name):
-  """ReMoE feeds the dropless path only, however the layer is built."""
-  router = "remoe" if by_name else make_router("remoe", num_experts=E)
-  layer = MoELayer(router, num_experts=E, d_ff=F, dispatch="capacity")
+def test_router_that_cannot_feed_the_dispatch_path_is_rejected():
+  """ReMoE feeds the dropless path only."""
+  layer = MoELayer("remoe", num_experts=E, d_ff=F, dispatch="capacity")
   with pytest.raises(ConfigError, match="router 'remoe' supports dispatch "
                      "dropless, not 'capacity'") as e:
     layer.init(jax.random.key(0), jnp.ones((B, L, D)))

@@ -33,8 +33,8 @@ def test_layer_matches_naive_loop(num_experts, top_k, d_ff, shared, path,
   capacity_factor = num_experts / top_k
 
   def layer(mesh=None):
-    return MoELayer(make_router("topk", num_experts=num_experts, top_k=top_k),
-                    num_experts=num_experts, d_ff=d_ff, dispatch=path,
+    return MoELayer("topk", num_experts=num_experts, d_ff=d_ff, top_k=top_k,
+                    dispatch=path,
                     capacity_factor=capacity_factor, num_shared_experts=shared,
                     mesh=mesh)
 

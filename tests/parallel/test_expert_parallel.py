@@ -29,10 +29,10 @@ def _layers(top_k, path, mesh, capacity_factor, router=None, ref_options=None):
   """(single-device layer, expert-parallel layer); `ref_options` go to the
   single-device layer's router only."""
   name = router or ROUTERS[top_k]
-  kw = dict(num_experts=E, d_ff=F, dispatch=path, capacity_factor=capacity_factor)
-  return (MoELayer(make_router(name, num_experts=E, top_k=top_k,
-                               options=ref_options), **kw),
-          MoELayer(make_router(name, num_experts=E, top_k=top_k), mesh=mesh, **kw))
+  kw = dict(num_experts=E, d_ff=F, top_k=top_k, dispatch=path,
+            capacity_factor=capacity_factor)
+  return (MoELayer(name, router_options=ref_options, **kw),
+          MoELayer(name, mesh=mesh, **kw))
 
 
 def _inputs(seed=1):
@@ -43,8 +43,7 @@ def _inputs(seed=1):
 def params():
   """One set of variables for every test: all routers used here have the same
   params (a [D, E] gate) besides the [E, D, F] and [E, F, D] experts."""
-  layer = MoELayer(make_router("topk", num_experts=E, top_k=2), num_experts=E,
-                   d_ff=F)
+  layer = MoELayer("topk", num_experts=E, d_ff=F, top_k=2)
   return nn.unbox(jax.jit(layer.init)(jax.random.key(0), _inputs()))
 
 

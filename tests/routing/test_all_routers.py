@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from moejax.moe import MoELayer
-from moejax.routing import ROUTERS, make_router
+from moejax.routing import ROUTERS
 
 B, L, D, F, E, V = 2, 8, 8, 16, 4, 50
 
@@ -21,23 +21,21 @@ def _top_k(cls) -> int:
 
 @pytest.mark.parametrize("name", sorted(ROUTERS))
 def test_router_in_layer_forward_grad_and_aux_loss(name):
-  router = make_router(name, num_experts=E, top_k=_top_k(ROUTERS[name]),
-                       vocab_size=V)
   key_x, key_ids, key_init, key_router = jax.random.split(jax.random.key(0), 4)
   x_BLD = jax.random.normal(key_x, (B, L, D))
   ids_BL = jax.random.randint(key_ids, (B, L), 0, V)
   step = {"step": jnp.int32(10)}  # Every router takes it; schedules read it.
   # Both dispatch paths hold the same variables: initialise once (on a path
   # the router supports: the layer rejects the others).
-  layer = MoELayer(router, num_experts=E, d_ff=F,
-                   dispatch=ROUTERS[name].dispatch_paths[0])
+  kw = dict(num_experts=E, d_ff=F, top_k=_top_k(ROUTERS[name]), vocab_size=V)
+  layer = MoELayer(name, **kw, dispatch=ROUTERS[name].dispatch_paths[0])
   init = jax.jit(functools.partial(layer.init, token_ids_BL=ids_BL))
   variables = nn.unbox(init({"params": key_init, "router": key_router}, x_BLD))
   params = variables.pop("params")
   model_state = dict(variables)
 
   for path in ROUTERS[name].dispatch_paths:
-    layer = MoELayer(router, num_experts=E, d_ff=F, dispatch=path)
+    layer = MoELayer(name, **kw, dispatch=path)
 
     def loss(p, layer=layer):
       (y_BLD, aux), state = layer.apply(

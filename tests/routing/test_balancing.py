@@ -167,9 +167,8 @@ def test_losses_are_exact_on_an_8_device_mesh(balance, ref_options):
   x_BLD = jax.random.normal(jax.random.key(1), (B, L, D))
 
   def layer(options, mesh=None):
-    router = make_router("topk", num_experts=E, top_k=2,
-                         options={"balance": balance, **options})
-    return MoELayer(router, num_experts=E, d_ff=F, dispatch="dropless", mesh=mesh)
+    return MoELayer("topk", num_experts=E, d_ff=F, top_k=2, dispatch="dropless",
+                    router_options={"balance": balance, **options}, mesh=mesh)
 
   variables = nn.unbox(layer({}).init(jax.random.key(0), x_BLD))
 

@@ -160,8 +160,8 @@ def test_unbalanced_token_count_errors_or_pads():
 
 def test_capacity_path_drops_nothing_in_training():
   # The layer's capacity factor 0.5 alone would give C = 2; the router's T/E wins.
-  layer = MoELayer(make_router("base", num_experts=4), num_experts=4, d_ff=16,
-                   dispatch="capacity", capacity_factor=0.5)
+  layer = MoELayer("base", num_experts=4, d_ff=16, dispatch="capacity",
+                   capacity_factor=0.5)
   x_BLD = jax.random.normal(jax.random.key(6), (2, 8, D))
   variables = jax.jit(layer.init)(jax.random.key(7), x_BLD)
   apply = jax.jit(functools.partial(layer.apply, deterministic=False))

@@ -60,7 +60,8 @@ def test_layer_matches_naive_loop_on_both_paths():
     return make_router("expert_choice", num_experts=E, top_k=2)
 
   x_BLD = jax.random.normal(jax.random.key(1), (B, L, D))
-  params = nn.unbox(jax.jit(MoELayer(router(), num_experts=E, d_ff=F).init)(
+  params = nn.unbox(jax.jit(MoELayer("expert_choice", num_experts=E, d_ff=F,
+                                          top_k=2).init)(
       jax.random.key(0), x_BLD))["params"]
   routing = jax.jit(router().apply)({"params": params["router"]},
                                     x_BLD.reshape(-1, D))
@@ -78,8 +79,8 @@ def test_layer_matches_naive_loop_on_both_paths():
       params)
   for path in ("capacity", "dropless"):
     # The layer's capacity_factor 0.25 would drop tokens: the router's C wins.
-    layer = MoELayer(router(), num_experts=E, d_ff=F, dispatch=path,
-                     capacity_factor=0.25)
+    layer = MoELayer("expert_choice", num_experts=E, d_ff=F, top_k=2,
+                     dispatch=path, capacity_factor=0.25)
 
     def fast(p, layer=layer):
       y_BLD, aux = layer.apply({"params": p}, x_BLD)

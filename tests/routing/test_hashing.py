@@ -84,9 +84,8 @@ def test_frequency_table_spreads_unseen_ids():
 
 
 def test_set_hash_tables_replaces_every_table_and_nothing_else():
-  router = make_router("hash", num_experts=E, vocab_size=V,
-                       options={"balance": "frequency"})
-  layer = MoELayer(router, num_experts=E, d_ff=16, dispatch="dropless")
+  layer = MoELayer("hash", num_experts=E, d_ff=16, dispatch="dropless",
+                   vocab_size=V, router_options={"balance": "frequency"})
   x_BLD = jax.random.normal(jax.random.key(3), (2, 4, D))
   ids_BL = jnp.array([[1, 2, 3, 4], [5, 6, 7, 8]])
   variables = dict(jax.jit(layer.init)(jax.random.key(4), x_BLD,

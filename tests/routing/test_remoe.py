@@ -84,10 +84,10 @@ def test_layer_matches_naive_loop(mesh_shape):
   mesh = None if mesh_shape is None else make_mesh(MeshConfig(*mesh_shape),
                                                    num_experts=E)
   router = make_router("remoe", num_experts=E, top_k=2)
-  layer = MoELayer(router, num_experts=E, d_ff=F, dispatch="dropless", mesh=mesh)
+  kw = dict(num_experts=E, d_ff=F, top_k=2, dispatch="dropless")
+  layer = MoELayer("remoe", **kw, mesh=mesh)
   x_BLD = jax.random.normal(jax.random.key(1), (B, L, D))
-  variables = nn.unbox(MoELayer(router, num_experts=E, d_ff=F,
-                                dispatch="dropless").init(jax.random.key(0), x_BLD))
+  variables = nn.unbox(MoELayer("remoe", **kw).init(jax.random.key(0), x_BLD))
   params, state = variables["params"], {ROUTER_STATE: variables[ROUTER_STATE]}
   routing = router.apply({"params": params["router"], **{
       ROUTER_STATE: state[ROUTER_STATE]["router"]}}, x_BLD.reshape(-1, D))
@@ -104,7 +104,7 @@ def test_layer_matches_naive_loop(mesh_shape):
     return y.reshape(B, L, D)
 
   # With a mesh, gradients against the single-device layer (checked here too).
-  one = MoELayer(router, num_experts=E, d_ff=F, dispatch="dropless")
+  one = MoELayer("remoe", **kw)
   assert_matches_loop(fast, naive, params,
                       None if mesh is None else lambda p: fast(p, one))
 

@@ -11,7 +11,6 @@ from moejax.models.config import MoEConfig, TransformerConfig
 from moejax.models.transformer import TransformerLM
 from moejax.moe import MoELayer, expert_capacity
 from moejax.moe.reference import capacity_keep_loop, moe_loop
-from moejax.routing import make_router
 from moejax.routing.replay import REPLAY_COLLECTION, replay_variables
 
 B, L, D, F, E, K = 2, 8, 8, 16, 4, 2
@@ -19,8 +18,8 @@ B, L, D, F, E, K = 2, 8, 8, 16, 4, 2
 
 @pytest.mark.parametrize("path", ["capacity", "dropless"])
 def test_layer_dispatches_the_recorded_routes(path):
-  layer = MoELayer(make_router("topk", num_experts=E, top_k=K), num_experts=E,
-                   d_ff=F, dispatch=path, capacity_factor=1.0)
+  layer = MoELayer("topk", num_experts=E, d_ff=F, top_k=K, dispatch=path,
+                   capacity_factor=1.0)
   x_BLD = jax.random.normal(jax.random.key(1), (B, L, D))
   variables = nn.unbox(layer.init(jax.random.key(0), x_BLD))
   # Routes recorded under other params: they differ from the live routing.
@@ -41,8 +40,7 @@ def test_layer_dispatches_the_recorded_routes(path):
 
 
 def test_replay_of_other_tokens_is_a_config_error():
-  layer = MoELayer(make_router("topk", num_experts=E, top_k=K), num_experts=E,
-                   d_ff=F)
+  layer = MoELayer("topk", num_experts=E, d_ff=F, top_k=K)
   x_BLD = jax.random.normal(jax.random.key(1), (B, L, D))
   variables = layer.init(jax.random.key(0), x_BLD)
   short = jax.tree.map(lambda a: a[:5], layer.apply(variables, x_BLD)[1].trace)
@@ -71,8 +69,12 @@ def test_model_replays_every_layer():
     np.testing.assert_array_equal(aux_r["trace"][layer]["expert"],
                                   recorded[layer]["expert"])
   assert not np.allclose(replayed, logits)
-  with pytest.raises(ConfigError, match="is not layer_<i>"):
+  assert sorted(replay_variables(recorded)[REPLAY_COLLECTION]["block_3"]["moe"]) == [
+      "expert", "mask", "weight"]
+  with pytest.raises(ConfigError, match="is not a MoE layer's name"):
     replay_variables({"block_1": recorded["layer_1"]})
+  with pytest.raises(ConfigError, match="has fields"):
+    replay_variables({"layer_1": {"expert": recorded["layer_1"]["expert"]}})
   # jnp arrays and numpy arrays make the same collection.
   assert jax.tree.structure(replay_variables(recorded)) == jax.tree.structure(
       replay_variables(jax.tree.map(jnp.asarray, recorded)))

@@ -9,6 +9,8 @@ import numpy as np
 import optax
 import pytest
 
+from moejax.errors import ConfigError
+from moejax.layout import ffn_rule
 from moejax.models import MoEConfig, TransformerConfig, TransformerLM
 from moejax.pytree import overlay
 from moejax.stages import Stage, carry_opt_state, diversify, enter_stage
@@ -46,7 +48,7 @@ def test_diversify_without_mask_computes_the_dense_function(moe_cfg, kwargs):
   dense_params = _init(DENSE)
   moe_params = overlay(_init(moe_cfg, seed=1),
                        diversify(dense_params, 4, 0.0, jax.random.key(2),
-                                 layers=moe_cfg.moe_layers))
+                                 where=ffn_rule(moe_cfg.moe_layers)))
   want, _ = TransformerLM(DENSE).apply({"params": dense_params}, TOKENS)
   got, aux = TransformerLM(moe_cfg).apply({"params": moe_params}, TOKENS, **kwargs)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
@@ -55,7 +57,7 @@ def test_diversify_without_mask_computes_the_dense_function(moe_cfg, kwargs):
 
 def test_diversify_masks_are_independent_and_match_the_ratio():
   params = _init(DENSE)
-  out = diversify(params, 4, 0.3, jax.random.key(0), layers=(1,))
+  out = diversify(params, 4, 0.3, jax.random.key(0), where=ffn_rule((1,)))
   assert "ffn" not in out["block_1"] and "ffn" in out["block_0"]
   dense_w = np.asarray(params["block_1"]["ffn"]["w_in"]["kernel"])
   experts_w = np.asarray(out["block_1"]["moe"]["experts"]["w_in"])
@@ -69,6 +71,24 @@ def test_diversify_masks_are_independent_and_match_the_ratio():
       assert (zero[e] != zero[f]).mean() > 0.3  # Independent masks differ a lot.
   np.testing.assert_array_equal(out["block_0"]["ffn"]["w_in"]["kernel"],
                                 params["block_0"]["ffn"]["w_in"]["kernel"])
+
+
+def test_diversify_selects_ffns_by_rule_and_keys_masks_by_block():
+  """A predicate selects like a regex; block i's masks come from fold_in(key, i)
+  whatever else is selected, so choosing layers does not reshuffle masks."""
+  params = _init(dataclasses.replace(DENSE, num_layers=3))
+  key = jax.random.key(4)
+  every = diversify(params, 2, 0.5, key)
+  one = diversify(params, 2, 0.5, key,
+                  where=lambda path: path == "block_2/ffn")
+  assert "ffn" in one["block_0"] and "ffn" in one["block_1"]
+  assert all("ffn" not in every[f"block_{i}"] for i in range(3))
+  np.testing.assert_array_equal(one["block_2"]["moe"]["experts"]["w_out"],
+                                every["block_2"]["moe"]["experts"]["w_out"])
+  kernel = one["block_0"]["attn"]["qkv"]["kernel"]
+  assert kernel is params["block_0"]["attn"]["qkv"]["kernel"]  # Unselected: kept.
+  with pytest.raises(ConfigError, match="must select dense FFNs"):
+    diversify(params, 2, 0.5, key, where=r"block_1/ffn/w_in")
 
 
 def test_overlay_rejects_a_shape_change():
