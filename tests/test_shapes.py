@@ -17,15 +17,6 @@ from moejax.shapes import GLOSSARY
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "moejax"
 
-# Modules being reworked elsewhere at the same time (a folder: every module in
-# it); the glossary is applied to them after those changes merge, and then this
-# list goes.
-NOT_YET = (
-    "moe/", "train/", "stages/", "nnx.py",
-    "routing/contract.py", "routing/dts.py", "routing/hashing.py",
-    "routing/replay.py",
-)
-
 STYLE_ORDER = "BLTDFECK"  # STYLE.md item 2: B L T D F E C K, in that order.
 
 _SUFFIX = re.compile(r"(?<![A-Za-z0-9_])_*[a-z][a-z0-9]*(?:_[a-z0-9]+)*"
@@ -148,14 +139,7 @@ def test_glossary_docstring_lists_the_dict_in_order():
 
 @pytest.mark.parametrize("module", [m for m in _modules() if m != "shapes.py"])
 def test_module_uses_only_declared_glossary_letters(module):
-  if module.startswith(NOT_YET):
-    pytest.skip("glossary applied after the concurrent rework merges")
   assert problems((PACKAGE / module).read_text()) == []
-
-
-def test_every_excluded_module_exists():
-  for excluded in NOT_YET:
-    assert any(m.startswith(excluded) for m in _modules()), excluded
 
 
 def test_checker_catches_each_kind_of_slip():

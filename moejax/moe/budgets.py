@@ -3,9 +3,9 @@
 The design (the budget ladders, fixed slots, exactness, the compile-time
 price) is in docs/moe_layer.md, "Slot budgets"; this module implements it.
 
-Shapes: T tokens, S tokens of one device (S = T without a mesh), D model
-width, E experts, K slots per token, C capacity of one expert for one
-device's tokens.
+Shapes: T tokens (of one device inside the expert-parallel body), D model
+width, F hidden width, E experts, K top-k slots per token, C capacity of one
+expert for one device's tokens.
 
 A pure wrapper over the routed FFN at one static size (`moejax.moe.routed`,
 which knows the paths and the mesh): routers that use a variable number of

@@ -1,7 +1,8 @@
 """Dispatch and combine: moving tokens to experts and results back.
 
-Shapes: T tokens, D model width, E experts, K slots per token, C capacity,
-M = T*K routed rows.
+Shapes: T tokens, D model width, E experts, K top-k slots per token, C capacity,
+G groups (the experts, plus one for dropped slots), M routed rows (at most
+T*K), R buffer rows, S slots (T*K flattened).
 
 Two paths read the same `Routing` pytree:
 - capacity: each expert gets a buffer of C rows, filled slot-major (every token's

@@ -1,6 +1,7 @@
 """E expert FFNs stored as stacked weights [E, D, F] and [E, F, D].
 
-Shapes: E experts, C capacity, D model width, F hidden width, M sorted rows.
+Shapes: T tokens, D model width, F hidden width, E experts, C capacity, M routed
+rows (sorted by expert), Z shared experts.
 """
 
 from typing import Callable
@@ -72,19 +73,19 @@ class Experts(nn.Module):
     return w_in_EDF.astype(self.dtype), w_out_EFD.astype(self.dtype)
 
 
-def shared_ffn(x_TD: jax.Array, w_in_SDF: jax.Array, w_out_SFD: jax.Array,
+def shared_ffn(x_TD: jax.Array, w_in_ZDF: jax.Array, w_out_ZFD: jax.Array,
                activation: Callable[[jax.Array], jax.Array] = nn.gelu
                ) -> jax.Array:
   """The sum of S dense FFNs over every token: [T, D] -> [T, D], in w's dtype."""
-  h_TSF = activation(jnp.einsum("td,sdf->tsf", x_TD.astype(w_in_SDF.dtype),
-                                w_in_SDF))
-  return jnp.einsum("tsf,sfd->td", h_TSF, w_out_SFD)
+  h_TZF = activation(jnp.einsum("td,zdf->tzf", x_TD.astype(w_in_ZDF.dtype),
+                                w_in_ZDF))
+  return jnp.einsum("tzf,zfd->td", h_TZF, w_out_ZFD)
 
 
 class SharedExperts(nn.Module):
   """DeepSeekMoE's shared experts: S FFNs every token uses, outputs summed.
 
-  Stored stacked like the routed experts ([S, D, F], [S, F, D]) but replicated
+  Stored stacked like the routed experts ([Z, D, F], [Z, F, D]) but replicated
   on every device (no `expert` axis): every token needs all of them.
 
   Attributes:

@@ -1,7 +1,7 @@
 """The MoE layer: router -> Routing -> dispatch -> stacked experts -> combine.
 
-Shapes: B batch, L length, T = B*L tokens, D model width, F hidden width,
-E experts, C capacity, K slots per token.
+Shapes: B batch, L length, T tokens (B*L), D model width, F hidden width,
+E experts, C capacity, K top-k slots per token.
 """
 
 import functools

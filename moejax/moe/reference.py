@@ -1,6 +1,7 @@
 """A naive per-token loop: the reference every dispatch path is checked against.
 
-Shapes: T tokens, D model width, F hidden width, E experts, K slots per token.
+Shapes: T tokens, D model width, F hidden width, E experts, K top-k slots per
+token, Z shared experts.
 """
 
 import flax.linen as nn
@@ -27,8 +28,8 @@ def capacity_keep_loop(expert_TK, mask_TK, num_experts: int,
 def moe_loop(x_TD, expert_TK, weight_TK, kept_TK, w_in_EDF, w_out_EFD,
              activation=nn.gelu, shared=None):
   """y_t = sum over kept slots k of weight[t, k] * FFN_{expert[t, k]}(x_t), plus
-  sum over shared experts s of FFN_s(x_t) when `shared` = (w_in [S, D, F],
-  w_out [S, F, D])."""
+  sum over shared experts s of FFN_s(x_t) when `shared` = (w_in [Z, D, F],
+  w_out [Z, F, D])."""
   rows = []
   for t in range(x_TD.shape[0]):
     y_D = jnp.zeros(x_TD.shape[1], x_TD.dtype)

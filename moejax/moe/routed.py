@@ -1,15 +1,16 @@
 """The routed FFN at one static size: dispatch -> stacked experts -> combine.
 
-Shapes: T tokens, S tokens of one device (S = T without a mesh), D model width,
-F hidden width, E experts, K slots per token, C capacity of one expert for one
-device's tokens.
+Shapes: T tokens (of one device inside the expert-parallel body), D model
+width, F hidden width, E experts, K top-k slots per token, C capacity of one
+expert for one device's tokens, M routed rows, N devices splitting the
+tokens, S slots of one device's tokens.
 
 `RoutedFFN.create` checks the dispatch path and the mesh once, before the
 router runs (a batch the mesh cannot split is the error to report); the
 instance then runs T routed tokens at a given number of rows, on one device
 (a global plan) or expert-parallel (`moejax.parallel.expert_parallel`):
 - capacity: rows per expert per device, at most C;
-- dropless: sorted rows per device, at most S * K.
+- dropless: sorted rows per device, at most K times its tokens.
 `moejax.moe.budgets` chooses the rows; here they are static.
 """
 

@@ -1,9 +1,11 @@
 """The router contract: every router maps tokens to a `Routing` pytree.
 
-Shapes: T tokens, D model width, E experts, K routing slots per token.
+Shapes: T tokens, D model width, E experts, K top-k routing slots per token,
+V vocabulary.
 
-A router is a Flax module `router(x_TD, *, token_ids_T, deterministic) -> Routing`
-(plus `step=` or `layout=` for routers that declare they need them).
+A router is a Flax module called one way by every layer,
+`router(x_TD, *, token_ids_T, step, layout, deterministic) -> Routing`; each
+router uses what it needs of that context and ignores the rest.
 Slot k of token t sends the token to expert `expert_TK[t, k]` with weight
 `weight_TK[t, k]` when `mask_TK[t, k]` is set. Dispatch and combine read only this
 pytree, so a new router is one small module plus its registry entry.

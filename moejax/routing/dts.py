@@ -1,7 +1,7 @@
 """EvoMoE's Dense-to-Sparse (DTS) gate: a Gumbel-softmax whose temperature anneals.
 
-Shapes: T tokens, D model width, E experts, K routing slots (E, or the cap
-`max_experts`).
+Shapes: T tokens, D model width, E experts, K top-k routing slots (E, or the
+cap `max_experts`).
 
 Training: g = softmax((W h + zeta) / tau), zeta ~ Gumbel(0, 1); every expert with
 g_i > threshold gets the token (at most `max_experts` of them, the largest g),

@@ -1,6 +1,7 @@
 """Hash layers (Roller et al. 2021): a fixed token-id -> expert table, nothing learned.
 
-Shapes: T tokens, D model width, E experts, V vocabulary, K = 1 slot per token.
+Shapes: B batch, L length, T tokens, D model width, E experts, V vocabulary,
+K top-k slots per token (1).
 
 The table is an int32[V] variable in the Flax collection `constants` (not
 `params`: it is never trained), which the trainer keeps in

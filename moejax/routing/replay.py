@@ -1,6 +1,6 @@
 """Routing trace and replay: record what the routers decided, force it later.
 
-Shapes: T tokens, K slots per token.
+Shapes: T tokens, K top-k slots per token.
 
 A trace of one MoE layer is `{"expert": int32[T, K], "weight": float32[T, K],
 "mask": bool[T, K]}`, the `Routing` it used (`routing_trace`). Replay forces a

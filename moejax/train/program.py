@@ -1,6 +1,8 @@
 """One stage of a run as a program: its mesh, model, optimizer, jitted train,
 eval and probe steps, and the shardings of its state.
 
+Shapes: B batch, L length.
+
 `build_program(config, index, data, init_rng, step_rng)` builds stage `index`;
 the loop (`moejax.train.loop`) runs the programs one after another. It
 compiles what the stage machine says (`moejax.stages.plan`): one jitted train

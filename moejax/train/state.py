@@ -1,5 +1,8 @@
 """The training state pytree (step, params, optimizer state, model state) and
-the logical axis names of its leaves."""
+the logical axis names of its leaves.
+
+Shapes: B batch, L length.
+"""
 
 import flax
 import flax.linen as nn

@@ -1,6 +1,6 @@
 """The pure train and eval steps: `(state, batch) -> (state, metrics)`.
 
-Shapes: B batch, L length, V vocabulary.
+Shapes: B batch, L length, V vocabulary, E experts.
 """
 
 from typing import Callable
