@@ -10,10 +10,12 @@ select leaves (`match_rules`: freezing, optimizer groups) or subtrees (`select`,
 import re
 from typing import Any, Callable, Iterable, Mapping
 
-Rule = str | re.Pattern | Callable[[str], bool]
-
+from flax import traverse_util
 import jax
 import numpy as np
+
+
+Rule = str | re.Pattern | Callable[[str], bool]
 
 
 def path_str(path) -> str:
@@ -80,14 +82,7 @@ def update(tree: Mapping, rule: Rule, fn: Callable[[str, Any], Any], *,
 
 def nest(flat: Mapping[str, Any]) -> dict:
   """{'a/b': x, 'a/c': y} -> {'a': {'b': x, 'c': y}}."""
-  out: dict = {}
-  for path, value in flat.items():
-    *parents, last = path.split("/")
-    node = out
-    for key in parents:
-      node = node.setdefault(key, {})
-    node[last] = value
-  return out
+  return traverse_util.unflatten_dict(dict(flat), sep="/")
 
 
 def overlay(template: dict, source: dict, *, where: str = "") -> dict:
