@@ -265,9 +265,9 @@ class TransformerLM(nn.Module):
       x_BLD, stacked = scanned_unit(cfg, st.repeats)(
           cfg, st.unit, deterministic, self.mesh, name=stack_name(j))(
               x_BLD, tokens_BL, step, cache_at)
-      for aux_R, k in zip(stacked, st.moe_positions):
+      for per_copy, k in zip(stacked, st.moe_positions):
         for r in range(st.repeats):
-          auxes[st.block(r, k)] = jax.tree.map(lambda a, r=r: a[r], aux_R)
+          auxes[st.block(r, k)] = jax.tree.map(lambda a, r=r: a[r], per_copy)
     return x_BLD, auxes
 
 
