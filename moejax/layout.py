@@ -1,20 +1,35 @@
 """Where `moejax.models.TransformerLM` keeps its blocks in the param tree, as
-names and rules.
+names and rules, in both layouts.
 
-Block i's params are `block_<i>` (a dense FFN `block_<i>/ffn`, a MoE layer
-`block_<i>/moe`); its MoE layer's outputs (metrics, routes, traces) are named
-`layer_<i>`. Stage transforms and replay take paths from here, so a change of
-layout (scanned blocks) is made in this module and the model only.
+Unrolled (the canonical layout): block i's variables are `block_<i>` (a dense
+FFN `block_<i>/ffn`, a MoE layer `block_<i>/moe`); its MoE layer's outputs
+(metrics, routes, traces) are named `layer_<i>`. Stage transforms, replay and
+init transforms read and write this layout.
+
+Scanned (`model.scan_layers`): the blocks split into `Stack`s, each R copies of
+a unit of U consecutive blocks (`stacks`: one dense + one MoE block for
+`every_other`; a run of dense blocks, the MoE block, another run for
+`middle`). Stack j's variables are `stack_<j>/block_<k>` for the unit's k-th
+block, every leaf with a leading axis of R (logical axis `layers`): leaf [r]
+is block `first + r * U + k`. `scanned` and `unrolled` convert any tree
+holding such collections (variables, params, optimizer moments, a
+checkpoint's state) between the two; outputs keep `layer_<i>` names in both.
 """
 
+import dataclasses
 import re
-from typing import Iterable
+from typing import Any, Callable, Iterable
+
+import jax
+import jax.numpy as jnp
 
 from moejax.errors import ConfigError
 
 _BLOCK = re.compile(r"block_(\d+)(/|$)")
 _LAYER = re.compile(r"layer_(\d+)")
+_STACK = re.compile(r"stack_(\d+)")
 DENSE_FFN = r"block_\d+/ffn"  # Every dense FFN.
+LAYERS_AXIS = "layers"  # The logical name of a scanned leaf's leading axis.
 
 
 def block_name(i: int) -> str:
@@ -23,6 +38,10 @@ def block_name(i: int) -> str:
 
 def layer_name(i: int) -> str:
   return f"layer_{i}"
+
+
+def stack_name(j: int) -> str:
+  return f"stack_{j}"
 
 
 def block_index(path: str) -> int:
@@ -46,3 +65,146 @@ def moe_path(layer: str) -> str:
   if match is None:
     raise ConfigError(f"{layer!r} is not a MoE layer's name (layer_<i>)")
   return f"{block_name(int(match.group(1)))}/moe"
+
+
+@dataclasses.dataclass(frozen=True)
+class Stack:
+  """R copies of a unit of U consecutive blocks, run as one scanned unit.
+
+  Attributes:
+    first: index of the stack's first block.
+    unit: whether each of the unit's U blocks is a MoE block.
+    repeats: R.
+  """
+
+  first: int
+  unit: tuple[bool, ...]
+  repeats: int
+
+  def block(self, r: int, k: int) -> int:
+    """Index of copy r's k-th block."""
+    return self.first + r * len(self.unit) + k
+
+  @property
+  def moe_positions(self) -> tuple[int, ...]:
+    """k of the unit's MoE blocks."""
+    return tuple(k for k, is_moe in enumerate(self.unit) if is_moe)
+
+
+def _copies(pattern: tuple[bool, ...], start: int, size: int) -> int:
+  unit, n = pattern[start:start + size], 1
+  while pattern[start + n * size:start + (n + 1) * size] == unit:
+    n += 1
+  return n
+
+
+def stacks(num_layers: int, moe_layers: Iterable[int]) -> tuple[Stack, ...]:
+  """The blocks as stacks, front to back: at each block, the unit repeated at
+  least twice whose copies cover the most blocks from there (the shortest unit
+  on a tie), else the block alone. A periodic placement is one stack; any
+  placement compiles at most a few distinct units, whatever the depth."""
+  moe = set(moe_layers)
+  pattern = tuple(i in moe for i in range(num_layers))
+  out, start = [], 0
+  while start < num_layers:
+    repeated = [u for u in range(1, (num_layers - start) // 2 + 1)
+                if _copies(pattern, start, u) > 1]
+    best = max(repeated, key=lambda u: (u * _copies(pattern, start, u), -u),
+               default=1)
+    repeats = _copies(pattern, start, best)
+    out.append(Stack(start, pattern[start:start + best], repeats))
+    start += best * repeats
+  return tuple(out)
+
+
+def _is_layer_dict(x: Any) -> bool:
+  return isinstance(x, dict) and any(
+      _BLOCK.fullmatch(str(k) + "/") or _STACK.fullmatch(str(k)) for k in x)
+
+
+def _over_layer_dicts(tree: Any, fn: Callable[[dict], dict]) -> Any:
+  """`tree` with `fn` applied to every dict that holds blocks or stacks (a
+  collection, a params tree, an optimizer moment), wherever it sits."""
+  return jax.tree.map(lambda x: fn(x) if _is_layer_dict(x) else x, tree,
+                      is_leaf=_is_layer_dict)
+
+
+def _stack_one(level: dict, plan: tuple[Stack, ...]) -> dict:
+  out = {k: v for k, v in level.items() if not _BLOCK.fullmatch(str(k) + "/")}
+  for j, st in enumerate(plan):
+    stacked = {}
+    for k in range(len(st.unit)):
+      names = [block_name(st.block(r, k)) for r in range(st.repeats)]
+      present = [n in level for n in names]
+      if not any(present):
+        continue
+      if not all(present):
+        raise ConfigError(f"cannot scan {', '.join(names)}: only some are in "
+                          "the tree; their structures must match")
+      stacked[block_name(k)] = jax.tree.map(
+          lambda *xs: jnp.stack(xs), *[level[n] for n in names])
+    if stacked:
+      out[stack_name(j)] = stacked
+  return out
+
+
+def _unstack_one(level: dict, plan: tuple[Stack, ...]) -> dict:
+  out = {k: v for k, v in level.items() if not _STACK.fullmatch(str(k))}
+  for j, st in enumerate(plan):
+    for k, sub in level.get(stack_name(j), {}).items():
+      unit_k = block_index(k)
+      for r in range(st.repeats):
+        out[block_name(st.block(r, unit_k))] = jax.tree.map(
+            lambda x: x[r], sub)
+  return dict(sorted(out.items(), key=lambda kv: _sort_key(kv[0])))
+
+
+def _sort_key(key: str) -> tuple:
+  match = _BLOCK.fullmatch(str(key) + "/")
+  return (0, int(match.group(1)), "") if match else (1, 0, str(key))
+
+
+def _plan(config) -> tuple[Stack, ...]:
+  return stacks(config.num_layers, config.moe_layers)
+
+
+def scanned(tree: Any, config) -> Any:
+  """`tree` (unrolled) in the scanned layout of `config` (a TransformerConfig)."""
+  plan = _plan(config)
+  return _over_layer_dicts(tree, lambda level: _stack_one(level, plan))
+
+
+def unrolled(tree: Any, config) -> Any:
+  """`tree` (scanned) in the unrolled layout of `config`."""
+  plan = _plan(config)
+  return _over_layer_dicts(tree, lambda level: _unstack_one(level, plan))
+
+
+def to_model(tree: Any, config) -> Any:
+  """`tree` (unrolled) in the layout `config` runs in."""
+  return scanned(tree, config) if config.scan_layers else tree
+
+
+def from_model(tree: Any, config) -> Any:
+  """`tree` (in the layout `config` runs in) unrolled."""
+  return unrolled(tree, config) if config.scan_layers else tree
+
+
+def is_scanned(tree: Any) -> bool:
+  """Whether a tree of collections holds scanned stacks (a saved state's
+  layout, whatever config it is restored under)."""
+  found = []
+  _over_layer_dicts(tree, lambda level: found.append(
+      any(_STACK.fullmatch(str(k)) for k in level)) or level)
+  return any(found)
+
+
+def canonical(transform: Callable, config) -> Callable:
+  """`transform` (of unrolled trees in, unrolled out) applied to trees in the
+  layout of `config`: unrolled before, laid out again after."""
+  if not config.scan_layers:
+    return transform
+
+  def wrapped(tree, *args, **kwargs):
+    return scanned(transform(unrolled(tree, config), *args, **kwargs), config)
+  return wrapped

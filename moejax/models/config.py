@@ -7,6 +7,12 @@ from moejax.errors import ConfigError
 from moejax.moe.ffn_init import DEFAULT_FFN_INIT
 
 DTYPES = ("float32", "bfloat16")
+# `model.remat`: what the backward pass recomputes, per block (per scanned unit
+# with `model.scan_layers`): nothing (`none`); everything (`full`: only the
+# block's inputs are kept); everything but matmul outputs (`dots`); everything
+# but matmul outputs without batch dimensions, i.e. weights-times-activations
+# (`dots_no_batch`: attention's batched score and value products recomputed).
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +62,12 @@ class TransformerConfig:
       logits, softmax and the output logits are always float32).
     ffn_init: initializer of every FFN, dense and expert alike
       (`moejax.moe.ffn_init.FFN_INITS`).
+    scan_layers: run the blocks as `nn.scan` over repeating units
+      (`moejax.layout.stacks`), params stacked with a leading `layers` axis;
+      the same function as unrolled blocks (`moejax.layout.scanned` converts
+      the params), compiled once per unit instead of once per block.
+    remat: rematerialisation policy per block or scanned unit
+      (`REMAT_POLICIES`).
   """
 
   vocab_size: int
@@ -68,6 +80,8 @@ class TransformerConfig:
   moe: MoEConfig = MoEConfig()
   dtype: str = "float32"
   ffn_init: str = DEFAULT_FFN_INIT
+  scan_layers: bool = False
+  remat: str = "none"
 
 
 def resolve_moe_layers(spec: Any, num_layers: int) -> tuple[int, ...]:

@@ -5,13 +5,16 @@ model width, F hidden width, E experts, K top-k slots, A head width, H heads,
 V vocabulary, X cache positions (max_len).
 """
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from moejax.errors import ConfigError
-from moejax.layout import block_name, layer_name
-from moejax.models.config import DTYPES, TransformerConfig
+from moejax.layout import (LAYERS_AXIS, block_name, layer_name, scanned,
+                           stack_name, stacks)
+from moejax.models.config import DTYPES, REMAT_POLICIES, TransformerConfig
 from moejax.moe.ffn_init import FFNInit
 from moejax.moe.layer import MoELayer
 
@@ -89,15 +92,17 @@ def _norm(name: str, dtype) -> nn.RMSNorm:
 
 
 class Block(nn.Module):
-  """Pre-norm block: x + attn(norm(x)); x + ffn(norm(x)), ffn dense or MoE."""
+  """Pre-norm block: x + attn(norm(x)); x + ffn(norm(x)), ffn dense or MoE.
+
+  Returns (x [B, L, D], the MoE layer's `MoEAux` or None for a dense FFN)."""
 
   config: TransformerConfig
   is_moe: bool
+  deterministic: bool = True
   mesh: jax.sharding.Mesh | None = None
 
   @nn.compact
-  def __call__(self, x_BLD, token_ids_BL, deterministic: bool, step=None,
-               cache_at=None):
+  def __call__(self, x_BLD, token_ids_BL, step=None, cache_at=None):
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     x_BLD = x_BLD + CausalSelfAttention(cfg.num_heads, dtype, name="attn")(
@@ -114,8 +119,57 @@ class Block(nn.Module):
         router_options=dict(moe.router_options), vocab_size=cfg.vocab_size,
         num_shared_experts=moe.num_shared_experts, ffn_init=ffn_init, name="moe")(
             h_BLD, token_ids_BL=token_ids_BL, step=step,
-            deterministic=deterministic)
+            deterministic=self.deterministic)
     return x_BLD + y_BLD, aux
+
+
+class BlockUnit(nn.Module):
+  """Consecutive blocks, the unit that `model.scan_layers` repeats: blocks
+  `block_<k>` of the unit, `unit[k]` saying whether block k is MoE. Returns
+  (x [B, L, D], the MoE blocks' `MoEAux`es in unit order)."""
+
+  config: TransformerConfig
+  unit: tuple[bool, ...]
+  deterministic: bool = True
+  mesh: jax.sharding.Mesh | None = None
+
+  @nn.compact
+  def __call__(self, x_BLD, token_ids_BL, step=None, cache_at=None):
+    auxes = []
+    for k, is_moe in enumerate(self.unit):
+      x_BLD, aux = Block(self.config, is_moe, self.deterministic, self.mesh,
+                         name=block_name(k))(x_BLD, token_ids_BL, step, cache_at)
+      if aux is not None:
+        auxes.append(aux)
+    return x_BLD, tuple(auxes)
+
+
+def remat_policy(name: str):
+  """The `jax.checkpoint` policy of `model.remat=name` (see `REMAT_POLICIES`)."""
+  policies = jax.checkpoint_policies
+  return {"full": None, "dots": policies.checkpoint_dots,
+          "dots_no_batch": policies.dots_with_no_batch_dims_saveable}[name]
+
+
+def _rematted(module_cls, name: str, *, in_scan: bool):
+  """`module_cls` recomputed in the backward pass under policy `name`."""
+  if name == "none":
+    return module_cls
+  # Inside a scan the loop already keeps XLA from merging the recomputation
+  # into the forward pass (flax's advice: prevent_cse=False there).
+  return nn.remat(module_cls, policy=remat_policy(name),
+                  prevent_cse=not in_scan)
+
+
+def scanned_unit(config: TransformerConfig, repeats: int):
+  """`BlockUnit` as `nn.scan` over R copies: every variable collection
+  (params, router state, cache, replay) gets a leading axis of R, named
+  `layers` for sharding; rngs differ per copy; the carry is x."""
+  return nn.scan(
+      _rematted(BlockUnit, config.remat, in_scan=True),
+      variable_axes={True: 0}, split_rngs={True: True},
+      in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=repeats,
+      metadata_params={nn.PARTITION_NAME: LAYERS_AXIS})
 
 
 class TransformerLM(nn.Module):
@@ -149,6 +203,9 @@ class TransformerLM(nn.Module):
     cfg = self.config
     if cfg.dtype not in DTYPES:
       raise ConfigError(f"model.dtype={cfg.dtype!r}; valid: {', '.join(DTYPES)}")
+    if cfg.remat not in REMAT_POLICIES:
+      raise ConfigError(f"model.remat={cfg.remat!r}; valid: "
+                        f"{', '.join(REMAT_POLICIES)}")
     if cfg.d_model % cfg.num_heads:
       raise ConfigError(
           f"model.d_model={cfg.d_model} is not divisible by model.num_heads="
@@ -170,19 +227,58 @@ class TransformerLM(nn.Module):
       next_pos.value = cache_at + length
       pos_LD = jax.lax.dynamic_slice_in_dim(pos, cache_at, length)
     x_BLD = (embed[tokens_BL] + pos_LD).astype(dtype)
+    if cfg.scan_layers:
+      x_BLD, auxes = self._scanned(x_BLD, tokens_BL, deterministic, step,
+                                   cache_at)
+    else:
+      x_BLD, auxes = self._unrolled(x_BLD, tokens_BL, deterministic, step,
+                                    cache_at)
     aux_loss = jnp.zeros((), jnp.float32)
     layers, routes, loads, trace = {}, {}, {}, {}
-    for i in range(cfg.num_layers):
-      x_BLD, aux = Block(cfg, i in cfg.moe_layers, mesh=self.mesh,
-                         name=block_name(i))(
-          x_BLD, tokens_BL, deterministic, step, cache_at)
-      if aux is not None:
-        aux_loss = aux_loss + aux.aux_loss
-        layers[layer_name(i)] = aux.metrics
-        routes[layer_name(i)] = aux.top_expert_T
-        loads[layer_name(i)] = aux.load_E
-        trace[layer_name(i)] = aux.trace
+    for i, aux in sorted(auxes.items()):
+      aux_loss = aux_loss + aux.aux_loss
+      layers[layer_name(i)] = aux.metrics
+      routes[layer_name(i)] = aux.top_expert_T
+      loads[layer_name(i)] = aux.load_E
+      trace[layer_name(i)] = aux.trace
     x_BLD = _norm("final_norm", dtype)(x_BLD)
     logits_BLV = jnp.einsum("bld,vd->blv", x_BLD.astype(jnp.float32), embed)
     return logits_BLV, {"aux_loss": aux_loss, "layers": layers, "routes": routes,
                         "loads": loads, "trace": trace}
+
+  def _unrolled(self, x_BLD, tokens_BL, deterministic, step, cache_at):
+    """Blocks `block_<i>` one after another: (x, {block index: MoEAux})."""
+    cfg, auxes = self.config, {}
+    block = _rematted(Block, cfg.remat, in_scan=False)
+    for i in range(cfg.num_layers):
+      x_BLD, aux = block(cfg, i in cfg.moe_layers, deterministic, self.mesh,
+                         name=block_name(i))(x_BLD, tokens_BL, step, cache_at)
+      if aux is not None:
+        auxes[i] = aux
+    return x_BLD, auxes
+
+  def _scanned(self, x_BLD, tokens_BL, deterministic, step, cache_at):
+    """Each stack of `moejax.layout.stacks` as one scanned unit `stack_<j>`:
+    (x, {block index: MoEAux}), copy r of the unit's MoE blocks sliced out."""
+    cfg, auxes = self.config, {}
+    for j, st in enumerate(stacks(cfg.num_layers, cfg.moe_layers)):
+      x_BLD, stacked = scanned_unit(cfg, st.repeats)(
+          cfg, st.unit, deterministic, self.mesh, name=stack_name(j))(
+              x_BLD, tokens_BL, step, cache_at)
+      for per_copy, k in zip(stacked, st.moe_positions):
+        for r in range(st.repeats):
+          auxes[st.block(r, k)] = jax.tree.map(lambda a, r=r: a[r], per_copy)
+    return x_BLD, auxes
+
+
+def init_variables(model: TransformerLM, rng: jax.Array,
+                   tokens_BL: jax.Array) -> dict:
+  """`model`'s variables at init, logical-axis boxes removed. A scanned model
+  gets the unrolled model's draws laid out scanned (`moejax.layout.scanned`),
+  so both layouts of a config start from the same params."""
+  if not model.config.scan_layers:
+    return dict(nn.unbox(model.init(rng, tokens_BL)))
+  unrolled_model = model.clone(config=dataclasses.replace(
+      model.config, scan_layers=False))
+  return dict(scanned(nn.unbox(unrolled_model.init(rng, tokens_BL)),
+                      model.config))

@@ -25,6 +25,7 @@ EXPERT_AXIS = "expert"
 
 LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("batch", ("data", "expert")),  # Tokens: split over every device.
+    ("layers", None),               # Scanned blocks' leading axis.
     ("expert", "expert"),           # Stacked expert weights [E, ...].
     ("vocab", None),
     ("embed", None),

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import jax
 import jax.numpy as jnp
 
+from moejax import layout
 from moejax.errors import ConfigError
 from moejax.models.config import TransformerConfig
 from moejax.pytree import count_matches, overlay
@@ -59,7 +60,13 @@ def enter_stage(prev: TrainState, prev_model: TransformerConfig, stage: Stage,
                 fresh: TrainState, key: jax.Array) -> TrainState:
   """The state `stage` starts from, given the state the previous stage ended in
   and a freshly initialised state of the new model. A `prev` without optimizer
-  state (params from another run, `train.init_from`) gets fresh moments."""
+  state (params from another run, `train.init_from`) gets fresh moments.
+
+  Each state is in its own model's layout (`model.scan_layers`); the transform
+  and the overlays work on the unrolled layout (`moejax.layout`), and the
+  result is in the new model's."""
+  prev = layout.from_model(prev, prev_model)
+  fresh = layout.from_model(fresh, stage.model)
   ctx_options = {}
   params_fn = lambda params, ctx: params  # noqa: E731
   moments_fn = None
@@ -77,8 +84,8 @@ def enter_stage(prev: TrainState, prev_model: TransformerConfig, stage: Stage,
     opt_state = carry_opt_state(prev.opt_state, prev.params, fresh.opt_state,
                                 params, carry)
   model_state = overlay(fresh.model_state, prev.model_state)
-  return prev.replace(params=params, opt_state=opt_state,
-                      model_state=model_state)
+  return layout.to_model(prev.replace(params=params, opt_state=opt_state,
+                                      model_state=model_state), stage.model)
 
 
 def check_frozen(stage: Stage, params) -> None:

@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from moejax import layout
 from moejax.models.config import TransformerConfig
 from moejax.routing.registry import router_class, router_options
 from moejax.stages.stage import Stage
@@ -56,8 +57,10 @@ def init_transform(model: TransformerConfig
                    ) -> Callable[[dict, np.ndarray], dict] | None:
   """`(model_state, token_counts_V) -> model_state` that a fresh state of
   `model` gets before training, given the training corpus's int[V] token
-  counts; None when its router has none (most) or it has no MoE layers."""
+  counts; None when its router has none (most) or it has no MoE layers.
+  The transform sees the unrolled layout whatever `model.scan_layers` says."""
   if not model.moe_layers:
     return None
-  return router_class(model.moe.router).init_transform(
+  transform = router_class(model.moe.router).init_transform(
       _options(model), num_experts=model.moe.num_experts)
+  return None if transform is None else layout.canonical(transform, model)

@@ -25,7 +25,8 @@ from ml_collections import config_dict
 from moejax.data.config import DataConfig
 from moejax.errors import ConfigError
 from moejax.kernels import check_impl
-from moejax.models.config import (DTYPES, MoEConfig, TransformerConfig,
+from moejax.models.config import (DTYPES, REMAT_POLICIES, MoEConfig,
+                                  TransformerConfig,
                                   active_ffn_flops_per_token, expert_width,
                                   resolve_moe_layers)
 from moejax.models.sizes import apply_size
@@ -129,7 +130,7 @@ def default_config() -> ml_collections.ConfigDict:
       router_options=ml_collections.ConfigDict(), dispatch="capacity",
       capacity_factor=1.25, expert_d_ff=config_dict.placeholder(int),
       equal_flops=True, matmul="xla", size="", num_shared_experts=0,
-      ffn_init=DEFAULT_FFN_INIT))
+      ffn_init=DEFAULT_FFN_INIT, scan_layers=False, remat="none"))
   for name, cls in TYPED_SECTIONS.items():
     c[name] = _section(cls)
   c.stages = []
@@ -167,6 +168,10 @@ def _model(m: dict[str, Any], data: DataConfig) -> TransformerConfig:
   _choice("model.dtype", m["dtype"], DTYPES)
   _choice("model.dispatch", m["dispatch"], DISPATCH_PATHS)
   _choice("model.ffn_init", m["ffn_init"], FFN_INITS)
+  _choice("model.remat", m["remat"], REMAT_POLICIES)
+  if not isinstance(m["scan_layers"], bool):
+    raise ConfigError(f"model.scan_layers must be True or False, got "
+                      f"{m['scan_layers']!r}")
   if m["d_model"] % m["num_heads"]:
     raise ConfigError(f"model.d_model={m['d_model']} is not divisible by "
                       f"model.num_heads={m['num_heads']}")
@@ -197,7 +202,8 @@ def _model(m: dict[str, Any], data: DataConfig) -> TransformerConfig:
   return TransformerConfig(
       vocab_size=data.vocab_size, max_len=data.seq_len, num_layers=m["num_layers"],
       d_model=m["d_model"], num_heads=m["num_heads"], d_ff=m["d_ff"],
-      moe_layers=moe_layers, moe=moe, dtype=m["dtype"], ffn_init=m["ffn_init"])
+      moe_layers=moe_layers, moe=moe, dtype=m["dtype"], ffn_init=m["ffn_init"],
+      scan_layers=m["scan_layers"], remat=m["remat"])
 
 
 def _stage_lengths(entries: list[dict], total: int) -> list[int]:

@@ -6,6 +6,7 @@ from typing import Any
 
 from etils import epath
 
+from moejax import layout
 from moejax.metrics.fluctuation import FluctuationProbe
 from moejax.metrics.trace import ReplayReference
 from moejax.parallel import hosts
@@ -38,7 +39,8 @@ class RouteProbe:
     self.replay.observe(out["trace"])
     reference = self.replay.trace()
     if reference is not None:
-      variables = {**state.variables(), **replay_variables(reference)}
+      variables = {**state.variables(), **layout.to_model(
+          replay_variables(reference), program.stage.model)}
       replayed = program.probe(variables, self.batch)
       row["probe/replay_loss"] = float(hosts.fetch(replayed["loss"]))
     return row

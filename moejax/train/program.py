@@ -21,7 +21,7 @@ import numpy as np
 import optax
 
 from moejax.data.rows import place_rows
-from moejax.models.transformer import TransformerLM
+from moejax.models.transformer import TransformerLM, init_variables
 from moejax.parallel import hosts
 from moejax.parallel.mesh import make_mesh
 from moejax.parallel.rules import batch_sharding, logical_shardings, shard_batch
@@ -44,7 +44,7 @@ def init_state(model: nn.Module, tx: optax.GradientTransformation,
                rng: jax.Array, seq_len: int) -> TrainState:
   """Fresh variables (logical-axis boxes removed) and optimizer state at step 0."""
   tokens_BL = jnp.zeros((1, seq_len), jnp.int32)
-  variables = dict(nn.unbox(model.init(rng, tokens_BL)))
+  variables = init_variables(model, rng, tokens_BL)
   params = variables.pop("params")
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     opt_state=tx.init(params), model_state=variables)
