@@ -27,6 +27,7 @@ from moejax.errors import ConfigError
 
 _BLOCK = re.compile(r"block_(\d+)(/|$)")
 _LAYER = re.compile(r"layer_(\d+)")
+_BLOCK_KEY = re.compile(r"block_\d+")
 _STACK = re.compile(r"stack_(\d+)")
 DENSE_FFN = r"block_\d+/ffn"  # Every dense FFN.
 LAYERS_AXIS = "layers"  # The logical name of a scanned leaf's leading axis.
@@ -117,9 +118,13 @@ def stacks(num_layers: int, moe_layers: Iterable[int]) -> tuple[Stack, ...]:
   return tuple(out)
 
 
+def _is_block_key(key: Any) -> bool:
+  return _BLOCK_KEY.fullmatch(str(key)) is not None
+
+
 def _is_layer_dict(x: Any) -> bool:
   return isinstance(x, dict) and any(
-      _BLOCK.fullmatch(str(k) + "/") or _STACK.fullmatch(str(k)) for k in x)
+      _is_block_key(k) or _STACK.fullmatch(str(k)) for k in x)
 
 
 def _over_layer_dicts(tree: Any, fn: Callable[[dict], dict]) -> Any:
@@ -130,7 +135,7 @@ def _over_layer_dicts(tree: Any, fn: Callable[[dict], dict]) -> Any:
 
 
 def _stack_one(level: dict, plan: tuple[Stack, ...]) -> dict:
-  out = {k: v for k, v in level.items() if not _BLOCK.fullmatch(str(k) + "/")}
+  out = {k: v for k, v in level.items() if not _is_block_key(k)}
   for j, st in enumerate(plan):
     stacked = {}
     for k in range(len(st.unit)):
@@ -156,12 +161,9 @@ def _unstack_one(level: dict, plan: tuple[Stack, ...]) -> dict:
       for r in range(st.repeats):
         out[block_name(st.block(r, unit_k))] = jax.tree.map(
             lambda x: x[r], sub)
-  return dict(sorted(out.items(), key=lambda kv: _sort_key(kv[0])))
-
-
-def _sort_key(key: str) -> tuple:
-  match = _BLOCK.fullmatch(str(key) + "/")
-  return (0, int(match.group(1)), "") if match else (1, 0, str(key))
+  blocks = sorted((k for k in out if _is_block_key(k)), key=block_index)
+  return {**{k: out[k] for k in blocks},
+          **{k: v for k, v in out.items() if not _is_block_key(k)}}
 
 
 def _plan(config) -> tuple[Stack, ...]:
@@ -190,21 +192,9 @@ def from_model(tree: Any, config) -> Any:
   return unrolled(tree, config) if config.scan_layers else tree
 
 
-def is_scanned(tree: Any) -> bool:
-  """Whether a tree of collections holds scanned stacks (a saved state's
-  layout, whatever config it is restored under)."""
-  found = []
-  _over_layer_dicts(tree, lambda level: found.append(
-      any(_STACK.fullmatch(str(k)) for k in level)) or level)
-  return any(found)
-
-
 def canonical(transform: Callable, config) -> Callable:
   """`transform` (of unrolled trees in, unrolled out) applied to trees in the
   layout of `config`: unrolled before, laid out again after."""
-  if not config.scan_layers:
-    return transform
-
   def wrapped(tree, *args, **kwargs):
-    return scanned(transform(unrolled(tree, config), *args, **kwargs), config)
+    return to_model(transform(from_model(tree, config), *args, **kwargs), config)
   return wrapped

@@ -12,7 +12,7 @@ import pytest
 
 from moejax import layout
 from moejax.errors import ConfigError
-from moejax.models.config import REMAT_POLICIES, MoEConfig, TransformerConfig
+from moejax.models.config import MoEConfig, TransformerConfig
 from moejax.models.transformer import TransformerLM, init_variables
 
 
@@ -62,8 +62,8 @@ def test_scanned_equals_unrolled(moe_layers, moe, remat):
   scan_variables = init_variables(TransformerLM(scan_config), jax.random.key(0),
                                   tokens_BL)
   assert "block_0" not in scan_variables["params"]
-  chex_equal = lambda a, b: jax.tree.map(np.testing.assert_array_equal, a, b)  # noqa: E731
-  chex_equal(layout.unrolled(scan_variables, scan_config), variables)
+  jax.tree.map(np.testing.assert_array_equal,
+               layout.unrolled(scan_variables, scan_config), variables)
   # The scanned model's own init has the same tree and shapes.
   own = nn.unbox(TransformerLM(scan_config).init(jax.random.key(0), tokens_BL))
   assert jax.tree.map(jnp.shape, own) == jax.tree.map(jnp.shape, dict(scan_variables))
@@ -97,4 +97,3 @@ def test_unknown_remat_is_one_line():
   config = dataclasses.replace(_config((1,)), remat="some")
   with pytest.raises(ConfigError, match="model.remat='some'"):
     TransformerLM(config).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
-  assert "none" in REMAT_POLICIES
