@@ -43,7 +43,8 @@ import jax.numpy as jnp
 
 from moejax.errors import ConfigError
 from moejax.routing import losses
-from moejax.routing.contract import ROUTER_STATE, TokenLayout
+from moejax.routing.contract import (LOSS_COUNTS, ROUTER_STATE, TokenLayout,
+                                     accumulating, batch_total)
 
 BALANCE_LOSSES = ("aux", "sequence", "global")
 POLICIES = BALANCE_LOSSES + ("bias", "none")
@@ -106,6 +107,15 @@ def grouped_balance_loss(scores_TE: jax.Array, expert_TK: jax.Array,
   per_group = jax.vmap(losses.load_balancing_loss)(
       split(scores_TE), split(expert_TK), split(mask_TK))
   return jnp.mean(per_group)
+
+
+def balance_loss_from_counts(scores_TE: jax.Array, counts_E: jax.Array
+                             ) -> jax.Array:
+  """E * sum_i f_i P_i with f = counts_E / sum(counts_E) (counted elsewhere,
+  e.g. over a whole accumulated batch) and P the mean of scores_TE."""
+  f_E = counts_E / jnp.maximum(jnp.sum(counts_E), 1.0)
+  p_E = jnp.mean(scores_TE.astype(jnp.float32), axis=0)
+  return scores_TE.shape[-1] * jnp.sum(f_E * p_E)
 
 
 def expert_counts(expert_TK: jax.Array, mask_TK: jax.Array,
@@ -181,14 +191,22 @@ class Balancing(nn.Module):
     else:
       counted_TK = loss_expert_TK
       counted_mask_TK = jnp.ones(loss_expert_TK.shape, jnp.bool_)
-    balance = grouped_balance_loss(scores_TE, counted_TK, counted_mask_TK, groups)
+    if loss == "global" and training and accumulating(self):
+      # f over the whole accumulated batch: its counts come from the step.
+      counts_E = batch_total(self, LOSS_COUNTS, expert_counts(
+          counted_TK, counted_mask_TK, self.num_experts))
+      balance = balance_loss_from_counts(scores_TE, counts_E)
+    else:
+      balance = grouped_balance_loss(scores_TE, counted_TK, counted_mask_TK,
+                                     groups)
     metrics = {"balance_loss": balance}
     if self._policy.bias:
       bias_E = self.expert_bias.value
       metrics["expert_bias_range"] = jnp.max(bias_E) - jnp.min(bias_E)
       if (training and self.is_mutable_collection(ROUTER_STATE)
           and not self.is_initializing()):
-        counts_E = expert_counts(expert_TK, mask_TK, self.num_experts)
+        counts_E = batch_total(self, "bias_counts", expert_counts(
+            expert_TK, mask_TK, self.num_experts))
         self.expert_bias.value = update_bias(bias_E, counts_E, self.bias_rate,
                                              self.bias_recenter)
     weighted = self.coef * balance if loss else jnp.zeros((), jnp.float32)

@@ -26,6 +26,34 @@ from moejax.errors import ConfigError
 # mutable and keeps the result in `TrainState.model_state`; checkpoints save it.
 ROUTER_STATE = "router_state"
 
+# The Flax collection through which an accumulated train step
+# (`moejax.train.accumulate`) gives a router the counts of its step's other
+# micro-batches, so that state updates and whole-batch losses see the whole
+# batch: each entry is float32 counts (sums over tokens). Absent outside
+# gradient accumulation. An entry named `LOSS_COUNTS` feeds a loss in every
+# micro-step, so the step counts it over the whole batch first (a counts-only
+# forward pass); the other entries feed state updates, kept from the last
+# micro-step only, which sees the counts of all the others.
+BATCH_COUNTS = "batch_counts"
+LOSS_COUNTS = "loss_counts"
+
+
+def accumulating(module: nn.Module) -> bool:
+  """Whether `module` runs inside an accumulated train step's forward pass."""
+  return (module.is_mutable_collection(BATCH_COUNTS)
+          and not module.is_initializing())
+
+
+def batch_total(module: nn.Module, name: str, own: jax.Array) -> jax.Array:
+  """`own` counts plus those of the step's other micro-batches (`own` alone
+  outside accumulation); also reports `own` to the accumulating step."""
+  if not accumulating(module):
+    return own
+  others = (module.get_variable(BATCH_COUNTS, name)
+            if module.has_variable(BATCH_COUNTS, name) else jnp.zeros_like(own))
+  module.put_variable(BATCH_COUNTS, name, own)
+  return own + others
+
 
 @dataclasses.dataclass(frozen=True)
 class TokenLayout:

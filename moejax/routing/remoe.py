@@ -31,7 +31,8 @@ import jax.numpy as jnp
 
 from moejax.errors import ConfigError
 from moejax.routing.contract import (ROUTER_STATE, Router, Routing, Slots,
-                                     TokenLayout, gate_logits)
+                                     TokenLayout, accumulating, batch_total,
+                                     gate_logits)
 
 
 def remoe_l1(gates_TE: jax.Array, top_k: int, load_balanced: bool = True
@@ -105,7 +106,15 @@ class ReMoERouter(Router):
     lam = coef.value
     if (not deterministic and self.is_mutable_collection(ROUTER_STATE)
         and not self.is_initializing()):
-      coef.value = adapt_l1_coef(lam, sparsity, self.target(), self.l1_alpha)
+      step_sparsity = sparsity
+      if accumulating(self):  # The whole accumulated batch's share.
+        open_gates = batch_total(self, "open_gates",
+                                 jnp.sum(mask_TE.astype(jnp.float32)))
+        gates = batch_total(self, "gates",
+                            jnp.asarray(mask_TE.size, jnp.float32))
+        step_sparsity = 1.0 - open_gates / gates
+      coef.value = adapt_l1_coef(lam, step_sparsity, self.target(),
+                                 self.l1_alpha)
     expert_TE = jnp.broadcast_to(jnp.arange(num_experts, dtype=jnp.int32),
                                  (num_tokens, num_experts))
     return Routing(

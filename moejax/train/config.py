@@ -50,6 +50,9 @@ class TrainConfig:
     replay_routes: at every probe, also route the probe tokens by a recorded
       trace and log their loss as `probe/replay_loss` (`first`: this run's
       first probe; or a `probes/trace_<step>.npz` path; "": off).
+    grad_accum_steps: k micro-batches of batch_size / k sequences per
+      optimizer step, their gradients accumulated in the step
+      (`moejax.train.accumulate`); 1: none.
   """
 
   steps: int = 400
@@ -62,6 +65,7 @@ class TrainConfig:
   probe_every: int = 50
   init_from: str = ""
   replay_routes: str = ""
+  grad_accum_steps: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -273,6 +277,19 @@ def _stages(c: dict[str, Any], data: DataConfig) -> tuple[Stage, ...]:
   return tuple(stages)
 
 
+def check_micro_batch(train: TrainConfig, shards: int) -> None:
+  """ConfigError unless each micro-batch splits over the `shards` devices that
+  split the batch."""
+  micro = train.batch_size // train.grad_accum_steps
+  # k = 1: the batch's own check (`shard_batch`) words the error.
+  if train.grad_accum_steps > 1 and micro % shards:
+    raise ConfigError(
+        f"train.batch_size={train.batch_size} / train.grad_accum_steps="
+        f"{train.grad_accum_steps} = {micro} sequences per micro-batch, not a "
+        f"multiple of the {shards} devices splitting the batch (mesh.data x "
+        "mesh.expert)")
+
+
 def parse(config: ml_collections.ConfigDict) -> RunConfig:
   """Validates `config` and returns its typed form; ConfigError names the key."""
   c = config.to_dict()
@@ -282,7 +299,12 @@ def parse(config: ml_collections.ConfigDict) -> RunConfig:
                         "moejax.train.config.default_config()")
   _positive("train", c["train"], ("steps", "batch_size", "log_every",
                                   "eval_every", "checkpoint_every",
-                                  "keep_checkpoints"))
+                                  "keep_checkpoints", "grad_accum_steps"))
+  if c["train"]["batch_size"] % c["train"]["grad_accum_steps"]:
+    raise ConfigError(
+        f"train.batch_size={c['train']['batch_size']} does not split into "
+        f"train.grad_accum_steps={c['train']['grad_accum_steps']} micro-batches;"
+        " make the batch size a multiple of it")
   if c["train"]["probe_every"] < 0:
     raise ConfigError("train.probe_every must be >= 0 (0: no probes), got "
                       f"{c['train']['probe_every']}")
@@ -307,5 +329,7 @@ def parse(config: ml_collections.ConfigDict) -> RunConfig:
   stages = _stages(c, data)
   mesh = MeshConfig(**c["mesh"])
   mesh.validate()
+  if -1 not in (mesh.data, mesh.expert):  # Else checked with the devices.
+    check_micro_batch(train, mesh.data * mesh.expert)
   return RunConfig(model=stages[-1].model, data=data, train=train, optim=optim,
                    stages=stages, mesh=mesh)

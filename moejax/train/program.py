@@ -22,12 +22,13 @@ import optax
 
 from moejax.data.rows import place_rows
 from moejax.models.transformer import TransformerLM, init_variables
+from moejax.moe.routed import token_shards
 from moejax.parallel import hosts
 from moejax.parallel.mesh import make_mesh
 from moejax.parallel.rules import batch_sharding, logical_shardings, shard_batch
 from moejax.stages.plan import init_transform, segment_at, segments
 from moejax.stages.stage import Stage, boundaries
-from moejax.train.config import RunConfig
+from moejax.train.config import RunConfig, check_micro_batch
 from moejax.train.optimizer import make_optimizer
 from moejax.train.state import TrainState, state_specs
 from moejax.train.step import make_eval_step, make_probe_step, make_train_step
@@ -123,6 +124,7 @@ def build_program(config: RunConfig, index: int, data, init_rng: jax.Array,
   stage = config.stages[index]
   bounds = boundaries(config.stages)
   mesh = stage_mesh(config, index)
+  check_micro_batch(config.train, token_shards(mesh))
   # One device: the plain layer; more: expert-parallel MoE layers.
   model_mesh = mesh if mesh.size > 1 else None
   model = TransformerLM(stage.model, mesh=model_mesh)
@@ -145,7 +147,8 @@ def build_program(config: RunConfig, index: int, data, init_rng: jax.Array,
   steps = tuple(
       (bounds[index] + first, jax.jit(
           make_train_step(TransformerLM(segment, mesh=model_mesh), tx, step_rng,
-                          stage_start=bounds[index]),
+                          stage_start=bounds[index],
+                          grad_accum_steps=config.train.grad_accum_steps),
           in_shardings=(shardings, batch_sharding(mesh)),
           out_shardings=(shardings, replicated), donate_argnums=0))
       for first, segment in segments(stage))

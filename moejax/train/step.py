@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import optax
 
 from moejax.routing.contract import ROUTER_STATE
+from moejax.train.accumulate import accumulated_grads
 from moejax.train.state import TrainState
 
 Batch = dict[str, jax.Array]
@@ -37,9 +38,15 @@ def router_metrics(layers: dict[str, dict[str, jax.Array]]) -> Metrics:
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
-                    rng: jax.Array, *, stage_start: int = 0
+                    rng: jax.Array, *, stage_start: int = 0,
+                    grad_accum_steps: int = 1
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
   """Builds the step: loss = mean CE + sum of router aux losses; one update.
+
+  With `grad_accum_steps` k > 1 the batch is k micro-batches whose gradients
+  are accumulated in the step (`moejax.train.accumulate`, which says what each
+  balance policy does), still one update; losses and gradients are means over
+  the whole batch. k = 1 is the plain step.
 
   Metrics are float32[] scalars, except `router/<layer>/load`: float32[E], the
   share of routed slots per expert.
@@ -51,16 +58,22 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
   pass from this step's batch and kept in `state.model_state`.
   """
 
-  def loss_fn(params, model_state, batch, step_rng, stage_step):
+  def loss_fn(params, model_state, batch, step_rng, stage_step,
+              mutable=(ROUTER_STATE,)):
     (logits_BLV, aux), updated = model.apply(
         {"params": params, **model_state}, batch["inputs"], deterministic=False,
-        step=stage_step, rngs={"router": step_rng}, mutable=[ROUTER_STATE])
+        step=stage_step, rngs={"router": step_rng}, mutable=list(mutable))
     ce = jnp.mean(cross_entropy(logits_BLV, batch["targets"]))
     return ce + aux["aux_loss"], (ce, aux, updated)
 
+  if grad_accum_steps > 1:
+    grads_fn = accumulated_grads(loss_fn, grad_accum_steps)
+  else:
+    grads_fn = jax.grad(loss_fn, has_aux=True)
+
   def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
     step_rng = jax.random.fold_in(rng, state.step)
-    grads, (ce, aux, updated) = jax.grad(loss_fn, has_aux=True)(
+    grads, (ce, aux, updated) = grads_fn(
         state.params, state.model_state, batch, step_rng,
         state.step - stage_start)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
