@@ -25,10 +25,11 @@ B, L, E = 16, 8, 8  # k = 2: micro-batches of 8 sequences, 1 per device.
 STATE = ROUTER_STATE + "/block_1/moe/router"
 
 
-def _model(router_options=(), router="topk", moe_layers=(1,), mesh=None):
+def _model(router_options=(), router="topk", moe_layers=(1,), mesh=None,
+           num_layers=2, scan_layers=False):
   config = TransformerConfig(
-      vocab_size=32, max_len=L, num_layers=2, d_model=16, num_heads=2, d_ff=32,
-      moe_layers=moe_layers, moe=MoEConfig(
+      vocab_size=32, max_len=L, num_layers=num_layers, d_model=16, num_heads=2,
+      d_ff=32, moe_layers=moe_layers, scan_layers=scan_layers, moe=MoEConfig(
           num_experts=E, top_k=2, router=router, dispatch="dropless",
           router_options=tuple(sorted(dict(router_options).items()))))
   return TransformerLM(config, mesh=mesh)
@@ -93,6 +94,23 @@ def test_whole_batch_policies_equal_the_unaccumulated_step_on_a_mesh(balance):
     np.testing.assert_allclose(m_2[key], m_1[key], rtol=1e-5, err_msg=key)
   _assert_same(s_2.params, s_1.params)
   _assert_same(s_2.model_state, s_1.model_state)
+
+
+@pytest.mark.parametrize("balance", ["global", "bias+global"])
+def test_scanned_blocks_accumulate_like_the_whole_batch(balance):
+  """Under `model.scan_layers` (one (dense, MoE) unit scanned twice) the
+  `batch_counts` collection is stacked per layer like every other one: the
+  accumulated step still equals the whole batch's."""
+  mesh = make_mesh(MeshConfig(2, 4), num_experts=E)
+  model = _model({"balance": balance, "aux_loss_coef": 0.5}, mesh=mesh,
+                 num_layers=4, moe_layers=(1, 3), scan_layers=True)
+  (s_2, m_2), (s_1, m_1) = _steps(model, 2, steps=2), _steps(model, 1, steps=2)
+  for key in ("train/loss", "train/aux_loss", "router/balance_loss",
+              "train/grad_norm"):
+    np.testing.assert_allclose(m_2[key], m_1[key], rtol=1e-5, err_msg=key)
+  _assert_same(s_2.params, s_1.params)
+  _assert_same(s_2.model_state, s_1.model_state)
+  assert "stack_0" in s_2.params  # The scanned layout, not the unrolled one.
 
 
 def _micro_aux_losses(model, state, batch, k):
