@@ -26,6 +26,7 @@ EXPERT_AXIS = "expert"
 LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("batch", ("data", "expert")),  # Tokens: split over every device.
     ("expert", "expert"),           # Stacked expert weights [E, ...].
+    ("expert_depth", None),         # Deep experts' sublayers [E, n, ...].
     ("vocab", None),
     ("embed", None),
     ("mlp", None),
