@@ -32,6 +32,9 @@ class MoEConfig:
       xla, pallas, megablox, auto).
     num_shared_experts: K_s FFNs every token uses besides its routed experts
       (DeepSeekMoE's shared experts).
+    expert_depth: n, residual FFN sublayers per routed expert (StableMoE's
+      experts are stacks of 3 at base size, 6 at large); 1 is one FFN. Shared
+      experts stay one FFN. See `moejax.moe.experts`.
   """
 
   num_experts: int = 8
@@ -43,6 +46,7 @@ class MoEConfig:
   d_ff: int | None = None
   matmul: str = "xla"
   num_shared_experts: int = 0
+  expert_depth: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,12 +150,13 @@ def expert_width(d_ff: int, *, top_k: int, expert_d_ff: int | None,
 
 def active_ffn_flops_per_token(cfg: TransformerConfig) -> int:
   """Forward FLOPs of the FFNs (dense and experts, router excluded) per token,
-  summed over blocks: 2 matmuls x 2 D F per dense FFN, (top_k + shared) x 2 x 2
-  D F_e per MoE layer (top_k nominal: routers that use a varying number of
-  experts per token, such as DSelect-k early or EvoMoE's soft phase, may spend
-  more)."""
+  summed over blocks: 2 matmuls x 2 D F per dense FFN, (top_k x expert_depth +
+  shared) x 2 x 2 D F_e per MoE layer (top_k nominal: routers that use a
+  varying number of experts per token, such as DSelect-k early or EvoMoE's soft
+  phase, may spend more; the sublayers' norms are not counted)."""
   dense_blocks = cfg.num_layers - len(cfg.moe_layers)
   expert_ff = cfg.moe.d_ff or cfg.d_ff
-  per_token = experts_per_token(cfg.moe.top_k, cfg.moe.num_shared_experts)
+  per_token = (cfg.moe.top_k * cfg.moe.expert_depth
+               + cfg.moe.num_shared_experts)
   return (4 * cfg.d_model * (dense_blocks * cfg.d_ff
                              + len(cfg.moe_layers) * per_token * expert_ff))

@@ -117,9 +117,10 @@ class Block(nn.Module):
         dispatch=moe.dispatch, capacity_factor=moe.capacity_factor, dtype=dtype,
         matmul=moe.matmul, mesh=self.mesh, top_k=moe.top_k,
         router_options=dict(moe.router_options), vocab_size=cfg.vocab_size,
-        num_shared_experts=moe.num_shared_experts, ffn_init=ffn_init, name="moe")(
+        num_shared_experts=moe.num_shared_experts, ffn_init=ffn_init,
+        expert_depth=moe.expert_depth, name="moe")(
             h_BLD, token_ids_BL=token_ids_BL, step=step,
-            deterministic=self.deterministic)
+            deterministic=self.deterministic, residual_BLD=x_BLD)
     return x_BLD + y_BLD, aux
 
 

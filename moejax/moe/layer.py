@@ -16,7 +16,7 @@ from moejax.errors import ConfigError
 from moejax.kernels import check_impl, grouped_matmul
 from moejax.metrics.router import load_metrics
 from moejax.moe import budgets, routed
-from moejax.moe.experts import Dtype, Experts, SharedExperts
+from moejax.moe.experts import Dtype, Experts, SharedExperts, check_depth
 from moejax.moe.ffn_init import FFNInit
 from moejax.routing.contract import Router, TokenLayout
 from moejax.routing.losses import expert_fractions
@@ -62,6 +62,13 @@ class MoELayer(nn.Module):
   Shared experts (DeepSeekMoE), when there are any, process every token and
   their outputs are added to the routed output.
 
+  Deep experts (`expert_depth` n > 1, StableMoE's stacks of residual FFN
+  sublayers, `moejax.moe.experts`) run on the block's residual stream
+  `residual_BLD` (each sublayer normalises its own input) and return the sum of
+  their sublayers' updates, so the block adds sum_k g_k (E_k(x) - x) to x as the
+  StableMoE reference does; the router and the shared experts (always one FFN
+  each) still read the normed input `x_BLD`.
+
   Routes recorded earlier can be forced: when the variables hold a `replay`
   collection with this layer's `expert`, `weight` and `mask` [T, K]
   (`moejax.routing.replay`), those slots are dispatched instead of the router's.
@@ -87,6 +94,7 @@ class MoELayer(nn.Module):
     vocab_size: V, for routers that read token ids (hash, stablemoe).
     num_shared_experts: S dense FFNs of width `d_ff` every token also uses
       (replicated, outside the expert-parallel exchange).
+    expert_depth: n, residual FFN sublayers per routed expert (1: one FFN).
 
   Routers whose tokens use a variable number of their K slots
   (`Slots.dense`) cost what the batch uses, not K slots per token
@@ -107,6 +115,7 @@ class MoELayer(nn.Module):
   vocab_size: int = 0
   num_shared_experts: int = 0
   ffn_init: FFNInit = FFNInit()
+  expert_depth: int = 1
 
   def _router(self) -> Router:
     """The router module, named `router` (its params: `<layer>/router/...`)."""
@@ -121,11 +130,21 @@ class MoELayer(nn.Module):
 
   @nn.compact
   def __call__(self, x_BLD: jax.Array, *, token_ids_BL: jax.Array | None = None,
-               step: jax.Array | None = None,
-               deterministic: bool = True) -> tuple[jax.Array, MoEAux]:
-    """[B, L, D] -> ([B, L, D], MoEAux); `step` reaches routers with schedules."""
+               step: jax.Array | None = None, deterministic: bool = True,
+               residual_BLD: jax.Array | None = None
+               ) -> tuple[jax.Array, MoEAux]:
+    """[B, L, D] -> ([B, L, D], MoEAux); `step` reaches routers with schedules;
+    `residual_BLD` [B, L, D], the stream `x_BLD` normalises, feeds deep experts
+    (expert_depth > 1, where it is required)."""
     batch, length, d_model = x_BLD.shape
     x_TD = x_BLD.reshape(batch * length, d_model)
+    check_depth(self.expert_depth)
+    expert_in_TD = x_TD
+    if self.expert_depth != 1:
+      if residual_BLD is None:
+        raise ConfigError(f"MoELayer(expert_depth={self.expert_depth}) runs its "
+                          "experts on the residual stream; pass residual_BLD")
+      expert_in_TD = residual_BLD.reshape(batch * length, d_model)
     token_ids_T = None if token_ids_BL is None else token_ids_BL.reshape(-1)
     check_impl(self.matmul)  # Fails loudly on a typo, whichever path runs.
     # Checked before routing: a batch the mesh cannot split is the error to
@@ -145,8 +164,8 @@ class MoELayer(nn.Module):
           f: self.get_variable(REPLAY_COLLECTION, f) for f in TRACE_FIELDS})
     weights = Experts(self.num_experts, d_model, self.d_ff, dtype=self.dtype,
                       param_dtype=self.param_dtype, ffn_init=self.ffn_init,
-                      name="experts")()
-    y_TD, kept_TK = budgets.routed_ffn(ffn, x_TD, routing, *weights)
+                      depth=self.expert_depth, name="experts")()
+    y_TD, kept_TK = budgets.routed_ffn(ffn, expert_in_TD, routing, *weights)
     if self.num_shared_experts:
       y_TD = y_TD + SharedExperts(
           self.num_shared_experts, d_model, self.d_ff, dtype=self.dtype,

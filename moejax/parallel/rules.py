@@ -27,6 +27,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("batch", ("data", "expert")),  # Tokens: split over every device.
     ("layers", None),               # Scanned blocks' leading axis.
     ("expert", "expert"),           # Stacked expert weights [E, ...].
+    ("expert_depth", None),         # Deep experts' sublayers [E, n, ...].
     ("vocab", None),
     ("embed", None),
     ("mlp", None),

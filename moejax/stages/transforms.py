@@ -95,15 +95,28 @@ class Transition:
       zero the rest.
     frozen: path rules of params excluded from updates from this stage on.
     options: the transform's options and their defaults.
+    check: the new model -> None, or a ConfigError when the transform cannot
+      produce it (run when the config is parsed).
   """
 
   params: Callable[[dict, TransitionContext], dict]
   moments: Callable[[dict, TransitionContext], dict] | None = None
   frozen: tuple[str, ...] = ()
   options: dict[str, Any] = dataclasses.field(default_factory=dict)
+  check: Callable[[TransformerConfig], None] = lambda new: None
+
+
+def _check_depth_one(new: TransformerConfig) -> None:
+  """Experts copied from a dense FFN are one FFN each (no justified mapping of
+  one FFN onto a stack of residual sublayers)."""
+  if new.moe.expert_depth != 1:
+    raise ConfigError(
+        f"diversify/upcycle build experts from a dense FFN of depth 1, but "
+        f"model.expert_depth={new.moe.expert_depth}; use expert_depth=1")
 
 
 def _diversify_params(params, ctx: TransitionContext):
+  _check_depth_one(ctx.new)
   return diversify(params, ctx.new.moe.num_experts, ctx.options["mask_ratio"],
                    ctx.key, where=ffn_rule(ctx.new.moe_layers))
 
@@ -111,6 +124,7 @@ def _diversify_params(params, ctx: TransitionContext):
 def _replicate_moments(tree, ctx: TransitionContext):
   """replicate: each expert starts with the dense FFN's moments (no mask);
   reset: the experts' moments start at zero (the dense ones are dropped)."""
+  _check_depth_one(ctx.new)
   if ctx.options["moments"] == "reset":
     return tree
   return diversify(tree, ctx.new.moe.num_experts, 0.0, ctx.key,
@@ -122,10 +136,12 @@ TRANSFORMS: dict[str, Transition] = {
         params=lambda params, ctx: params, frozen=(FREEZE_DISTILLED,)),
     "diversify": Transition(
         params=_diversify_params, moments=_replicate_moments,
-        options={"mask_ratio": 0.2, "moments": "replicate"}),
+        options={"mask_ratio": 0.2, "moments": "replicate"},
+        check=_check_depth_one),
     "upcycle": Transition(
         params=_diversify_params, moments=_replicate_moments,
-        options={"mask_ratio": 0.0, "moments": "replicate"}),
+        options={"mask_ratio": 0.0, "moments": "replicate"},
+        check=_check_depth_one),
 }
 
 

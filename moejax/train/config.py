@@ -31,6 +31,7 @@ from moejax.models.config import (DTYPES, REMAT_POLICIES, MoEConfig,
                                   resolve_moe_layers)
 from moejax.models.sizes import apply_size
 from moejax.moe.dispatch import DISPATCH_PATHS
+from moejax.moe.experts import check_depth
 from moejax.moe.ffn_init import DEFAULT_FFN_INIT, FFN_INITS
 from moejax.parallel.mesh import MeshConfig
 from moejax.routing.registry import check_router
@@ -134,7 +135,8 @@ def default_config() -> ml_collections.ConfigDict:
       router_options=ml_collections.ConfigDict(), dispatch="capacity",
       capacity_factor=1.25, expert_d_ff=config_dict.placeholder(int),
       equal_flops=True, matmul="xla", size="", num_shared_experts=0,
-      ffn_init=DEFAULT_FFN_INIT, scan_layers=False, remat="none"))
+      expert_depth=1, ffn_init=DEFAULT_FFN_INIT, scan_layers=False,
+      remat="none"))
   for name, cls in TYPED_SECTIONS.items():
     c[name] = _section(cls)
   c.stages = []
@@ -187,6 +189,7 @@ def _model(m: dict[str, Any], data: DataConfig) -> TransformerConfig:
   if not isinstance(shared, int) or isinstance(shared, bool) or shared < 0:
     raise ConfigError(f"model.num_shared_experts must be an integer >= 0, got "
                       f"{shared!r}")
+  check_depth(m["expert_depth"])
   check_impl(m["matmul"])
   moe_layers = resolve_moe_layers(m["moe_layers"], m["num_layers"])
   options = dict(m["router_options"])
@@ -202,7 +205,8 @@ def _model(m: dict[str, Any], data: DataConfig) -> TransformerConfig:
       d_ff=(expert_width(m["d_ff"], top_k=m["top_k"], expert_d_ff=m["expert_d_ff"],
                          equal_flops=bool(m["equal_flops"]), num_shared=shared)
             if moe_layers else m["expert_d_ff"]),
-      matmul=m["matmul"], num_shared_experts=shared)
+      matmul=m["matmul"], num_shared_experts=shared,
+      expert_depth=m["expert_depth"])
   return TransformerConfig(
       vocab_size=data.vocab_size, max_len=data.seq_len, num_layers=m["num_layers"],
       d_model=m["d_model"], num_heads=m["num_heads"], d_ff=m["d_ff"],
@@ -264,8 +268,11 @@ def _stages(c: dict[str, Any], data: DataConfig) -> tuple[Stage, ...]:
       except re.error as err:
         raise ConfigError(f"stages[{i}].frozen rule {pattern!r} is not a valid "
                           f"regex ({err})") from None
+    model = _model(merged, data)
+    if e["transform"]:
+      transition.check(model)
     stages.append(Stage(
-        name=e["name"], steps=length, model=_model(merged, data), frozen=frozen,
+        name=e["name"], steps=length, model=model, frozen=frozen,
         transform=e["transform"], transform_options=tuple(sorted(options.items()))))
   if stages[0].transform and not c["train"]["init_from"]:
     raise ConfigError(f"stages[0] applies {stages[0].transform!r} on entry but "
