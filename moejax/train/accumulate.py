@@ -1,10 +1,11 @@
 """Gradient accumulation: k micro-batches per optimizer step, inside the one
 jitted step (a `lax.scan`), for one optimizer update.
 
-Shapes: k micro-batches, B batch, M = B / k rows per micro-batch.
+Shapes: B batch. The batch is k micro-batches (k = `train.grad_accum_steps`)
+of B / k rows each.
 
 The loss is the mean over the accumulated batch (the mean of the k
-micro-batch losses, all of M rows), and so are the gradients and the reported
+micro-batch losses, all of B / k rows), and so are the gradients and the reported
 losses. Router statistics that must see the whole batch go through the
 `batch_counts` collection (`moejax.routing.contract.BATCH_COUNTS`): each
 micro-step reports its counts and is given those of the other micro-batches.
@@ -42,10 +43,11 @@ _AUX_KEYS = ("aux_loss", "layers", "loads")
 
 
 def micro_batches(batch: Batch, k: int) -> Batch:
-  """Leaves [B, ...] -> [k, M, ...]: micro-batch m holds rows m, m + k, ...
+  """Leaves [B, ...] -> [k, B / k, ...]: micro-batch m holds rows m, m + k, ...
 
-  Each device holds a contiguous block of B / n rows; with M divisible by n it
-  holds the same M / n rows of every micro-batch, so the split moves no data.
+  Each device holds a contiguous block of B / n rows; with B / k divisible by n
+  it holds the same B / (k n) rows of every micro-batch, so the split moves
+  no data.
   """
   def split(a):
     return jnp.swapaxes(a.reshape(a.shape[0] // k, k, *a.shape[1:]), 0, 1)
