@@ -29,6 +29,7 @@ _BLOCK = re.compile(r"block_(\d+)(/|$)")
 _LAYER = re.compile(r"layer_(\d+)")
 _BLOCK_KEY = re.compile(r"block_\d+")
 _STACK = re.compile(r"stack_(\d+)")
+_STACK_PATH = re.compile(r"stack_\d+/")
 DENSE_FFN = r"block_\d+/ffn"  # Every dense FFN.
 LAYERS_AXIS = "layers"  # The logical name of a scanned leaf's leading axis.
 
@@ -43,6 +44,12 @@ def layer_name(i: int) -> str:
 
 def stack_name(j: int) -> str:
   return f"stack_{j}"
+
+
+def in_stack(path: str) -> bool:
+  """Whether a param path lies in a scanned stack ('stack_0/block_1/...'), its
+  leaf carrying the leading `layers` axis."""
+  return _STACK_PATH.match(path) is not None
 
 
 def block_index(path: str) -> int:

@@ -88,7 +88,7 @@ class DenseFFN(nn.Module):
 
 def _norm(name: str, dtype) -> nn.RMSNorm:
   return nn.RMSNorm(dtype=dtype, name=name, scale_init=nn.with_logical_partitioning(
-      nn.initializers.ones, ("embed",)))
+      nn.initializers.ones, ("norm",)))
 
 
 class Block(nn.Module):

@@ -226,6 +226,11 @@ def expert_parallel_at(
   # the weights (replicated over `data`) are still summed over `data` (tested).
   args = (x_TD, routing.expert_TK, routing.weight_TK, routing.mask_TK,
           w_in_EDF, w_out_EFD)
+  # Expert weights enter whole per local expert (P("expert")) whatever their
+  # stored layout: under `mesh.shard_params` they rest split over `data` too,
+  # and XLA all-gathers them over `data` here (the grouped matmul needs whole
+  # [G, D, F] either way); their gradients leave summed over `data` and are
+  # sliced back to the stored layout. So the rules alone say the layout.
   in_specs = (tok,) * 4 + (by_expert,) * 2
   if path == "capacity":
     body = functools.partial(

@@ -3,7 +3,8 @@
 Shapes: E experts, N devices on the `expert` axis.
 
 Tokens are split over both axes; expert weights are split over `expert` and
-replicated over `data`, so the all-to-all of the expert-parallel layer stays
+replicated over `data` (with `shard_params`, also split over `data` at rest and
+gathered over it for use), so the all-to-all of the expert-parallel layer stays
 inside one `data` row. `data` is the outer (slower-varying) axis, so on
 multi-host machines the all-to-all runs between neighbouring devices.
 """
@@ -26,10 +27,14 @@ class MeshConfig:
   Attributes:
     data: devices that split the batch only.
     expert: devices that split the batch and the experts (N; E % N == 0).
+    shard_params: split params and optimizer moments over the devices too
+      (FSDP / ZeRO-3, `moejax.parallel.rules.SHARDED_AXIS_RULES`); False
+      replicates every non-expert param.
   """
 
   data: int = -1
   expert: int = 1
+  shard_params: bool = False
 
   def validate(self) -> None:
     """ConfigError for sizes that fit no device count (checked without devices)."""
@@ -41,6 +46,9 @@ class MeshConfig:
       if size == 0 or size < -1:
         raise ConfigError(
             f"mesh.{name}={size} must be positive, or -1 for the remaining devices")
+    if not isinstance(self.shard_params, bool):
+      raise ConfigError(
+          f"mesh.shard_params={self.shard_params!r} must be True or False")
     if self.data == -1 and self.expert == -1:
       raise ConfigError(
           "mesh.data and mesh.expert are both -1; give one of them a size")

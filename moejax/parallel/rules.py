@@ -8,6 +8,16 @@ axes of each param where it creates it (`nn.with_logical_partitioning`, e.g.
 "batch". `logical_shardings` turns a tree of logical PartitionSpecs (from
 `nn.get_partition_spec`; `moejax.train.state.state_specs` extends it to the
 optimizer state) into NamedShardings. Names that map to None are replicated.
+
+Two rule sets, picked by `mesh.shard_params` (`axis_rules`):
+- `LOGICAL_AXIS_RULES` (default): expert weights split over `expert`, every
+  other param replicated.
+- `SHARDED_AXIS_RULES` (FSDP / ZeRO-3): also every weight's `embed` (D)
+  dimension split, over both mesh axes (every device that splits the batch)
+  where the array has no `expert` dimension, and over `data` where it has one
+  (the `expert` axis is taken). Norm scales (`norm`) stay replicated. Flax
+  assigns rules in order, a mesh axis at most once per array, so the second
+  `embed` rule is the fallback for expert weights.
 """
 
 from typing import Any
@@ -23,22 +33,46 @@ from moejax.pytree import path_str
 MESH_AXES = ("data", "expert")
 EXPERT_AXIS = "expert"
 
-LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
+Rules = tuple[tuple[str, Any], ...]
+
+LOGICAL_AXIS_RULES: Rules = (
     ("batch", ("data", "expert")),  # Tokens: split over every device.
     ("layers", None),               # Scanned blocks' leading axis.
     ("expert", "expert"),           # Stacked expert weights [E, ...].
     ("expert_depth", None),         # Deep experts' sublayers [E, n, ...].
     ("vocab", None),
     ("embed", None),
+    ("norm", None),                 # Norm scales [D].
+    ("mlp", None),
+    ("heads", None),
+    ("kv", None),
+)
+
+# Order matters: `expert` claims its mesh axis before `embed` is assigned.
+SHARDED_AXIS_RULES: Rules = (
+    ("batch", ("data", "expert")),
+    ("layers", None),
+    ("expert", "expert"),
+    ("expert_depth", None),
+    ("embed", ("data", "expert")),  # Non-expert weights: D over every device.
+    ("embed", "data"),              # Expert weights: `expert` taken, D over data.
+    ("vocab", None),
+    ("norm", None),                 # Tiny; a gather per use would cost more.
     ("mlp", None),
     ("heads", None),
     ("kv", None),
 )
 
 
-def logical_spec(names: tuple[str | None, ...]) -> P:
+def axis_rules(shard_params: bool = False) -> Rules:
+  """The rule set of `mesh.shard_params`: sharded (FSDP) or replicated params."""
+  return SHARDED_AXIS_RULES if shard_params else LOGICAL_AXIS_RULES
+
+
+def logical_spec(names: tuple[str | None, ...],
+                 rules: Rules = LOGICAL_AXIS_RULES) -> P:
   """Mesh PartitionSpec of an array whose dimensions carry these logical names."""
-  return nn.logical_to_mesh_axes(names, LOGICAL_AXIS_RULES)
+  return nn.logical_to_mesh_axes(names, rules)
 
 
 TOKEN_AXES: tuple[str, ...] = tuple(logical_spec(("batch",))[0])
@@ -52,26 +86,29 @@ def _axes_size(mesh: jax.sharding.Mesh, axes) -> int:
 
 
 def _checked_spec(path: str, logical: P | None, shape: tuple[int, ...],
-                  mesh: jax.sharding.Mesh) -> P:
+                  mesh: jax.sharding.Mesh, rules: Rules) -> P:
   """The mesh PartitionSpec of one leaf; ConfigError if the mesh cannot split it."""
   names = tuple(logical) if logical is not None else ()
-  spec = logical_spec(names) if names else P()
+  spec = logical_spec(names, rules) if names else P()
   for dim, (size, axes) in enumerate(zip(shape, spec)):
     parts = _axes_size(mesh, axes)
     if size % parts:
       raise ConfigError(
           f"{path} has size {size} in dim {dim}, not divisible by mesh axes "
-          f"{axes} of size {parts}; choose mesh sizes that divide it")
+          f"{axes} of size {parts}; choose mesh sizes that divide it"
+          + ("" if rules is LOGICAL_AXIS_RULES else
+             " or set mesh.shard_params=False"))
   return spec if any(axes is not None for axes in spec) else P()
 
 
-def logical_shardings(specs, abstract, mesh: jax.sharding.Mesh):
+def logical_shardings(specs, abstract, mesh: jax.sharding.Mesh,
+                      rules: Rules = LOGICAL_AXIS_RULES):
   """NamedShardings on `mesh` for `abstract` (arrays or ShapeDtypeStructs) whose
   leaves carry the logical PartitionSpecs of `specs` (same tree; a None or
-  empty spec is replicated)."""
+  empty spec is replicated), by `rules` (`axis_rules`)."""
   def one(path, spec, leaf):
     return NamedSharding(mesh, _checked_spec(path_str(path), spec,
-                                             np.shape(leaf), mesh))
+                                             np.shape(leaf), mesh, rules))
   return jax.tree_util.tree_map_with_path(
       one, specs, abstract, is_leaf=lambda x: x is None or isinstance(x, P))
 

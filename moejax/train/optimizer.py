@@ -17,7 +17,8 @@ from typing import Sequence
 import jax
 import optax
 
-from moejax.pytree import match_rules
+from moejax import layout
+from moejax.pytree import match_rules, path_str
 
 SCHEDULES = ("cosine", "linear", "constant")
 # Path rules of routing params (every router's params are under `router/`).
@@ -34,7 +35,7 @@ class OptimizerConfig:
     schedule: decay after warmup: `cosine`, `linear` or `constant`.
     end_lr_ratio: final learning rate as a share of the peak.
     weight_decay: decoupled weight decay, applied to params with ndim >= 2
-      except routing params.
+      (a scanned leaf's `layers` axis not counted) except routing params.
     decay_router: also decay routing params (`ROUTER_PARAMS`).
     b1: Adam beta1.
     b2: Adam beta2.
@@ -73,7 +74,12 @@ def decay_mask(params, *, decay_router: bool = False):
   (unless `decay_router`) routing params."""
   router = (jax.tree.map(lambda _: False, params) if decay_router
             else match_rules(params, ROUTER_PARAMS))
-  return jax.tree.map(lambda p, r: p.ndim >= 2 and not r, params, router)
+
+  def decays(path, p, r):
+    # A scanned leaf's leading `layers` axis stacks blocks; it is no matrix
+    # dim, so a scanned norm scale [R, D] stays a vector.
+    return p.ndim - layout.in_stack(path_str(path)) >= 2 and not r
+  return jax.tree_util.tree_map_with_path(decays, params, router)
 
 
 def make_optimizer(cfg: OptimizerConfig, total_steps: int,

@@ -25,7 +25,8 @@ from moejax.models.transformer import TransformerLM, init_variables
 from moejax.moe.routed import token_shards
 from moejax.parallel import hosts
 from moejax.parallel.mesh import make_mesh
-from moejax.parallel.rules import batch_sharding, logical_shardings, shard_batch
+from moejax.parallel.rules import (axis_rules, batch_sharding, logical_shardings,
+                                   shard_batch)
 from moejax.stages.plan import init_transform, segment_at, segments
 from moejax.stages.stage import Stage, boundaries
 from moejax.train.config import RunConfig, check_micro_batch
@@ -132,7 +133,8 @@ def build_program(config: RunConfig, index: int, data, init_rng: jax.Array,
   init_fn = lambda: init_state(model, tx, init_rng, config.data.seq_len)  # noqa: E731
   abstract = jax.eval_shape(init_fn)
   shardings = logical_shardings(
-      state_specs(model, tx, config.data.seq_len), abstract, mesh)
+      state_specs(model, tx, config.data.seq_len), abstract, mesh,
+      axis_rules(config.mesh.shard_params))
   jit_init = jax.jit(init_fn, out_shardings=shardings)
   prepare = init_transform(stage.model)
 

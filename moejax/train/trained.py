@@ -21,7 +21,7 @@ from moejax.errors import CheckpointError
 from moejax.models.config import TransformerConfig
 from moejax.models.transformer import TransformerLM
 from moejax.parallel.mesh import make_mesh
-from moejax.parallel.rules import logical_shardings, with_shardings
+from moejax.parallel.rules import axis_rules, logical_shardings, with_shardings
 from moejax.train.config import RunConfig, parse
 from moejax.train.config_io import config_from_json
 from moejax.train.program import init_state
@@ -122,7 +122,8 @@ def load_trained(workdir: str | os.PathLike, *, step: int | None = None,
   abstract = jax.eval_shape(lambda: init_state(model, tx, jax.random.key(0),
                                                config.data.seq_len))
   shardings = logical_shardings(
-      state_specs(model, tx, config.data.seq_len), abstract, mesh)
+      state_specs(model, tx, config.data.seq_len), abstract, mesh,
+      axis_rules(config.mesh.shard_params))
   target = with_shardings(abstract, shardings)
   checkpointer = ocp.StandardCheckpointer()
   try:

@@ -4,8 +4,9 @@ Every run here is the real CLI in real subprocesses joined by jax.distributed
 over localhost (gloo collectives), each with a hard timeout. Checked: a fresh
 workdir and a fresh data cache with probes on; results equal to the same run in
 one process with 8 devices (loss curve, evaluations, routing fluctuation) on
-both meshes; kill -9 of every process, then resume; the two-process checkpoint
-restored in one process; upcycling a one-process run's checkpoint; the mesh
+both meshes; kill -9 of every process, then resume, with params and moments
+sharded (mesh.shard_params) against a replicated reference; the two-process
+checkpoint restored in one process; upcycling a one-process run's checkpoint; the mesh
 that leaves a process without devices; a data error on process 0 reaching
 every process; and that only process 0 writes the workdir outside orbax's
 checkpoints.
@@ -66,11 +67,14 @@ def test_readme_pod_command_on_a_fresh_workdir_equals_one_process(tmp_path):
 
 def test_killed_with_sigkill_resumes_equal_to_one_process(tmp_path):
   # No expert overflows (capacity is counted per device), so the checkpoint
-  # computes the same function on one device too.
+  # computes the same function on one device too. The two processes keep
+  # params and moments sharded (mesh.shard_params); the one-process runs
+  # replicate them: the same losses, and the checkpoints restore across.
   overrides = {**STABLEMOE, "mesh.data": 2, "mesh.expert": 4,
                "model.capacity_factor": 8.0}
   workdir = tmp_path / "run"
-  args = cli_args("configs/stablemoe.py", workdir, overrides)
+  args = cli_args("configs/stablemoe.py", workdir,
+                  {**overrides, "mesh.shard_params": True})
   first = launch.Launch(args, root=tmp_path, name="killed")
   checkpoint = workdir / "checkpoints" / "stage_1" / "10"  # Stage 1, mid-run.
   try:
@@ -86,8 +90,8 @@ def test_killed_with_sigkill_resumes_equal_to_one_process(tmp_path):
   reference("configs/stablemoe.py", tmp_path / "one", overrides)
   assert_same_run(workdir, tmp_path / "one")
 
-  # The two-process checkpoint restores in one process (8 devices, and one):
-  # the finished run only evaluates, to the same loss.
+  # The sharded two-process checkpoint restores replicated in one process (8
+  # devices, and one): the finished run only evaluates, to the same loss.
   final = read_metrics(workdir)[-1]
   for mesh in ({"mesh.data": 2, "mesh.expert": 4}, {"mesh.data": 1,
                                                     "mesh.expert": 1}):

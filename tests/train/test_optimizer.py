@@ -1,11 +1,14 @@
 """Weight decay: matrices decay, routing params do not unless the config says so."""
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from moejax import layout
 from moejax.models import TransformerLM
 from moejax.pytree import path_str
 from moejax.routing import ROUTERS
@@ -77,3 +80,23 @@ def test_zero_gradient_step_moves_only_decayed_params():
       router = "/router/" in path
       want = leaves[path].ndim >= 2 and (decay_router or not router)
       assert did == want, (decay_router, path)
+
+
+def test_scanned_params_decay_like_their_unrolled_blocks():
+  """A scanned leaf [R, ...] decays as its blocks do: norm scales [R, D] not."""
+  c = tiny_config()
+  c.model.num_layers = 4  # Blocks 1 and 3 MoE: one (dense, MoE) unit, R = 2.
+  model = parse(c).model
+  shapes = nn.unbox(jax.eval_shape(TransformerLM(model).init, jax.random.key(0),
+                                   jnp.zeros((1, 8), jnp.int32)))["params"]
+  params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+  scan = dataclasses.replace(model, scan_layers=True)
+  want = _by_path(layout.scanned(jax.tree.map(np.asarray, decay_mask(params)),
+                                 scan))
+  got = _by_path(decay_mask(layout.scanned(params, scan)))
+  assert got.keys() == want.keys()
+  for path, decays in got.items():
+    assert np.all(want[path] == decays), path
+  assert not got["stack_0/block_0/attn_norm/scale"]
+  assert got["stack_0/block_0/attn/qkv/kernel"]
+  assert got["stack_0/block_1/moe/experts/w_in"]
