@@ -129,3 +129,67 @@ def method_config(method: str, steps: int = 600) -> ml_collections.ConfigDict:
   else:
     raise ConfigError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
   return c
+
+
+# The papers' language models at their own size (configs/paper/). StableMoE
+# (Dai et al. 2022, Table 2): one MoE block after the middle block, experts of
+# `expert_depth` stacked FFN sublayers, sequences of 1,024, 512K tokens per
+# step, 60K steps of which 6K are stage 1. EvoMoE's GPT-MoE (its scripts'
+# `transformer_lm_gptsmall_moe`, `--moe-freq 2`): every other FFN an MoE.
+PAPER_SEQ_LEN = 1024
+PAPER_BATCH = 512  # Sequences per optimizer step: 512 x 1,024 = 524,288 tokens.
+PAPER_STEPS = 60_000
+STABLEMOE_STAGE1_FRACTION = 0.1  # 6K of 60K steps.
+PAPER_SIZES = {  # model.size: (experts, expert depth, peak learning rate).
+    "base": (32, 3, 6e-4), "large": (64, 6, 3e-4)}
+STABLEMOE_ROWS = ("dense", "switch", "base", "hash", "stablemoe")
+GPT_MOE_ROWS = ("evomoe", "switch")
+PAPER_SOURCE = "tfds:c4/en"  # Any prepared text TFDS dataset (data.source).
+PAPER_VOCAB = 50_304  # GPT-2's 50,257 BPE rounded up to a multiple of 128.
+EVOMOE_PAPER_ACCUM = 8  # Micro-batches per step: 1 sequence per chip each.
+
+
+def _pod_defaults(c: ml_collections.ConfigDict, size: str) -> None:
+  """The paper-size shape, data, schedule and the layout a pod needs: scanned
+  blocks, per-block remat, bf16, one expert (or a group) per chip."""
+  experts, _, lr = PAPER_SIZES[size]
+  c.model.size, c.model.num_experts = size, experts
+  c.model.scan_layers, c.model.remat, c.model.dtype = True, "full", "bfloat16"
+  # Up to E chips split the experts; the rest of the pod splits the batch
+  # (64 chips at base: 2 x 32). On fewer chips set mesh.expert to the count.
+  c.mesh.data, c.mesh.expert = -1, experts
+  c.data.source, c.data.seq_len = PAPER_SOURCE, PAPER_SEQ_LEN
+  c.data.vocab_size, c.data.max_bytes = PAPER_VOCAB, None
+  c.train.batch_size = PAPER_BATCH  # 8 sequences per chip on 64 chips.
+  c.train.log_every, c.train.probe_every = 100, 2000
+  c.train.eval_every = c.train.checkpoint_every = 2000
+  # GPT-3's peak rate for the size and fairseq's Adam betas (the papers'
+  # learning rates are not in their text).
+  c.optim.learning_rate, c.optim.warmup_steps, c.optim.b2 = lr, 2000, 0.98
+
+
+def paper_config(paper: str, method: str, size: str = "base"
+                 ) -> ml_collections.ConfigDict:
+  """A row of a paper's LM experiment: `paper` `stablemoe` (method one of
+  STABLEMOE_ROWS, size `base` or `large`) or `gpt_moe` (GPT_MOE_ROWS, base)."""
+  rows = {"stablemoe": STABLEMOE_ROWS, "gpt_moe": GPT_MOE_ROWS}
+  if paper not in rows or method not in rows[paper]:
+    raise ConfigError(f"no paper config {paper}/{method}; valid: " + ", ".join(
+        f"{p}/{m}" for p, ms in rows.items() for m in ms))
+  if size not in PAPER_SIZES or (paper == "gpt_moe" and size != "base"):
+    raise ConfigError(f"no {paper} config at size {size!r}")
+  c = method_config(method, steps=PAPER_STEPS)
+  _pod_defaults(c, size)
+  if method == "evomoe":
+    # DTS's soft phase sends a token to up to all E experts: 8 sequences per
+    # chip need 77 GiB of temporaries, one per micro-step 11.5 (measured by
+    # benchmarks/scale.py on 8 simulated devices as 1 x 8).
+    c.train.grad_accum_steps = EVOMOE_PAPER_ACCUM
+  if paper == "stablemoe":
+    if method == "dense":
+      c.model.moe_layers = "none"
+    else:
+      c.model.moe_layers, c.model.expert_depth = "middle", PAPER_SIZES[size][1]
+    if method == "stablemoe":
+      c.stages[0].fraction = STABLEMOE_STAGE1_FRACTION
+  return c

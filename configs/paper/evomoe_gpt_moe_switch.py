@@ -1,0 +1,39 @@
+"""EvoMoE (Nie et al.): its GPT-MoE language model, the Switch baseline.
+
+A Switch top-1 router with aux loss 0.01 from the first step, as the
+authors' `pretrain_gpt_small_switch.sh`.
+
+GPT small: 12 blocks, D=768 (`model.size=base`, the scripts'
+`transformer_lm_gptsmall_moe`), every other FFN an MoE (`--moe-freq 2`:
+blocks 1, 3, ..., 11) of 32 experts (the scripts leave the count to the
+caller). Batch and steps are left to the caller too: StableMoE's budget
+here, so the two papers' configs compare.
+
+The authors train with FSDP and activation checkpointing: scanned blocks,
+remat `full` per block and bf16 here; sharded params and optimizer state are
+`--config.mesh.shard_params=True` where that option exists.
+
+Tokens per step: 524,288 (512 x 1,024). Steps: 60,000.
+
+Per-chip memory: not yet measured; benchmarks/scale.py measures it
+(benchmarks/RESULTS.md, scale table):
+
+  python benchmarks/scale.py --config configs/paper/evomoe_gpt_moe_switch.py \\
+      --set mesh.data=1 --set mesh.expert=8 --devices 8 --seqs-per-device 8
+
+On a 64-chip pod slice (8 sequences per chip), the same command on
+every host, on any prepared text TFDS dataset:
+
+  moejax-train --config configs/paper/evomoe_gpt_moe_switch.py --workdir gs://bucket/evomoe_gpt_moe_switch \\
+    --config.data.source=tfds:<name>[:split] \\
+    --config.data.tfds_data_dir=gs://bucket/tfds
+
+On N < 64 chips add --config.mesh.expert=N (N <= 32) and
+--config.train.grad_accum_steps=64/N: the same 512 sequences per step.
+"""
+
+from moejax.train.presets import paper_config
+
+
+def get_config():
+  return paper_config("gpt_moe", "switch")
