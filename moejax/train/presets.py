@@ -147,6 +147,11 @@ GPT_MOE_ROWS = ("evomoe", "switch")
 PAPER_SOURCE = "tfds:c4/en"  # Any prepared text TFDS dataset (data.source).
 PAPER_VOCAB = 50_304  # GPT-2's 50,257 BPE rounded up to a multiple of 128.
 EVOMOE_PAPER_ACCUM = 8  # Micro-batches per step: 1 sequence per chip each.
+# Large size: params and moments sharded (FSDP) and the step's 8 sequences per
+# chip in micro-batches, to fit 16 GiB per chip (benchmarks/RESULTS.md, "Paper
+# configs at their size": 20.6 GiB replicated in one pass, StableMoE large).
+LARGE_PAPER_ACCUM = 2
+BASE_LAYER_LARGE_ACCUM = 4  # BASE's assignment: 27 GiB of temporaries in one.
 
 
 def _pod_defaults(c: ml_collections.ConfigDict, size: str) -> None:
@@ -185,6 +190,10 @@ def paper_config(paper: str, method: str, size: str = "base"
     # chip need 77 GiB of temporaries, one per micro-step 11.5 (measured by
     # benchmarks/scale.py on 8 simulated devices as 1 x 8).
     c.train.grad_accum_steps = EVOMOE_PAPER_ACCUM
+  if size == "large" and method != "dense":
+    c.mesh.shard_params = True
+    c.train.grad_accum_steps = (BASE_LAYER_LARGE_ACCUM if method == "base"
+                                else LARGE_PAPER_ACCUM)
   if paper == "stablemoe":
     if method == "dense":
       c.model.moe_layers = "none"
