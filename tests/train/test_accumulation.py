@@ -82,18 +82,25 @@ def test_dense_k_micro_batches_equal_the_whole_batch(k):
   assert max(jax.tree.leaves(moved)) > 1e-3  # The step did something.
 
 
-@pytest.mark.parametrize("balance", ["global", "sequence", "bias+global"])
-def test_whole_batch_policies_equal_the_unaccumulated_step_on_a_mesh(balance):
-  """`global` counts f_i over the whole accumulated batch (8 devices, k = 2),
-  `sequence` is per sequence: both are the whole batch's loss and gradient."""
-  mesh = make_mesh(MeshConfig(2, 4), num_experts=E)
-  model = _model({"balance": balance, "aux_loss_coef": 0.5}, mesh=mesh)
+def _assert_accumulates_like_the_whole_batch(model):
+  """Two steps in k = 2 micro-batches equal two whole-batch steps: metrics,
+  params and router state; returns the accumulated state."""
   (s_2, m_2), (s_1, m_1) = _steps(model, 2, steps=2), _steps(model, 1, steps=2)
   for key in ("train/loss", "train/aux_loss", "router/balance_loss",
               "train/grad_norm"):
     np.testing.assert_allclose(m_2[key], m_1[key], rtol=1e-5, err_msg=key)
   _assert_same(s_2.params, s_1.params)
   _assert_same(s_2.model_state, s_1.model_state)
+  return s_2
+
+
+@pytest.mark.parametrize("balance", ["global", "sequence", "bias+global"])
+def test_whole_batch_policies_equal_the_unaccumulated_step_on_a_mesh(balance):
+  """`global` counts f_i over the whole accumulated batch (8 devices, k = 2),
+  `sequence` is per sequence: both are the whole batch's loss and gradient."""
+  mesh = make_mesh(MeshConfig(2, 4), num_experts=E)
+  model = _model({"balance": balance, "aux_loss_coef": 0.5}, mesh=mesh)
+  _assert_accumulates_like_the_whole_batch(model)
 
 
 def test_scanned_blocks_accumulate_like_the_whole_batch(balance="bias+global"):
@@ -104,12 +111,7 @@ def test_scanned_blocks_accumulate_like_the_whole_batch(balance="bias+global"):
   mesh = make_mesh(MeshConfig(2, 4), num_experts=E)
   model = _model({"balance": balance, "aux_loss_coef": 0.5}, mesh=mesh,
                  num_layers=4, moe_layers=(1, 3), scan_layers=True)
-  (s_2, m_2), (s_1, m_1) = _steps(model, 2, steps=2), _steps(model, 1, steps=2)
-  for key in ("train/loss", "train/aux_loss", "router/balance_loss",
-              "train/grad_norm"):
-    np.testing.assert_allclose(m_2[key], m_1[key], rtol=1e-5, err_msg=key)
-  _assert_same(s_2.params, s_1.params)
-  _assert_same(s_2.model_state, s_1.model_state)
+  s_2 = _assert_accumulates_like_the_whole_batch(model)
   assert "stack_0" in s_2.params  # The scanned layout, not the unrolled one.
 
 
