@@ -77,7 +77,7 @@ def decay_mask(params, *, decay_router: bool = False):
 
   def decays(path, p, r):
     # A scanned leaf's leading `layers` axis stacks blocks; it is no matrix
-    # dim, so a scanned norm scale [R, D] stays a vector.
+    # dim, so a scanned norm scale (one vector per block) stays a vector.
     return p.ndim - layout.in_stack(path_str(path)) >= 2 and not r
   return jax.tree_util.tree_map_with_path(decays, params, router)
 
