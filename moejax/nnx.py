@@ -49,14 +49,18 @@ class MoELayer(nnx.Module):
     with nnx.use_eager_sharding(False):
       self.moe = nnx.bridge.ToNNX(layer, rngs=rngs)
       tokens = layer.num_experts
-      nnx.bridge.lazy_init(self.moe, jnp.zeros((1, tokens, d_model), layer.dtype),
-                           token_ids_BL=jnp.zeros((1, tokens), jnp.int32))
+      x_BLD = jnp.zeros((1, tokens, d_model), layer.dtype)
+      nnx.bridge.lazy_init(self.moe, x_BLD,
+                           token_ids_BL=jnp.zeros((1, tokens), jnp.int32),
+                           residual_BLD=x_BLD)
 
   def __call__(self, x_BLD: jax.Array, *, token_ids_BL: jax.Array | None = None,
-               step: jax.Array | None = None, deterministic: bool = True):
-    """`deterministic=False` trains: routers use their `router` rng stream."""
+               step: jax.Array | None = None, deterministic: bool = True,
+               residual_BLD: jax.Array | None = None):
+    """`deterministic=False` trains: routers use their `router` rng stream;
+    `residual_BLD` [B, L, D] feeds deep experts (`expert_depth` > 1)."""
     return self.moe(x_BLD, token_ids_BL=token_ids_BL, step=step,
-                    deterministic=deterministic)
+                    deterministic=deterministic, residual_BLD=residual_BLD)
 
 
 def shard(module: nnx.Module, mesh: jax.sharding.Mesh) -> nnx.Module:

@@ -58,7 +58,8 @@ def test_every_linen_field_is_accepted_and_forwarded():
       router="topk", num_experts=E, d_ff=F, dispatch="dropless",
       capacity_factor=2.0, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
       matmul="auto", mesh=mesh, top_k=2, router_options={"jitter": 0.1},
-      vocab_size=50, num_shared_experts=1, ffn_init=FFNInit("normal"))
+      vocab_size=50, num_shared_experts=1, ffn_init=FFNInit("normal"),
+      expert_depth=2)
   linen_fields = {f.name for f in dataclasses.fields(MoELayer)} - {"parent",
                                                                    "name"}
   assert set(values) == linen_fields == set(moe_nnx.LAYER_FIELDS)
