@@ -1,15 +1,21 @@
 """Simulate 8 CPU devices before jax is imported anywhere in the test session,
-and keep the data cache of every run in a temporary directory."""
+and keep the data cache of every run in a temporary directory.
+
+`MOEJAX_TEST_ACCELERATOR=1` leaves the platform to JAX (the lent accelerator:
+`benchmarks/device_check.sh` runs `tests/kernels` so, where the Pallas kernels
+compile for the chip); tests that need the 8 simulated devices do not run then.
+"""
 
 import atexit
 import os
 import shutil
 import tempfile
 
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-).strip()
-os.environ["JAX_PLATFORMS"] = "cpu"
+if os.environ.get("MOEJAX_TEST_ACCELERATOR") != "1":
+  os.environ["XLA_FLAGS"] = (
+      os.environ.get("XLA_FLAGS", "") +
+      " --xla_force_host_platform_device_count=8").strip()
+  os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # Runs that leave data.cache_dir unset share this session's cache (so the tiny
 # corpus is prepared once per test process), never the user's ~/.cache/moejax.

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from moejax import layout
 from moejax.errors import CheckpointError
 from moejax.train import parse, train_and_evaluate
 from moejax.train.checkpoint import restore_params
@@ -41,3 +42,37 @@ def test_init_from_must_be_a_run_with_the_same_data(tmp_path, tiny):
   up.stages = [stage_config("upcycled", transform="upcycle")]
   with pytest.raises(CheckpointError, match="is not a moejax workdir"):
     train_and_evaluate(parse(up), tmp_path / "up", verbose=False)
+
+
+@pytest.mark.parametrize("dense_scanned", [True, False])
+def test_upcycle_across_block_layouts(tmp_path, tiny, dense_scanned):
+  """A dense run in one layout (`model.scan_layers`) upcycles into an MoE run
+  in the other: the entry params, unrolled, hold the dense run's weights, each
+  expert its block's FFN, and the run trains."""
+  dense = tiny(train__steps=2, train__checkpoint_every=2, train__eval_every=2,
+               model__scan_layers=dense_scanned)
+  dense.model.moe_layers = "none"
+  train_and_evaluate(parse(dense), tmp_path / "dense", verbose=False)
+  up = tiny(train__steps=2, train__checkpoint_every=2, train__eval_every=2,
+            train__init_from=str(tmp_path / "dense"),
+            model__scan_layers=not dense_scanned)
+  up.stages = [stage_config("upcycled", transform="upcycle")]
+  up = parse(up)
+  summary = train_and_evaluate(up, tmp_path / "up", verbose=False)
+  assert np.isfinite(summary["eval/loss"])
+  saved, _ = restore_params(tmp_path / "dense" / "checkpoints")
+  dense_params = layout.unrolled(saved, parse(dense).stages[0].model)
+  assert ("stack_0" in saved) == dense_scanned
+  start = checkpoint_params(tmp_path / "up", 0, 0)
+  assert ("stack_0" in start) == (not dense_scanned)
+  start = layout.unrolled(start, up.stages[0].model)
+  ffn = dense_params["block_1"]["ffn"]["w_in"]["kernel"]
+  experts = start["block_1"]["moe"]["experts"]["w_in"]
+  for e in range(experts.shape[0]):
+    np.testing.assert_array_equal(experts[e], ffn)
+  for path in (("block_0", "ffn", "w_in", "kernel"),
+               ("block_1", "attn", "qkv", "kernel"), ("embedding",)):
+    got, want = start, dense_params
+    for key in path:
+      got, want = got[key], want[key]
+    np.testing.assert_array_equal(got, want, err_msg="/".join(path))
