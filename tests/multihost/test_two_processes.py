@@ -6,7 +6,8 @@ workdir and a fresh data cache with probes on; results equal to the same run in
 one process with 8 devices (loss curve, evaluations, routing fluctuation) on
 both meshes; kill -9 of every process, then resume, with params and moments
 sharded (mesh.shard_params) against a replicated reference; the two-process
-checkpoint restored in one process; upcycling a one-process run's checkpoint; the mesh
+checkpoint restored in one process; upcycling a one-process run's checkpoint
+(into scanned blocks with remat and gradient accumulation); the mesh
 that leaves a process without devices; a data error on process 0 reaching
 every process; and that only process 0 writes the workdir outside orbax's
 checkpoints.
@@ -114,11 +115,14 @@ def test_quickstart_on_a_fresh_workdir_with_probes(tmp_path):
 
 def test_upcycling_another_runs_checkpoint_equals_one_process(tmp_path):
   # The dense run saved from one process with 8 devices; the upcycled run
-  # restores it whole on every process of two (train.init_from).
+  # restores it whole on every process of two (train.init_from), into the
+  # scanned layout with full remat and 2 accumulated micro-batches of 8.
   short = {**TINY, "train.steps": 10}
   reference("configs/dense.py", tmp_path / "dense", short)
   config = f"configs/upcycle.py:{tmp_path / 'dense'}"
-  overrides = {**short, "mesh.data": 2, "mesh.expert": 4}
+  overrides = {**short, "mesh.data": 2, "mesh.expert": 4,
+               "model.scan_layers": True, "model.remat": "full",
+               "train.batch_size": 16, "train.grad_accum_steps": 2}
   workdir = tmp_path / "up"
   results = launch.run(cli_args(config, workdir, overrides), root=tmp_path,
                        name="up", timeout=TIMEOUT)

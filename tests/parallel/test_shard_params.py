@@ -41,11 +41,13 @@ MOMENTS = ("params/", "opt_state/2/0/mu/", "opt_state/2/0/nu/")
 NUM_SPLIT = 3 * 11
 
 
-def _config(data, expert, shard_params, **model):
-  """The tiny MoE LM (D = 32, F = 64, 8 experts in block 1) on a mesh."""
+def _config(data, expert, shard_params, train=(), **model):
+  """The tiny MoE LM (D = 32, F = 64, 8 experts in block 1) on a mesh;
+  `train`: (key, value) pairs of the train section besides this file's."""
   c = tiny_config(train__steps=STEPS, train__log_every=1,
                   train__eval_every=STEPS, train__checkpoint_every=STEPS,
                   train__probe_every=0, model__num_experts=8,
+                  **{f"train__{k}": v for k, v in train},
                   **{f"model__{k}": v for k, v in model.items()})
   c.mesh.data, c.mesh.expert, c.mesh.shard_params = data, expert, shard_params
   return parse(c)
@@ -183,6 +185,18 @@ def test_scanned_sharded_params_train_like_unrolled_replicated_ones(
   # atol 5e-6 (1.2e-6 measured).
   _assert_same_run(got, replicated(2, 4), atol=5e-6,
                    params=layout.unrolled(got.params, config.stages[0].model))
+
+
+def test_sharded_params_accumulate_like_replicated_ones(tmp_path):
+  """Gradient accumulation (2 micro-batches of 8 on the 2x4 mesh) on sharded
+  params and moments: the replicated layout's accumulated run, and the global
+  balance loss (counts over the whole accumulated batch) alike."""
+  train = (("grad_accum_steps", 2), ("batch_size", 16))
+  for options in ({}, {"balance": "global"}):
+    runs = [_train(_config(2, 4, shard, train=train, router_options=options),
+                   tmp_path / f"{shard}_{bool(options)}")
+            for shard in (False, True)]
+    _assert_same_run(runs[1], runs[0])
 
 
 def test_checkpoints_restore_across_the_two_layouts(tmp_path):
