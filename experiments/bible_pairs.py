@@ -13,8 +13,10 @@ exports the King James Version and the Reina-Valera 1909 with `mod2imp`
 (Debian names the modules `engKJV2006eb` / `spaRV1909eb`; `KJV` / `SpaRV`
 are tried first), strips their OSIS markup (footnotes and non-canonical
 headings dropped with their text, every other tag dropped, its text kept),
-pairs the verses that carry the same reference and text in both, and writes
-line-aligned files:
+pairs the verses that carry the same reference and text in both, drops the
+pairs whose lengths differ by more than `--max-ratio` (3, in characters: where
+the Reina-Valera's verse division differs from the KJV's, a verse can hold its
+neighbours' text, or none), and writes line-aligned files:
 
   <out>/en.txt, <out>/es.txt             training and validation pairs
   <out>/refs.txt                         the reference of each of their lines
@@ -75,16 +77,19 @@ def is_verse(ref: str) -> bool:
   return m is not None and int(m[1]) > 0 and int(m[2]) > 0
 
 
-def align(en: dict[str, str], es: dict[str, str]
+def align(en: dict[str, str], es: dict[str, str], max_ratio: float = 0.0
           ) -> list[tuple[str, str, str]]:
   """(reference, English, Spanish) of every verse both give text, in the
-  English order; texts are stripped, and a verse empty on a side is left out."""
+  English order; texts are stripped, and a verse empty on a side is left out,
+  as is one whose side is over `max_ratio` times as long as the other (0: no
+  limit)."""
   out = []
   for ref, raw in en.items():
     if not is_verse(ref) or ref not in es:
       continue
     a, b = strip_markup(raw), strip_markup(es[ref])
-    if a and b:
+    if a and b and (not max_ratio
+                    or max(len(a), len(b)) <= max_ratio * min(len(a), len(b))):
       out.append((ref, a, b))
   return out
 
@@ -127,14 +132,20 @@ def main(argv=None) -> None:
   parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("data/bible"))
   parser.add_argument("--test-every", type=int, default=20,
                       help="hold out every N-th pair as the test split (0: none)")
+  parser.add_argument("--max-ratio", type=float, default=3.0,
+                      help="drop pairs whose sides differ in length by more (0: "
+                      "keep all)")
   args = parser.parse_args(argv)
   (en_name, en_text), (es_name, es_text) = (export(MODULES[k]) for k in ("en", "es"))
-  pairs = align(parse_imp(en_text), parse_imp(es_text))
+  en, es = parse_imp(en_text), parse_imp(es_text)
+  both = align(en, es)
+  pairs = align(en, es, args.max_ratio) if args.max_ratio else both
   kept, test = split_test(pairs, args.test_every)
   write_split(args.out, kept)
   if test:
     write_split(args.out / "test", test)
-  print(f"{len(pairs):,} aligned verse pairs ({en_name} / {es_name}): "
+  print(f"{len(pairs):,} aligned verse pairs ({en_name} / {es_name}; "
+        f"{len(both) - len(pairs)} dropped by --max-ratio): "
         f"{len(kept):,} in {args.out}/{{en,es}}.txt, {len(test):,} in "
         f"{args.out}/test/")
 

@@ -25,7 +25,7 @@ Only in English.
 ES = """$$$Genesis 1:1
 <w lemma="strong:H7225">EN el principio</w> crió Dios.
 $$$Genesis 1:2
-Y la tierra
+Y la
 $$$Psalms 3:1
 <title canonical="true" type="psalm">Salmo de David.</title> ¡OH Jehová!
 $$$Psalms 3:2
@@ -39,10 +39,13 @@ def test_markup_is_stripped_and_verses_align_by_reference():
   assert bible_pairs.align(en, es) == [
       ("Genesis 1:1", "In the beginning God created & made.",
        "EN el principio crió Dios."),
-      ("Genesis 1:2", "And the earth was void.", "Y la tierra"),
+      ("Genesis 1:2", "And the earth was void.", "Y la"),
       ("Psalms 3:1", "A Psalm of David. LORD, how many!",
        "Salmo de David. ¡OH Jehová!"),
   ]  # Headings (:0), an empty side and a one-sided verse are left out.
+  # A side over 3x as long as the other (a shifted verse division) is dropped.
+  assert [p[0] for p in bible_pairs.align(en, es, 3.0)] == ["Genesis 1:1",
+                                                            "Psalms 3:1"]
   kept, test = bible_pairs.split_test(list(range(10)), 4)
   assert test == [3, 7] and kept == [0, 1, 2, 4, 5, 6, 8, 9]
 
