@@ -1,7 +1,7 @@
 """Packed seq2seq rows: (source, target) pairs -> fixed rows with segment ids.
 
-Shapes: B batch (rows), S source length (`data.seq_len`), T target length
-(`data.target_len`), W row width S + T.
+Shapes: B batch (rows), L length: of a row's source side (`data.seq_len`) or
+target side (`data.target_len`) or of a whole stored row (their sum).
 
 Example k of a row (k = 1, 2, ...) holds on the encoder side its source ids then
 EOS, and on the decoder side its target ids then EOS as labels, BOS then its
@@ -10,21 +10,22 @@ text; the decoder starts from BOS). Its segment id is k on both sides (0 is
 padding, whose tokens are PAD_ID = 0); positions restart at 0 in each example
 (0 on padding). Pairs fill rows in corpus order, greedily: a pair that does not
 fit what is left of the row on either side starts the next row, so no row
-splits an example. A pair longer than its row (source + EOS > S, or target +
-EOS > T) is an error naming its files, line and lengths (`data.overlong=error`)
+splits an example. A pair longer than its row (source + EOS over
+`data.seq_len`, or target + EOS over `data.target_len`) is an error naming its files, line and lengths (`data.overlong=error`)
 or is cut to fit, EOS kept (`truncate`).
 
-A batch (`row_batch`), every array [B, S] or [B, T], int32 unless said:
-  encoder_input_tokens, encoder_segment_ids, encoder_positions       [B, S]
+A batch (`row_batch`), int32 unless said; encoder arrays are [B, L] with L =
+`data.seq_len`, decoder arrays [B, L] with L = `data.target_len`:
+  encoder_input_tokens, encoder_segment_ids, encoder_positions
   decoder_input_tokens, decoder_target_tokens, decoder_segment_ids,
-  decoder_positions                                                  [B, T]
-  decoder_loss_weights  float32 [B, T]: 1 at every target token (EOS too),
-                        0 at padding
+  decoder_positions
+  decoder_loss_weights  float32: 1 at every target token (EOS too), 0 at padding
 Attention masks follow from the segment ids: encoder self-attention and
 cross-attention where the segment ids are equal and non-zero, decoder
 self-attention the same and causal.
 
-Rows are written to the shards of `moejax.data.shards` as width-W windows:
+Rows are written to the shards of `moejax.data.shards` as windows of both
+sides' width:
 tokens `[source | labels]`, and in the "domains" array the segment ids
 `[source | target]`; positions and decoder inputs follow from them when read.
 Preparation streams the pairs (`ENCODE_PAIRS` at a time per SentencePiece call)
@@ -54,7 +55,7 @@ KEYS = ("encoder_input_tokens", "encoder_segment_ids", "encoder_positions",
 
 
 class RowPacker:
-  """Packs examples (source ids, target ids) into rows of width S + T, greedily,
+  """Packs examples (source ids, target ids) into rows of both sides, greedily,
   in order: `add` returns the rows it closed, `close` the last one."""
 
   def __init__(self, source_len: int, target_len: int):
@@ -101,19 +102,19 @@ def positions(segments_BL: np.ndarray) -> np.ndarray:
   return np.where(segments_BL > 0, idx_BL - start_BL, 0).astype(np.int32)
 
 
-def row_batch(tokens_BW: np.ndarray, segments_BW: np.ndarray, source_len: int
+def row_batch(tokens_BL: np.ndarray, segments_BL: np.ndarray, source_len: int
               ) -> dict[str, np.ndarray]:
-  """The batch dict (module docstring) of packed rows [..., W]."""
+  """The batch dict (module docstring) of packed rows [..., L] (both sides)."""
   S = source_len  # pylint: disable=invalid-name
-  tokens_BW = np.asarray(tokens_BW, np.int32)
-  segments_BW = np.asarray(segments_BW, np.int32)
-  enc_seg, dec_seg = segments_BW[..., :S], segments_BW[..., S:]
-  labels = tokens_BW[..., S:]
+  tokens_BL = np.asarray(tokens_BL, np.int32)
+  segments_BL = np.asarray(segments_BL, np.int32)
+  enc_seg, dec_seg = segments_BL[..., :S], segments_BL[..., S:]
+  labels = tokens_BL[..., S:]
   dec_pos = positions(dec_seg)
   shifted = np.zeros_like(labels)
   shifted[..., 1:] = labels[..., :-1]
   dec_in = np.where(dec_seg == 0, PAD_ID, np.where(dec_pos == 0, BOS_ID, shifted))
-  return {"encoder_input_tokens": tokens_BW[..., :S],
+  return {"encoder_input_tokens": tokens_BL[..., :S],
           "encoder_segment_ids": enc_seg,
           "encoder_positions": positions(enc_seg),
           "decoder_input_tokens": dec_in.astype(np.int32),
@@ -198,7 +199,8 @@ def load_or_pack_pairs(corpus: ParallelCorpus, sp, source_len: int,
                        target_len: int, *, overlong: str,
                        cache_root: str | os.PathLike) -> Packed:
   """Packs every split's pairs into rows, cached on disk like LM windows
-  (`<cache>/packed/<key>/`, key: format, corpus, tokenizer, S, T, overlong)."""
+  (`<cache>/packed/<key>/`, key: format, corpus, tokenizer, both lengths,
+  overlong)."""
   key = hashlib.sha256(
       f"{FORMAT}/{corpus.key}/{packing.tokenizer_hash(sp)}/{source_len}/"
       f"{target_len}/{overlong}".encode()).hexdigest()[:16]
@@ -209,7 +211,7 @@ def load_or_pack_pairs(corpus: ParallelCorpus, sp, source_len: int,
 
 
 class PackedRows:
-  """Random access to packed seq2seq rows as dicts of [S] / [T] (a grain source)."""
+  """Random access to packed seq2seq rows as dicts of arrays (a grain source)."""
 
   def __init__(self, windows: Windows, source_len: int):
     self._windows, self._source_len = windows, source_len
