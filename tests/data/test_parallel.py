@@ -61,6 +61,12 @@ def test_pairs_are_the_aligned_lines_with_a_stride_held_out(pair_paths):
   assert held == [j for j, _, _ in want if j % 8 == 7]
   assert [p.index for p in corpus.pairs("train")] == [
       j for j, _, _ in want if j % 8 != 7]
+  # A test split: the text carve's second stride, on the pairs validation left.
+  with_test = parallel.ParallelCorpus(source_of(pair_paths), 0.125, 0.25)
+  rest = [j for j in range(N) if j % 8 != 7]
+  test = {j for r, j in enumerate(rest) if r % 4 == 3}
+  assert {p.index for p in with_test.pairs("test")} == test  # 7, 9: not test.
+  assert [p.index for p in with_test.pairs("validation")] == held
 
 
 def test_bad_parallel_input_is_one_line_naming_the_files(tmp_path):
