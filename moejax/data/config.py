@@ -39,6 +39,9 @@ class DataConfig:
     target_len: Lt, target tokens per seq2seq row (None: `seq_len`).
     overlong: a seq2seq pair longer than its row: "error" (one line naming the
       file, line and lengths) or "truncate" (cut to fit, EOS kept).
+    languages: "<source>,<target>": the two text features (language keys) of a
+      `tfds:` translation dataset read with `task="seq2seq"` (e.g. "de,en";
+      None: its first two).
     mlm_probability: share of the real tokens chosen for prediction per step
       (each split 80/10/10 into mask / random token / unchanged).
   """
@@ -59,3 +62,4 @@ class DataConfig:
   target_len: int | None = None
   overlong: str = "error"
   mlm_probability: float = 0.15
+  languages: str | None = None

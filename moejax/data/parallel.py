@@ -170,3 +170,98 @@ def sample_sides(corpus: ParallelCorpus, max_lines: int) -> list[str]:
   half = max_lines // 2
   return (sample_lines(corpus.side("source"), max(half, 1))
           + sample_lines(corpus.side("target"), max(max_lines - half, 1)))
+
+
+class TfdsPairs:
+  """The pairs of a prepared TFDS translation dataset (`tfds:<name>[:split]` with
+  `data.task=seq2seq`): two string features of each record, by language key
+  (`data.languages="<source>,<target>"`; None: the dataset's first two).
+
+  Held out: the dataset's `validation` split (else `test`), else carved from
+  the training split by the pair-stride rule; test (`data.test_fraction` > 0):
+  its `test` split when validation is another one, else carved."""
+
+  def __init__(self, name: str, split: str, languages: str | None,
+               eval_fraction: float, test_fraction: float,
+               data_dir: str | None):
+    from moejax.data import tfds_source  # pylint: disable=g-import-not-at-top
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    self.source = f"tfds:{name}:{split}"
+    where = data_dir or "the TFDS default data_dir"
+    try:
+      builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.DatasetNotFoundError:
+      raise DataError(f"TFDS dataset {name!r} not found in {where}; check the name "
+                      "or set data.tfds_data_dir") from None
+    if not builder.is_prepared():
+      raise DataError(f"TFDS dataset {name!r} is not prepared in {where}; run `tfds "
+                      f"build {name} --file_format=array_record`")
+    info = builder.info
+    strings = [k for k, f in info.features.items() if tfds_source.is_string(f)]
+    keys = ([k.strip() for k in languages.split(",")] if languages
+            else strings[:2])
+    if len(keys) != 2 or not set(keys) <= set(strings) or keys[0] == keys[1]:
+      raise DataError(f"TFDS dataset {name!r} has text features {strings}; set "
+                      "data.languages to two of them as '<source>,<target>' (got "
+                      f"{languages!r})")
+    self.keys = keys
+    self.eval_fraction, self.test_fraction = eval_fraction, test_fraction
+    held = next((s for s in ("validation", "test") if s in info.splits
+                 and s != split), None)
+    test = ("test" if test_fraction and held == "validation"
+            and "test" in info.splits and split != "test" else None)
+    self._splits = {"train": split, "validation": held, "test": test}
+    self._open = lambda s: tfds_source.data_source(name, s, data_dir)
+    self.num_pairs = info.splits[split].num_examples
+    self.key = corpus_key("tfds-pairs-v1", name, split, str(builder.data_dir),
+                          str(builder.version), keys, held, test,
+                          {s: info.splits[s].num_examples for s in info.splits},
+                          eval_fraction, test_fraction)
+
+  def split_of(self, index: int) -> str:
+    """The split pair `index` of the training split goes to."""
+    if self._splits["validation"] is None:
+      return stream.split_of(index, self.num_pairs, self.eval_fraction,
+                             self.test_fraction)
+    if self.test_fraction and self._splits["test"] is None:
+      # Validation is a split of its own: test is carved alone, by its stride.
+      where = stream.split_of(index, self.num_pairs, self.test_fraction, 0.0)
+      return "test" if where == "validation" else "train"
+    return "train"
+
+  def _decode(self, record: dict, i: int, tfds_split: str) -> list[str]:
+    out = []
+    for key in self.keys:
+      value = record[key]
+      try:
+        out.append(value.decode("utf-8") if isinstance(value, bytes)
+                   else str(value))
+      except UnicodeDecodeError:
+        raise DataError(f"{self.source.rsplit(':', 1)[0]}:{tfds_split} record {i} "
+                        f"field {key!r} is not UTF-8") from None
+    return out
+
+  def pairs(self, split: str | None = None) -> Iterator[Pair]:
+    """The pairs of `split` (None: every split), blank ones skipped."""
+    for k, which in enumerate(("train", "validation", "test")):
+      name = self._splits[which]
+      if name is None or (which != "train" and split not in (None, which)):
+        continue
+      records = self._open(name)
+      for j in range(len(records)):
+        where = self.split_of(j) if which == "train" else which
+        if split is not None and where != split:
+          continue
+        src, tgt = self._decode(records[j], j, name)
+        if src.strip() and tgt.strip():
+          yield Pair(j, where, src, tgt, k, j)
+
+  def where(self, pair: Pair) -> str:
+    name = self._splits[("train", "validation", "test")[pair.file]]
+    return f"{self.source.rsplit(':', 1)[0]}:{name} record {pair.line}"
+
+  def side(self, side: str, split: str = "train") -> "SideDocuments":
+    return SideDocuments(self, SIDES.index(side), split)
+
+  def check(self) -> None:
+    """TFDS datasets are immutable once prepared: nothing to check."""

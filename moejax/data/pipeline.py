@@ -116,7 +116,7 @@ def validate(cfg: DataConfig) -> None:
   sources.parse_source(cfg.source)
   for name in ("seq_len", "vocab_size", "eval_batches", "tokenizer_max_sentences"):
     _positive_int(f"data.{name}", getattr(cfg, name))
-  if cfg.seq_len < MIN_SEQ_LEN and not cfg.source.startswith("parallel:"):
+  if cfg.seq_len < MIN_SEQ_LEN and cfg.task != "seq2seq":
     raise DataError(
         f"data.seq_len={cfg.seq_len} is too short to train a language model: "
         f"each token would see at most {cfg.seq_len - 1} token(s) of context; "
@@ -136,11 +136,12 @@ def validate(cfg: DataConfig) -> None:
     raise DataError(f"data.task must be one of {', '.join(tasks)}, got "
                     f"{cfg.task!r}")
   parallel = cfg.source.startswith("parallel:")
-  if parallel != (cfg.task == "seq2seq"):
+  pairs = parallel or cfg.source.startswith("tfds:")
+  if parallel != (cfg.task == "seq2seq") and not (pairs and cfg.task == "seq2seq"):
     raise DataError(
         f"data.task={cfg.task} with data.source {cfg.source!r}: a parallel: "
-        "source needs data.task=seq2seq, and data.task=seq2seq a parallel: "
-        "source")
+        "source needs data.task=seq2seq, and data.task=seq2seq a parallel: or "
+        "tfds: (translation) source")
   if cfg.target_len is not None:
     _positive_int("data.target_len", cfg.target_len)
   if cfg.task == "seq2seq" and min(cfg.seq_len, cfg.target_len or cfg.seq_len) < 2:
@@ -209,8 +210,14 @@ def _load(cfg: DataConfig, workdir, batch_size: int, *, writer: bool) -> Dataset
   with lock:
     if cfg.task == "seq2seq":
       from moejax.data import parallel  # pylint: disable=g-import-not-at-top
-      corpus = parallel.ParallelCorpus(cfg.source, cfg.eval_fraction,
-                                       cfg.test_fraction)
+      spec = sources.parse_source(cfg.source)
+      if spec.kind == "tfds":
+        corpus = parallel.TfdsPairs(spec.name, spec.split, cfg.languages,
+                                    cfg.eval_fraction, cfg.test_fraction,
+                                    cfg.tfds_data_dir)
+      else:
+        corpus = parallel.ParallelCorpus(cfg.source, cfg.eval_fraction,
+                                         cfg.test_fraction)
       train_docs = ()
       train = lambda: tokenizer.train_on_lines(  # pylint: disable=g-long-lambda
           parallel.sample_sides(corpus, cfg.tokenizer_max_sentences),

@@ -199,3 +199,53 @@ def test_overlong_pair_is_an_error_naming_its_line(pair_paths, tmp_path):
   ds = load_datasets(dataclasses.replace(cfg, overlong="truncate"),
                      workdir=tmp_path / "w", batch_size=2)
   assert ds.train[0]["encoder_segment_ids"].shape == (2, 12)
+
+
+def test_tfds_translation_pairs(tmp_path):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  src, tgt = side_lines()
+
+  class MoejaxTestPairs(tfds.core.GeneratorBasedBuilder):
+    """Train and validation splits of (en, es) records."""
+    VERSION = tfds.core.Version("1.0.0")
+    code_path = None
+
+    def __init__(self, **kwargs):
+      super().__init__(file_format="array_record", **kwargs)
+
+    def _info(self):
+      return tfds.core.DatasetInfo(
+          builder=self, features=tfds.features.Translation(languages=["en", "es"]),
+          disable_shuffling=True)
+
+    def _split_generators(self, dl_manager):
+      return {"train": self._generate_examples(0, 140),
+              "validation": self._generate_examples(140, N)}
+
+    def _generate_examples(self, start, stop):
+      for i in range(start, stop):
+        yield i, {"en": tgt[i], "es": src[i]}
+
+  data_dir = tmp_path / "tfds"
+  MoejaxTestPairs(data_dir=str(data_dir)).download_and_prepare()
+  cfg = small_config("tfds:moejax_test_pairs", task="seq2seq", seq_len=48,
+                     target_len=40, overlong="truncate", languages="es,en",
+                     tfds_data_dir=str(data_dir), eval_fraction=0.125)
+  ds = load_datasets(cfg, workdir=tmp_path / "w", batch_size=4)
+  corpus = parallel.TfdsPairs("moejax_test_pairs", "train", "es,en", 0.125, 0.0,
+                              str(data_dir))
+  pairs = list(corpus.pairs())
+  assert [(p.split, p.source, p.target) for p in pairs] == (
+      [("train", src[i], tgt[i]) for i in range(140)]
+      + [("validation", src[i], tgt[i]) for i in range(140, N)])
+  sp = ds.tokenizer
+  for split, n in (("train", ds.train_sequences), ("validation", ds.eval_sequences)):
+    examples = [(sp.encode(p.source)[:47], sp.encode(p.target)[:39])
+                for p in corpus.pairs(split)]
+    assert len(naive_rows(examples, 48, 40)) == n
+  first = ds.eval_batches[0]
+  assert first["encoder_input_tokens"].shape == (4, 48)
+  with pytest.raises(DataError, match=r"has text features \['en', 'es'\]; set "
+                     "data.languages"):
+    parallel.TfdsPairs("moejax_test_pairs", "train", "de,en", 0.1, 0.0,
+                       str(data_dir))
