@@ -17,6 +17,9 @@ trained or written: side files that differ in number or in lines, a side with no
 text, a NUL or non-UTF-8 byte (file and line number), each a one-line DataError.
 The joint tokenizer trains on an evenly spread sample of the training pairs,
 half from each side (`sample_sides`).
+
+`TfdsPairs` gives the same interface (`pairs`, `side`, `where`, `key`) over a
+prepared TFDS translation dataset (`tfds:<name>[:split]`, `data.languages`).
 """
 
 import dataclasses
@@ -185,17 +188,8 @@ class TfdsPairs:
                eval_fraction: float, test_fraction: float,
                data_dir: str | None):
     from moejax.data import tfds_source  # pylint: disable=g-import-not-at-top
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     self.source = f"tfds:{name}:{split}"
-    where = data_dir or "the TFDS default data_dir"
-    try:
-      builder = tfds.builder(name, data_dir=data_dir)
-    except tfds.core.DatasetNotFoundError:
-      raise DataError(f"TFDS dataset {name!r} not found in {where}; check the name "
-                      "or set data.tfds_data_dir") from None
-    if not builder.is_prepared():
-      raise DataError(f"TFDS dataset {name!r} is not prepared in {where}; run `tfds "
-                      f"build {name} --file_format=array_record`")
+    builder = tfds_source.prepared_builder(name, data_dir)
     info = builder.info
     strings = [k for k, f in info.features.items() if tfds_source.is_string(f)]
     keys = ([k.strip() for k in languages.split(",")] if languages

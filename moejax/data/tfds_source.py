@@ -78,11 +78,11 @@ def data_source(name: str, split: str, data_dir: str | None):
                     ) from None
 
 
-def open_tfds(name: str, split: str, cfg: DataConfig) -> Corpus:
-  """The documents of a prepared TFDS dataset `name`, `split` for training."""
-  where = cfg.tfds_data_dir or "the TFDS default data_dir"
+def prepared_builder(name: str, data_dir: str | None):
+  """The builder of TFDS dataset `name`, prepared in `data_dir`; else a DataError."""
+  where = data_dir or "the TFDS default data_dir"
   try:
-    builder = tfds.builder(name, data_dir=cfg.tfds_data_dir)
+    builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.DatasetNotFoundError:
     raise DataError(f"TFDS dataset {name!r} not found in {where}; check the name or "
                     "set data.tfds_data_dir to where it was prepared") from None
@@ -90,6 +90,12 @@ def open_tfds(name: str, split: str, cfg: DataConfig) -> Corpus:
     raise DataError(f"TFDS dataset {name!r} is not prepared in {where}; run `tfds "
                     f"build {name} --file_format=array_record` or set "
                     "data.tfds_data_dir")
+  return builder
+
+
+def open_tfds(name: str, split: str, cfg: DataConfig) -> Corpus:
+  """The documents of a prepared TFDS dataset `name`, `split` for training."""
+  builder = prepared_builder(name, cfg.tfds_data_dir)
   info = builder.info
   text_key = text_feature(info.features, name)
   domain_of = domain_getter(info.features, builder.name)
