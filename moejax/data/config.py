@@ -8,8 +8,9 @@ class DataConfig:
   """Where the text comes from and how it becomes fixed-length token sequences.
 
   Attributes:
-    source: `embedded`, `text:<path or glob>[,<path or glob>...]` or
-      `tfds:<name>[:split]`.
+    source: `embedded`, `text:<path or glob>[,<path or glob>...]`,
+      `tfds:<name>[:split]` or `parallel:<source glob>,<target glob>` (with
+      `task="seq2seq"`).
     seq_len: L, tokens per training sequence (the model sees L inputs and L targets).
     vocab_size: SentencePiece vocabulary size, trained on the training split.
     eval_fraction: share of the corpus carved out deterministically as the held-out
@@ -31,6 +32,18 @@ class DataConfig:
     bad_input: what a NUL or non-UTF-8 byte in a `text:` file does: "error" (one
       line naming the file and byte offset, nothing kept) or "skip" (its line is
       dropped and one warning per file names the first offset).
+    task: what a batch holds: "lm" (next-token windows), "mlm" (masked-LM
+      batches from the same windows, `moejax.data.mlm`; the tokenizer gets a
+      `<mask>` symbol) or "seq2seq" (packed (source, target) pairs of a
+      `parallel:` source, `moejax.data.seq2seq`; the source row is `seq_len`).
+    target_len: Lt, target tokens per seq2seq row (None: `seq_len`).
+    overlong: a seq2seq pair longer than its row: "error" (one line naming the
+      file, line and lengths) or "truncate" (cut to fit, EOS kept).
+    languages: "<source>,<target>": the two text features (language keys) of a
+      `tfds:` translation dataset read with `task="seq2seq"` (e.g. "de,en";
+      None: its first two).
+    mlm_probability: share of the real tokens chosen for prediction per step
+      (each split 80/10/10 into mask / random token / unchanged).
   """
 
   source: str = "embedded"
@@ -45,3 +58,8 @@ class DataConfig:
   cache_dir: str | None = None
   test_fraction: float = 0.0
   bad_input: str = "error"
+  task: str = "lm"
+  target_len: int | None = None
+  overlong: str = "error"
+  mlm_probability: float = 0.15
+  languages: str | None = None

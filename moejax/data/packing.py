@@ -223,7 +223,19 @@ def load_or_pack(train: Iterable[Document], validation: Iterable[Document], sp,
   meanwhile)."""
   key = hashlib.sha256(f"{FORMAT}/{corpus_key}/{tokenizer_hash(sp)}/{seq_len}"
                        .encode()).hexdigest()[:16]
-  cache = as_path(cache_root) / "packed" / key
+  return prepared(
+      as_path(cache_root) / "packed" / key,
+      lambda tmp: _pack_into(tmp, (train, validation, test), sp, seq_len,
+                             total_bytes, tagged),
+      check, "packed windows")
+
+
+def prepared(cache: epath.Path, fill: Callable[[epath.Path], dict],
+             check: Callable[[], None] | None = None, what: str = "packed rows"
+             ) -> Packed:
+  """The cache directory `cache`, written by `fill(folder)` (which returns the
+  marker's content) unless it is complete: in a temporary directory renamed into
+  place, the marker last, nothing kept on failure."""
   if (cache / MARKER).exists():
     return _load(cache)
   cache.parent.mkdir(parents=True, exist_ok=True)
@@ -232,8 +244,7 @@ def load_or_pack(train: Iterable[Document], validation: Iterable[Document], sp,
          else cache)  # Object stores: objects are written whole, marker last.
   try:
     tmp.mkdir(parents=True, exist_ok=True)
-    meta = _pack_into(tmp, (train, validation, test), sp, seq_len, total_bytes,
-                      tagged)
+    meta = fill(tmp)
     if check is not None:
       check()
     (tmp / MARKER).write_text(json.dumps(meta))
@@ -241,7 +252,7 @@ def load_or_pack(train: Iterable[Document], validation: Iterable[Document], sp,
     if tmp != cache:
       tmp.rmtree(missing_ok=True)
     if e.errno == errno.ENOSPC:
-      raise DataError(f"no space left on the device while writing packed windows "
+      raise DataError(f"no space left on the device while writing {what} "
                       f"under {cache.parent}; free space or set data.cache_dir to a "
                       "larger disk (nothing was kept)") from None
     raise

@@ -2,9 +2,14 @@
 
 Shapes: B batch, L length (`cfg.seq_len`), V vocabulary.
 
-A batch is a dict of int32[B, L]: `inputs`, `targets` (inputs shifted by one:
-both come from one packed window of L+1 tokens) and `domains` (the domain id of
-each input token, an index into `domain_names`).
+By `data.task`, a batch is
+- "lm": a dict of int32[B, L]: `inputs`, `targets` (inputs shifted by one:
+  both come from one packed window of L+1 tokens) and `domains` (the domain id
+  of each input token, an index into `domain_names`);
+- "mlm": `inputs`, `targets`, `domains` int32[B, L] and `weights` float32[B, L]
+  from the same windows, masked per step (`moejax.data.mlm`);
+- "seq2seq": packed pairs of a `parallel:` source (`moejax.data.seq2seq`:
+  `encoder_*` [B, L], `decoder_*` [B, `data.target_len`]).
 
 Training batch i is `ds.train[i]`, a pure function of (corpus, tokenizer, seed, i):
 sequences are shuffled per epoch (each epoch a new permutation of all of them) and
@@ -67,14 +72,16 @@ class Datasets:
   batch_size: int
   source: str
   cache_dir: str
+  task: str = "lm"  # `data.task`: what a batch holds (module docstring).
+  target_len: int | None = None  # seq2seq: T, the decoder row length.
+  mask_id: int | None = None  # mlm: the id of `<mask>`.
 
   def train_rows(self, i: int, rows) -> Batch:
     """Rows `rows` (sorted batch positions) of training batch i, read alone:
     equal to `ds.train[i][k][rows]` for every key k."""
     B = self.batch_size  # pylint: disable=invalid-name
     items = [self.train_sequences_stream[i * B + int(r)] for r in rows]
-    return {k: np.stack([x[k] for x in items]) for k in ("inputs", "targets",
-                                                         "domains")}
+    return {k: np.stack([x[k] for x in items]) for k in items[0]}
 
   @property
   def steps_per_epoch(self) -> int:
@@ -83,8 +90,11 @@ class Datasets:
 
   def describe(self) -> str:
     """One line for logs."""
-    eval_b = len(self.eval_batches[0]["inputs"])
-    return (f"data {self.source}: {len(self.domain_names)} domains "
+    eval_b = len(next(iter(self.eval_batches[0].values())))
+    task = {"lm": "", "mlm": f"masked LM (mask id {self.mask_id}), ",
+            "seq2seq": f"seq2seq rows of {self.seq_len}+{self.target_len} "
+                       "tokens, "}[self.task]
+    return (f"data {self.source}: {task}{len(self.domain_names)} domains "
             f"({', '.join(self.domain_names)}), vocab {self.vocab_size}, "
             f"L={self.seq_len}; train {self.train_sequences:,} sequences "
             f"({self.train_tokens:,} tokens, {self.steps_per_epoch:,} batches of "
@@ -106,7 +116,7 @@ def validate(cfg: DataConfig) -> None:
   sources.parse_source(cfg.source)
   for name in ("seq_len", "vocab_size", "eval_batches", "tokenizer_max_sentences"):
     _positive_int(f"data.{name}", getattr(cfg, name))
-  if cfg.seq_len < MIN_SEQ_LEN:
+  if cfg.seq_len < MIN_SEQ_LEN and cfg.task != "seq2seq":
     raise DataError(
         f"data.seq_len={cfg.seq_len} is too short to train a language model: "
         f"each token would see at most {cfg.seq_len - 1} token(s) of context; "
@@ -121,6 +131,30 @@ def validate(cfg: DataConfig) -> None:
   if cfg.bad_input not in ("error", "skip"):
     raise DataError(f"data.bad_input must be 'error' or 'skip', got "
                     f"{cfg.bad_input!r}")
+  tasks = ("lm", "mlm", "seq2seq")
+  if cfg.task not in tasks:
+    raise DataError(f"data.task must be one of {', '.join(tasks)}, got "
+                    f"{cfg.task!r}")
+  parallel = cfg.source.startswith("parallel:")
+  pairs = parallel or cfg.source.startswith("tfds:")
+  if parallel != (cfg.task == "seq2seq") and not (pairs and cfg.task == "seq2seq"):
+    raise DataError(
+        f"data.task={cfg.task} with data.source {cfg.source!r}: a parallel: "
+        "source needs data.task=seq2seq, and data.task=seq2seq a parallel: or "
+        "tfds: (translation) source")
+  if cfg.target_len is not None:
+    _positive_int("data.target_len", cfg.target_len)
+  if cfg.task == "seq2seq" and min(cfg.seq_len, cfg.target_len or cfg.seq_len) < 2:
+    raise DataError("data.seq_len and data.target_len must be at least 2 for "
+                    "seq2seq (a token and EOS)")
+  if cfg.overlong not in ("error", "truncate"):
+    raise DataError(f"data.overlong must be 'error' or 'truncate', got "
+                    f"{cfg.overlong!r}")
+  if (isinstance(cfg.mlm_probability, bool)
+      or not isinstance(cfg.mlm_probability, (int, float))
+      or not 0 < cfg.mlm_probability < 1):
+    raise DataError(f"data.mlm_probability must be in (0, 1), got "
+                    f"{cfg.mlm_probability!r}; e.g. 0.15")
   if (isinstance(cfg.eval_fraction, bool)
       or not isinstance(cfg.eval_fraction, (int, float))
       or not 0 < cfg.eval_fraction <= 0.5):
@@ -134,7 +168,7 @@ def validate(cfg: DataConfig) -> None:
 
 
 def make_eval_batches(windows: packing.Windows, batch_size: int,
-                      max_batches: int) -> tuple[Batch, ...]:
+                      max_batches: int, to_batch=None) -> tuple[Batch, ...]:
   """Up to `max_batches` fixed batches of min(batch_size, N) rows, spread over N.
 
   The rows are evenly spaced over the held-out windows, and batch j takes every
@@ -145,7 +179,9 @@ def make_eval_batches(windows: packing.Windows, batch_size: int,
   rows = min(batch_size, n)
   count = min(max_batches, n // rows)
   idx = (np.arange(count * rows) * n // (count * rows)).reshape(rows, count).T
-  return tuple(packing.window_batch(*windows.rows(i)) for i in idx)
+  if to_batch is None:
+    return tuple(packing.window_batch(*windows.rows(i)) for i in idx)
+  return tuple(to_batch(*windows.rows(i), j) for j, i in enumerate(idx))
 
 
 def load_datasets(cfg: DataConfig, *, workdir: str | os.PathLike,
@@ -164,62 +200,113 @@ def _load(cfg: DataConfig, workdir, batch_size: int, *, writer: bool) -> Dataset
   """`load_datasets` on one process; only the `writer` trains a tokenizer or
   writes the workdir."""
   import grain  # pylint: disable=g-import-not-at-top
+  from moejax.data import mlm, seq2seq  # pylint: disable=g-import-not-at-top
   root = cache_lib.cache_root(cfg.cache_dir, workdir)
   shared = cache_lib.is_shared(cfg.cache_dir)
   lock = (cache_lib.preparation_lock(root, cfg.source) if shared
           else contextlib.nullcontext())
+  symbols = (tokenizer.MASK_PIECE,) if cfg.task == "mlm" else ()
+  S, T = cfg.seq_len, cfg.target_len or cfg.seq_len  # pylint: disable=invalid-name
   with lock:
-    corpus = sources.open_corpus(cfg, root)
+    if cfg.task == "seq2seq":
+      from moejax.data import parallel  # pylint: disable=g-import-not-at-top
+      spec = sources.parse_source(cfg.source)
+      if spec.kind == "tfds":
+        corpus = parallel.TfdsPairs(spec.name, spec.split, cfg.languages,
+                                    cfg.eval_fraction, cfg.test_fraction,
+                                    cfg.tfds_data_dir)
+      else:
+        corpus = parallel.ParallelCorpus(cfg.source, cfg.eval_fraction,
+                                         cfg.test_fraction)
+      train_docs = ()
+      train = lambda: tokenizer.train_on_lines(  # pylint: disable=g-long-lambda
+          parallel.sample_sides(corpus, cfg.tokenizer_max_sentences),
+          cfg.vocab_size)
+    else:
+      corpus = sources.open_corpus(cfg, root)
+      train_docs = corpus.train
+      train = lambda: tokenizer.train_tokenizer(  # pylint: disable=g-long-lambda
+          corpus.train, cfg.vocab_size, cfg.tokenizer_max_sentences, symbols)
     key = tokenizer.tokenizer_key(corpus.key, cfg.vocab_size,
-                                  cfg.tokenizer_max_sentences)
+                                  cfg.tokenizer_max_sentences, symbols)
     cache_file = root / "tokenizers" / f"{key}.model" if shared else None
-    sp, is_new = tokenizer.get_tokenizer(workdir, corpus.train, cfg.vocab_size,
+    sp, is_new = tokenizer.get_tokenizer(workdir, train_docs, cfg.vocab_size,
                                          cfg.tokenizer_max_sentences,
-                                         cache_file=cache_file, may_train=writer)
-    packed = packing.load_or_pack(corpus.train, corpus.validation, sp,
-                                  cfg.seq_len, corpus_key=corpus.key,
-                                  cache_root=root, test=corpus.test,
-                                  total_bytes=corpus.total_bytes,
-                                  check=corpus.check, tagged=corpus.tagged)
+                                         cache_file=cache_file, may_train=writer,
+                                         train=train)
+    mask_id = tokenizer.mask_id(sp) if cfg.task == "mlm" else None
+    if cfg.task == "seq2seq":
+      packed = seq2seq.load_or_pack_pairs(corpus, sp, S, T, overlong=cfg.overlong,
+                                          cache_root=root)
+    else:
+      packed = packing.load_or_pack(corpus.train, corpus.validation, sp,
+                                    cfg.seq_len, corpus_key=corpus.key,
+                                    cache_root=root, test=corpus.test,
+                                    total_bytes=corpus.total_bytes,
+                                    check=corpus.check, tagged=corpus.tagged)
   n_train, n_eval = len(packed.train), len(packed.validation)
   n_test = len(packed.test)
   L = cfg.seq_len  # pylint: disable=invalid-name
+  what = "seq2seq rows" if cfg.task == "seq2seq" else f"sequences of length {L}"
   if n_train < batch_size:
     raise DataError(
         f"the corpus is too small for one training batch: its training split yields "
-        f"{n_train} sequences of length {L} but train.batch_size is {batch_size}; "
+        f"{n_train} {what} but train.batch_size is {batch_size}; "
         "lower train.batch_size or data.seq_len, or add text")
   if n_eval == 0:
     raise DataError(
-        f"the held-out split yields 0 sequences of length {L}; lower data.seq_len, "
+        f"the held-out split yields 0 {what}; lower data.seq_len, "
         "raise data.eval_fraction, or add text")
   if cfg.test_fraction and n_test == 0:
     raise DataError(
-        f"the test split yields 0 sequences of length {L}; lower data.seq_len, "
+        f"the test split yields 0 {what}; lower data.seq_len, "
         "raise data.test_fraction, or add text")
   if is_new and writer:  # Once the data is known to work: a bad run leaves none.
     tokenizer.save_tokenizer(sp, workdir / tokenizer.TOKENIZER_FILE)
-  sequences = packing.PackedSequences(packed.train)
+  to_batch = None
+  if cfg.task == "seq2seq":
+    sequences = seq2seq.PackedRows(packed.train, S)
+    to_batch = lambda t, d, j: seq2seq.row_batch(t, d, S)  # pylint: disable=g-long-lambda
+  else:
+    sequences = packing.PackedSequences(packed.train)
   # Shuffle before repeat: each epoch is a new permutation (seed + epoch).
   stream = grain.MapDataset.source(sequences).shuffle(seed=cfg.seed).repeat(None)
+  if cfg.task == "mlm":
+    masking = dict(seed=cfg.seed, mask_id=mask_id, vocab_size=sp.vocab_size(),
+                   probability=cfg.mlm_probability)
+    stream = stream.map_with_index(
+        lambda j, x: mlm.mlm_example(x, j, **masking))
+    eval_rows = min(batch_size, n_eval)
+
+    def to_batch(t, d, j):
+      return mlm.mlm_example(packing.window_batch(t, d), j * eval_rows,
+                             held_out=True, **masking)
   train = stream.batch(batch_size, drop_remainder=True)
+  eval_batches = make_eval_batches(packed.validation, batch_size,
+                                   cfg.eval_batches, to_batch)
+  test_batches = ()
+  if n_test:
+    test_batches = make_eval_batches(packed.test, batch_size, cfg.eval_batches,
+                                     to_batch)
   return Datasets(
       train=train,
       train_sequences_stream=stream,
-      eval_batches=make_eval_batches(packed.validation, batch_size,
-                                     cfg.eval_batches),
-      test_batches=(make_eval_batches(packed.test, batch_size, cfg.eval_batches)
-                    if n_test else ()),
+      eval_batches=eval_batches,
+      test_batches=test_batches,
       tokenizer=sp,
       vocab_size=sp.vocab_size(),
       domain_names=packed.domain_names,
       train_sequences=n_train,
       eval_sequences=n_eval,
       test_sequences=n_test,
-      train_tokens=packed.train.size,
+      train_tokens=(int(packed.token_counts.sum()) if cfg.task == "seq2seq"
+                    else packed.train.size),
       token_counts=packed.token_counts,
       seq_len=L,
       batch_size=batch_size,
       source=cfg.source,
       cache_dir=os.fspath(root),
+      task=cfg.task,
+      target_len=T if cfg.task == "seq2seq" else None,
+      mask_id=mask_id,
   )

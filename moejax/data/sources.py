@@ -4,7 +4,9 @@ Forms of `data.source`:
 - `embedded`: the Python stdlib sources and docs (`moejax.data.embedded`);
 - `text:<path or glob>[,<path or glob>...]`: local UTF-8 files, each file's stem its
   domain (files with the same stem share a domain);
-- `tfds:<name>[:split]`: a prepared TFDS dataset (array_record) in `data.tfds_data_dir`.
+- `tfds:<name>[:split]`: a prepared TFDS dataset (array_record) in `data.tfds_data_dir`;
+- `parallel:<source glob>,<target glob>`: line-aligned translation pairs, read by
+  `moejax.data.parallel` for `data.task=seq2seq` (not a Corpus of documents).
 Every source is streamed (`moejax.data.stream`): documents are read, chunked
 and carved as they are iterated, never held whole. A corpus's key hashes what
 decides its content (for `text:`, the file list, sizes and mtimes, `max_bytes`,
@@ -28,7 +30,7 @@ from moejax.data.documents import Document
 from moejax.errors import DataError
 
 SOURCE_FORMS = ("embedded", "text:<path or glob>[,<path or glob>...]",
-                "tfds:<name>[:split]")
+                "tfds:<name>[:split]", "parallel:<source glob>,<target glob>")
 # A TFDS name may carry a version (`lm1b:1.1.0`); the split follows it after a colon.
 _TFDS_RE = re.compile(
     r"^(?P<name>[^:\[\]]+(?::\d+\.[\d*]+\.[\d*]+)?)(?::(?P<split>.+))?$")
@@ -37,7 +39,7 @@ _TFDS_RE = re.compile(
 @dataclasses.dataclass(frozen=True)
 class SourceSpec:
   """A parsed `data.source`: its kind and what it names."""
-  kind: str  # "embedded", "text" or "tfds".
+  kind: str  # "embedded", "text", "tfds" or "parallel".
   patterns: tuple[str, ...] = ()
   name: str = ""
   split: str = "train"
@@ -59,6 +61,9 @@ def parse_source(source: str) -> SourceSpec:
       raise DataError(
           f"data.source {source!r} is not a TFDS name; use {SOURCE_FORMS[2]}")
     return SourceSpec("tfds", name=m["name"], split=m["split"] or "train")
+  if source.startswith("parallel:"):
+    from moejax.data import parallel  # pylint: disable=g-import-not-at-top
+    return SourceSpec("parallel", patterns=parallel.parse_parallel(source))
   raise DataError(f"unknown data.source {source!r}; valid forms: {forms}")
 
 
@@ -174,6 +179,9 @@ def open_corpus(cfg: DataConfig, cache: str | os.PathLike) -> Corpus:
   until they are iterated). `cache` is unused by every source today."""
   del cache
   spec = parse_source(cfg.source)
+  if spec.kind == "parallel":
+    raise DataError(f"data.source {cfg.source!r} is a parallel corpus of pairs; "
+                    "set data.task=seq2seq to read it")
   carve = (cfg.max_bytes, cfg.eval_fraction, docs_lib.CHUNK_BYTES, "v1")
   if cfg.test_fraction:  # Keys (and caches) without a test split are unchanged.
     carve += (("test_fraction", cfg.test_fraction),)

@@ -37,7 +37,7 @@ class Reiterable(Iterable):
     return self._make()
 
 
-def _is_string(feature) -> bool:
+def is_string(feature) -> bool:
   if isinstance(feature, tfds.features.Text):
     return True
   return (isinstance(feature, tfds.features.Tensor) and feature.shape == ()
@@ -46,10 +46,10 @@ def _is_string(feature) -> bool:
 
 def text_feature(features: tfds.features.FeaturesDict, name: str) -> str:
   """The name of the text feature: `text`, else the first string feature."""
-  if "text" in features and _is_string(features["text"]):
+  if "text" in features and is_string(features["text"]):
     return "text"
   for key, feature in features.items():
-    if _is_string(feature):
+    if is_string(feature):
       return key
   raise DataError(f"TFDS dataset {name!r} has no text feature (features: "
                   f"{', '.join(features.keys())}); use a dataset with a Text feature")
@@ -68,7 +68,7 @@ def domain_getter(features: tfds.features.FeaturesDict,
                          else str(record["domain"]))
 
 
-def _data_source(name: str, split: str, data_dir: str | None):
+def data_source(name: str, split: str, data_dir: str | None):
   try:
     return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
   except (ValueError, NotImplementedError, KeyError) as e:
@@ -78,11 +78,11 @@ def _data_source(name: str, split: str, data_dir: str | None):
                     ) from None
 
 
-def open_tfds(name: str, split: str, cfg: DataConfig) -> Corpus:
-  """The documents of a prepared TFDS dataset `name`, `split` for training."""
-  where = cfg.tfds_data_dir or "the TFDS default data_dir"
+def prepared_builder(name: str, data_dir: str | None):
+  """The builder of TFDS dataset `name`, prepared in `data_dir`; else a DataError."""
+  where = data_dir or "the TFDS default data_dir"
   try:
-    builder = tfds.builder(name, data_dir=cfg.tfds_data_dir)
+    builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.DatasetNotFoundError:
     raise DataError(f"TFDS dataset {name!r} not found in {where}; check the name or "
                     "set data.tfds_data_dir to where it was prepared") from None
@@ -90,18 +90,24 @@ def open_tfds(name: str, split: str, cfg: DataConfig) -> Corpus:
     raise DataError(f"TFDS dataset {name!r} is not prepared in {where}; run `tfds "
                     f"build {name} --file_format=array_record` or set "
                     "data.tfds_data_dir")
+  return builder
+
+
+def open_tfds(name: str, split: str, cfg: DataConfig) -> Corpus:
+  """The documents of a prepared TFDS dataset `name`, `split` for training."""
+  builder = prepared_builder(name, cfg.tfds_data_dir)
   info = builder.info
   text_key = text_feature(info.features, name)
   domain_of = domain_getter(info.features, builder.name)
   source = f"tfds:{name}:{split}"
-  train = RecordDocuments(_data_source(name, split, cfg.tfds_data_dir), text_key,
+  train = RecordDocuments(data_source(name, split, cfg.tfds_data_dir), text_key,
                           domain_of, source)
   held_out = next((s for s in _HELD_OUT_SPLITS if s in info.splits and s != split),
                   None)
   train_docs = capped_train = Reiterable(lambda: stream.capped(train, cfg.max_bytes))
 
   def held_docs(held: str, fraction: float):
-    records = RecordDocuments(_data_source(name, held, cfg.tfds_data_dir), text_key,
+    records = RecordDocuments(data_source(name, held, cfg.tfds_data_dir), text_key,
                               domain_of, f"tfds:{name}:{held}")
     cap = None if cfg.max_bytes is None else math.ceil(cfg.max_bytes * fraction)
     return Reiterable(lambda: stream.capped(records, cap))

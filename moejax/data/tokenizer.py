@@ -6,6 +6,10 @@ Fixed special ids, so the model and the loss can rely on them:
   BOS_ID = 2  `<s>`    not inserted by packing
   EOS_ID = 3  `</s>`   appended after every document by packing
 Ids 4..259 are the 256 byte pieces `<0x00>`..`<0xFF>`; learned pieces follow.
+A masked-LM tokenizer (`data.task=mlm`) also holds `MASK_PIECE` (`<mask>`) as a
+control symbol: SentencePiece gives it id 4 (`mask_id(sp)`), so its byte pieces
+are 5..260; encoding text never produces it (a literal "<mask>" in the text stays
+text), and decoding renders it as nothing.
 Normalisation is the identity and whitespace is kept, so code indentation survives;
 newlines and tabs encode as byte pieces, and `decode(encode(text)) == text`.
 
@@ -21,7 +25,7 @@ from __future__ import annotations
 import io
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from moejax.data.corpus import corpus_key
@@ -34,6 +38,7 @@ if TYPE_CHECKING:
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 RESERVED_PIECES = 4 + 256  # Special and byte pieces: a vocabulary needs more.
+MASK_PIECE = "<mask>"  # The masked-LM mask symbol (a control symbol).
 TOKENIZER_FILE = "tokenizer.model"
 
 
@@ -75,14 +80,24 @@ def _training_error(e: RuntimeError, vocab_size: int) -> DataError:
 
 
 def train_tokenizer(docs: Sequence[Document], vocab_size: int,
-                    max_sentences: int) -> spm.SentencePieceProcessor:
+                    max_sentences: int, control_symbols: Sequence[str] = ()
+                    ) -> spm.SentencePieceProcessor:
   """Trains a byte-fallback BPE model on a deterministic sample of lines, in memory."""
+  return train_on_lines(sample_lines(docs, max_sentences), vocab_size,
+                        control_symbols)
+
+
+def train_on_lines(lines: Sequence[str], vocab_size: int,
+                   control_symbols: Sequence[str] = ()
+                   ) -> spm.SentencePieceProcessor:
+  """Trains the model of `train_tokenizer` on `lines` (already sampled);
+  `control_symbols` get the ids after EOS (e.g. `MASK_PIECE`: id 4)."""
   import sentencepiece as spm  # pylint: disable=g-import-not-at-top
-  lines = sample_lines(docs, max_sentences)
   if not lines:
     raise DataError("the training split has no text to train the tokenizer on; "
                     "add text to data.source")
   model = io.BytesIO()
+  extra = {"control_symbols": list(control_symbols)} if control_symbols else {}
   try:
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size,
@@ -91,14 +106,28 @@ def train_tokenizer(docs: Sequence[Document], vocab_size: int,
         normalization_rule_name="identity", remove_extra_whitespaces=False,
         allow_whitespace_only_pieces=True, split_digits=True,
         max_sentence_length=1 << 16, num_threads=min(16, os.cpu_count() or 1),
-        minloglevel=2)
+        minloglevel=2, **extra)
   except RuntimeError as e:
     raise _training_error(e, vocab_size) from None
   return spm.SentencePieceProcessor(model_proto=model.getvalue())
 
 
-def tokenizer_key(corpus: str, vocab_size: int, max_sentences: int) -> str:
-  """The cache key of the model `train_tokenizer` makes from corpus `corpus`."""
+def mask_id(sp: spm.SentencePieceProcessor) -> int:
+  """The id of `MASK_PIECE` in `sp`; a DataError if `sp` has none."""
+  i = sp.piece_to_id(MASK_PIECE)
+  if not sp.is_control(i) or sp.id_to_piece(i) != MASK_PIECE:
+    raise DataError(f"the tokenizer has no {MASK_PIECE} symbol (it was trained "
+                    "without data.task=mlm); use a fresh workdir")
+  return i
+
+
+def tokenizer_key(corpus: str, vocab_size: int, max_sentences: int,
+                  control_symbols: Sequence[str] = ()) -> str:
+  """The cache key of the model `train_tokenizer` makes from corpus `corpus`
+  (keys without control symbols are those of earlier versions)."""
+  if control_symbols:
+    return corpus_key("spm-bpe-v1", corpus, vocab_size, max_sentences,
+                      tuple(control_symbols))
   return corpus_key("spm-bpe-v1", corpus, vocab_size, max_sentences)
 
 
@@ -130,14 +159,16 @@ def save_tokenizer(sp: spm.SentencePieceProcessor, path: str | os.PathLike) -> b
 def get_tokenizer(workdir: str | os.PathLike, train_docs: Sequence[Document],
                   vocab_size: int, max_sentences: int, *,
                   cache_file: str | os.PathLike | None = None,
-                  may_train: bool = True
+                  may_train: bool = True,
+                  train: Callable[[], spm.SentencePieceProcessor] | None = None
                   ) -> tuple[spm.SentencePieceProcessor, bool]:
   """(tokenizer, is_new): the workdir's model, else the cache's, else a new one.
 
   `is_new` says the workdir has none yet (it is saved there only once the data
   is known to work). A new model goes to `cache_file` at once, if given.
   `may_train=False` (processes other than 0) turns a missing model into a
-  DataError instead of a second, different tokenizer.
+  DataError instead of a second, different tokenizer. `train()`, if given,
+  trains the new model (default: `train_tokenizer` on `train_docs`).
   """
   path = as_path(workdir) / TOKENIZER_FILE
   if path.exists():
@@ -148,7 +179,8 @@ def get_tokenizer(workdir: str | os.PathLike, train_docs: Sequence[Document],
     raise DataError(
         f"{path} is missing after process 0 prepared the data; the workdir must "
         "be on storage every process sees (a shared file system or gs://)")
-  sp = train_tokenizer(train_docs, vocab_size, max_sentences)
+  sp = (train() if train is not None
+        else train_tokenizer(train_docs, vocab_size, max_sentences))
   if cache_file is not None and not save_tokenizer(sp, cache_file):
     sp = load_tokenizer(cache_file, vocab_size)  # Another run saved one first.
   return sp, True
