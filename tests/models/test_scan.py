@@ -48,12 +48,15 @@ def _loss_and_grads(config, variables, tokens_BL):
   return jax.value_and_grad(loss, has_aux=True)(variables["params"])
 
 
-@pytest.mark.parametrize("moe_layers,moe", [
-    ((1, 3), {}),
-    ((2,), dict(dispatch="dropless", router="topk", top_k=2)),
-    ((0, 1, 2, 3, 4), dict(router="hash")),
+# Each placement (a periodic unit, one MoE block among dense ones, every block
+# MoE) once, each with another remat policy: remat wraps every scanned unit
+# alike, whatever the unit holds.
+@pytest.mark.parametrize("moe_layers,moe,remat", [
+    ((1, 3), {}, "none"),
+    ((2,), dict(dispatch="dropless", router="topk", top_k=2), "full"),
+    ((0, 1, 2, 3, 4), dict(router="hash"), "dots_no_batch"),
+    ((1, 3), dict(dispatch="dropless"), "dots"),
 ])
-@pytest.mark.parametrize("remat", ["none", "full", "dots_no_batch"])
 def test_scanned_equals_unrolled(moe_layers, moe, remat):
   config = _config(moe_layers, **moe)
   scan_config = dataclasses.replace(config, scan_layers=True, remat=remat)
