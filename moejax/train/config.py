@@ -333,6 +333,11 @@ def parse(config: ml_collections.ConfigDict) -> RunConfig:
     optim = OptimizerConfig(**c["optim"])
   except TypeError as e:
     raise ConfigError(f"unknown config key: {e}") from None
+  if data.task != "lm":
+    raise ConfigError(
+        f"data.task={data.task!r}: moejax-train trains decoder LMs "
+        "(data.task='lm') so far; build mlm and seq2seq batches with "
+        "moejax.data.load_datasets (docs/data.md)")
   stages = _stages(c, data)
   mesh = MeshConfig(**c["mesh"])
   mesh.validate()
