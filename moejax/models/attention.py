@@ -1,7 +1,7 @@
 """Attention masks of packed rows, masked attention, and cross-attention.
 
-Shapes: B batch, L query length, X key length, S source length, H heads, A
-head width, D model width.
+Shapes: B batch, L length (of the queries, and of the keys, which may differ:
+a decoder attending to a source), H heads, A head width, D model width.
 
 A row may pack several examples: `segments` int[B, L] numbers them 1, 2, ...
 and marks padding 0. A query attends only to keys of its own segment (and,
@@ -21,12 +21,12 @@ def kernel_init(axes: tuple[str | None, ...]):
   return nn.with_logical_partitioning(KERNEL_INIT, axes)
 
 
-def segment_mask(q_segments_BL: jax.Array, k_segments_BX: jax.Array
+def segment_mask(q_segments_BL: jax.Array, k_segments_BL: jax.Array
                  ) -> jax.Array:
-  """bool[B, 1, L, X]: query and key in the same segment, neither padding."""
-  same_BLX = q_segments_BL[:, :, None] == k_segments_BX[:, None, :]
-  real_BLX = (q_segments_BL[:, :, None] != 0) & (k_segments_BX[:, None, :] != 0)
-  return (same_BLX & real_BLX)[:, None]
+  """bool[B, 1, L, L]: query and key in the same segment, neither padding."""
+  same_BLL = q_segments_BL[:, :, None] == k_segments_BL[:, None, :]
+  real_BLL = (q_segments_BL[:, :, None] != 0) & (k_segments_BL[:, None, :] != 0)
+  return (same_BLL & real_BLL)[:, None]
 
 
 def self_mask(segments_BL: jax.Array, causal: bool) -> jax.Array:
@@ -39,13 +39,13 @@ def self_mask(segments_BL: jax.Array, causal: bool) -> jax.Array:
   return mask_B1LL & causal_LL
 
 
-def attend(q_BLHA: jax.Array, k_BXHA: jax.Array, v_BXHA: jax.Array,
-           mask_B1LX: jax.Array) -> jax.Array:
-  """[B, L, H, A] softmax attention under `mask_B1LX`; a query that may attend
+def attend(q_BLHA: jax.Array, k_BLHA: jax.Array, v_BLHA: jax.Array,
+           mask_B1LL: jax.Array) -> jax.Array:
+  """[B, L, H, A] softmax attention under `mask_B1LL`; a query that may attend
   to no key gets 0."""
-  o_BLHA = jax.nn.dot_product_attention(q_BLHA, k_BXHA, v_BXHA,
-                                        mask=mask_B1LX)
-  any_BL = jnp.any(mask_B1LX[:, 0], axis=-1)
+  o_BLHA = jax.nn.dot_product_attention(q_BLHA, k_BLHA, v_BLHA,
+                                        mask=mask_B1LL)
+  any_BL = jnp.any(mask_B1LL[:, 0], axis=-1)
   return jnp.where(any_BL[:, :, None, None], o_BLHA, 0).astype(o_BLHA.dtype)
 
 
@@ -53,35 +53,35 @@ class CrossAttention(nn.Module):
   """Multi-head attention of the decoder's tokens to the encoder's output.
 
   With `cached` (decoding), the encoder's keys and values are computed on the
-  first call (from `memory_BSD`) and kept in the `cache` collection; later
-  calls read them and may pass `memory_BSD=None`.
+  first call (from `memory_BLD`) and kept in the `cache` collection; later
+  calls read them and may pass `memory_BLD=None`.
   """
 
   num_heads: int
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x_BLD: jax.Array, memory_BSD: jax.Array | None,
-               mask_B1LS: jax.Array, cached: bool = False) -> jax.Array:
-    """[B, L, D] attending to [B, S, D] under `mask_B1LS` -> [B, L, D]."""
+  def __call__(self, x_BLD: jax.Array, memory_BLD: jax.Array | None,
+               cross_mask_B1LL: jax.Array, cached: bool = False) -> jax.Array:
+    """[B, L, D] attending to [B, L, D] under `cross_mask_B1LL` -> [B, L, D]."""
     d_model = x_BLD.shape[-1]
     head_dim = d_model // self.num_heads
     q_BLHA = nn.DenseGeneral(
         (self.num_heads, head_dim), use_bias=False, dtype=self.dtype,
         kernel_init=kernel_init(("embed", "heads", "kv")), name="query")(x_BLD)
     if cached and self.has_variable("cache", "key"):
-      k_BSHA = self.get_variable("cache", "key")
-      v_BSHA = self.get_variable("cache", "value")
+      k_BLHA = self.get_variable("cache", "key")
+      v_BLHA = self.get_variable("cache", "value")
     else:
       kv = nn.DenseGeneral(
           (2, self.num_heads, head_dim), use_bias=False, dtype=self.dtype,
           kernel_init=kernel_init(("embed", None, "heads", "kv")),
-          name="kv")(memory_BSD)
-      k_BSHA, v_BSHA = kv[:, :, 0], kv[:, :, 1]
+          name="kv")(memory_BLD)
+      k_BLHA, v_BLHA = kv[:, :, 0], kv[:, :, 1]
       if cached:
-        self.put_variable("cache", "key", k_BSHA)
-        self.put_variable("cache", "value", v_BSHA)
-    o_BLHA = attend(q_BLHA, k_BSHA, v_BSHA, mask_B1LS)
+        self.put_variable("cache", "key", k_BLHA)
+        self.put_variable("cache", "value", v_BLHA)
+    o_BLHA = attend(q_BLHA, k_BLHA, v_BLHA, cross_mask_B1LL)
     return nn.DenseGeneral(
         d_model, axis=(-2, -1), use_bias=False, dtype=self.dtype,
         kernel_init=kernel_init(("heads", "kv", "embed")), name="out")(o_BLHA)

@@ -1,8 +1,8 @@
 """An encoder-decoder Transformer (`model.arch=encdec`) built from the decoder
 LM's blocks and MoE layers.
 
-Shapes: B batch, S source length, L target length (of this call when
-decoding), D model width, V vocabulary.
+Shapes: B batch, L length (of the source or of the target, which may differ;
+the target's of this call when decoding), D model width, V vocabulary.
 
 The encoder is a stack of bidirectional blocks, the decoder a stack of causal
 blocks that also attend to the encoder's output (`Block(cross=True)`). Each
@@ -15,7 +15,7 @@ same under `decoder/` (whose blocks add `cross_norm` and `cross_attn`).
 Outputs name MoE layers `encoder_layer_<i>` and `decoder_layer_<i>`
 (`moejax.layout.layer_name`).
 
-Packed rows: `source_segments_BS` and `target_segments_BL` number the examples
+Packed rows: `source_segments_BL` and `target_segments_BL` number the examples
 of a row from 1 (0: padding), `*_positions` restart at 0 for each example;
 target segment s attends only to source segment s. An unpacked padded batch
 passes segments 1 for tokens and 0 for padding.
@@ -47,7 +47,7 @@ class BlockStack(nn.Module):
   """Learned positions, `num_layers` blocks and a final norm: one side of the
   encoder-decoder. Returns (x [.., D] normed, {block index: MoEAux}).
 
-  The decoder side (`cross`) attends to `memory_BSD`; decoding (`decode`), it
+  The decoder side (`cross`) attends to `memory_BLD`; decoding (`decode`), it
   keeps the source segments in its `cache` with every block's keys and values
   (the encoder's once, the target's growing), so later calls pass no memory.
   """
@@ -62,7 +62,7 @@ class BlockStack(nn.Module):
 
   @nn.compact
   def __call__(self, tok_BLD, tokens_BL, *, segments_BL=None,
-               positions_BL=None, memory_BSD=None, source_segments_BS=None,
+               positions_BL=None, memory_BLD=None, source_segments_BL=None,
                deterministic=True, step=None):
     cfg = self.config
     pos = _table(self, "position", cfg.max_len, (None, "embed"), cfg.d_model)
@@ -73,8 +73,8 @@ class BlockStack(nn.Module):
                  else self_mask(segments_BL, self.causal))
     memory = None
     if self.cross:
-      memory = (memory_BSD, self._cross_mask(tokens_BL, segments_BL, memory_BSD,
-                                             source_segments_BS))
+      memory = (memory_BLD, self._cross_mask(tokens_BL, segments_BL, memory_BLD,
+                                             source_segments_BL))
     x_BLD, auxes = unrolled_blocks(
         cfg, self.num_layers, self.moe_layers, x_BLD, tokens_BL,
         deterministic=deterministic, mesh=self.mesh, step=step,
@@ -82,14 +82,14 @@ class BlockStack(nn.Module):
         memory=memory)
     return norm("final_norm", jnp.dtype(cfg.dtype))(x_BLD), auxes
 
-  def _cross_mask(self, tokens_BL, segments_BL, memory_BSD, source_segments_BS):
-    """bool[B, 1, L, S] (decoding [B, 1, 1, S]: one example per row)."""
+  def _cross_mask(self, tokens_BL, segments_BL, memory_BLD, source_segments_BL):
+    """bool[B, 1, L, L] (decoding [B, 1, 1, L]: one example per row)."""
     def source():
-      if source_segments_BS is not None:
-        return jnp.asarray(source_segments_BS, jnp.int32)
-      if memory_BSD is None:
+      if source_segments_BL is not None:
+        return jnp.asarray(source_segments_BL, jnp.int32)
+      if memory_BLD is None:
         raise ConfigError("the first decoder call needs the encoder's output")
-      return jnp.ones(memory_BSD.shape[:2], jnp.int32)
+      return jnp.ones(memory_BLD.shape[:2], jnp.int32)
     if self.decode:
       cached = self.variable("cache", "source_segments", source)
       return (cached.value != 0)[:, None, None, :]
@@ -107,7 +107,7 @@ def _merged(*auxes: dict) -> dict:
 
 
 class EncoderDecoder(nn.Module):
-  """Source ids [B, S] and target ids [B, L] -> float32 logits [B, L, V] (of
+  """Source ids [B, L] and target ids [B, L] -> float32 logits [B, L, V] (of
   the target's next tokens) and the MoE layers' aux outputs of both stacks, as
   `TransformerLM` reports them (`aux_loss` summed over both).
 
@@ -142,43 +142,43 @@ class EncoderDecoder(nn.Module):
     self.decoder = BlockStack(cfg, cfg.num_layers, cfg.moe_layers, causal=True,
                               cross=True, decode=self.decode, mesh=self.mesh)
 
-  def encode(self, source_BS, *, source_segments_BS=None,
-             source_positions_BS=None, deterministic=True, step=None):
-    """(encoder output [B, S, D], aux of the encoder's MoE layers)."""
+  def encode(self, source_BL, *, source_segments_BL=None,
+             source_positions_BL=None, deterministic=True, step=None):
+    """(encoder output [B, L, D], aux of the encoder's MoE layers)."""
     if self.decode:
       raise ConfigError("encode with a decode=False model; decode=True is for "
                         "decode_target")
-    encoded_BSD, auxes = self.encoder(
-        self.source_embedding[source_BS], source_BS,
-        segments_BL=source_segments_BS, positions_BL=source_positions_BS,
+    encoded_BLD, auxes = self.encoder(
+        self.source_embedding[source_BL], source_BL,
+        segments_BL=source_segments_BL, positions_BL=source_positions_BL,
         deterministic=deterministic, step=step)
-    return encoded_BSD, collect_aux(
+    return encoded_BLD, collect_aux(
         auxes, functools.partial(layer_name, stack=ENCODER))
 
-  def decode_target(self, target_BL, encoded_BSD=None, *,
-                    source_segments_BS=None, target_segments_BL=None,
+  def decode_target(self, target_BL, encoded_BLD=None, *,
+                    source_segments_BL=None, target_segments_BL=None,
                     target_positions_BL=None, deterministic=True, step=None):
     """(logits [B, L, V], aux of the decoder's MoE layers) of target tokens
-    attending to `encoded_BSD` (decoding: needed on the first call only)."""
+    attending to `encoded_BLD` (decoding: needed on the first call only)."""
     y_BLD, auxes = self.decoder(
         self.embedding[target_BL], target_BL, segments_BL=target_segments_BL,
-        positions_BL=target_positions_BL, memory_BSD=encoded_BSD,
-        source_segments_BS=source_segments_BS, deterministic=deterministic,
+        positions_BL=target_positions_BL, memory_BLD=encoded_BLD,
+        source_segments_BL=source_segments_BL, deterministic=deterministic,
         step=step)
     logits_BLV = jnp.einsum("bld,vd->blv", y_BLD.astype(jnp.float32),
                             self.embedding)
     return logits_BLV, collect_aux(
         auxes, functools.partial(layer_name, stack=DECODER))
 
-  def __call__(self, source_BS, target_BL, *, source_segments_BS=None,
-               target_segments_BL=None, source_positions_BS=None,
+  def __call__(self, source_BL, target_BL, *, source_segments_BL=None,
+               target_segments_BL=None, source_positions_BL=None,
                target_positions_BL=None, deterministic=True, step=None):
-    encoded_BSD, enc_aux = self.encode(
-        source_BS, source_segments_BS=source_segments_BS,
-        source_positions_BS=source_positions_BS, deterministic=deterministic,
+    encoded_BLD, enc_aux = self.encode(
+        source_BL, source_segments_BL=source_segments_BL,
+        source_positions_BL=source_positions_BL, deterministic=deterministic,
         step=step)
     logits_BLV, dec_aux = self.decode_target(
-        target_BL, encoded_BSD, source_segments_BS=source_segments_BS,
+        target_BL, encoded_BLD, source_segments_BL=source_segments_BL,
         target_segments_BL=target_segments_BL,
         target_positions_BL=target_positions_BL, deterministic=deterministic,
         step=step)
@@ -195,8 +195,8 @@ def make_model(config: TransformerConfig, *,
 
 
 def extend(model: EncoderDecoder, variables: dict, cache: dict | None,
-           target_BL: jax.Array, encoded_BSD: jax.Array | None = None,
-           source_segments_BS: jax.Array | None = None):
+           target_BL: jax.Array, encoded_BLD: jax.Array | None = None,
+           source_segments_BL: jax.Array | None = None):
   """Appends L target tokens to a cached decode (`model.decode` True):
   (new cache, logits [B, L, V], aux). The first call (`cache=None`) passes the
   encoder's output (and source segments), which the cache then keeps; later
@@ -205,6 +205,6 @@ def extend(model: EncoderDecoder, variables: dict, cache: dict | None,
   if cache is not None:
     inputs["cache"] = cache
   (logits_BLV, aux), updated = model.apply(
-      inputs, target_BL, encoded_BSD, source_segments_BS=source_segments_BS,
+      inputs, target_BL, encoded_BLD, source_segments_BL=source_segments_BL,
       method=EncoderDecoder.decode_target, mutable=["cache"])
   return updated["cache"], logits_BLV, aux

@@ -102,7 +102,7 @@ class Block(nn.Module):
   """Pre-norm block: x + attn(norm(x)); [x + cross_attn(norm(x), memory);]
   x + ffn(norm(x)), ffn dense or MoE. Self-attention is causal unless
   `causal=False`; `cross` adds attention to an encoder's output (`memory`:
-  (output [B, S, D], mask [B, 1, L, S])).
+  (output [B, L, D], mask [B, 1, L, L])).
 
   Returns (x [B, L, D], the MoE layer's `MoEAux` or None for a dense FFN)."""
 
@@ -122,9 +122,9 @@ class Block(nn.Module):
         cfg.num_heads, dtype, self.causal, name="attn")(
             norm("attn_norm", dtype)(x_BLD), cache_at, cfg.max_len, mask_B1LL)
     if self.cross:
-      memory_BSD, mask_B1LS = memory
+      memory_BLD, cross_mask_B1LL = memory
       x_BLD = x_BLD + CrossAttention(cfg.num_heads, dtype, name="cross_attn")(
-          norm("cross_norm", dtype)(x_BLD), memory_BSD, mask_B1LS,
+          norm("cross_norm", dtype)(x_BLD), memory_BLD, cross_mask_B1LL,
           cached=cache_at is not None)
     h_BLD = norm("ffn_norm", dtype)(x_BLD)
     ffn_init = FFNInit(cfg.ffn_init, cfg.num_layers)

@@ -153,8 +153,8 @@ def _encdec_setup(share_embeddings=True):
 def _encdec_inputs(src, tgt):
   src_seg, src_pos = _packed(SOURCE_LENGTHS, S)
   tgt_seg, tgt_pos = _packed(TARGET_LENGTHS, L)
-  return dict(source_BS=src, target_BL=tgt, source_segments_BS=src_seg,
-              target_segments_BL=tgt_seg, source_positions_BS=src_pos,
+  return dict(source_BL=src, target_BL=tgt, source_segments_BL=src_seg,
+              target_segments_BL=tgt_seg, source_positions_BL=src_pos,
               target_positions_BL=tgt_pos)
 
 
@@ -191,12 +191,12 @@ def test_encdec_equals_the_naive_reference_on_packed_rows(share):
   src, tgt = _tokens(1, S), _tokens(2, L)
   logits, aux = _run_encdec(model, variables, src, tgt)
   inputs = _encdec_inputs(src, tgt)
-  src_seg, tgt_seg = inputs["source_segments_BS"], inputs["target_segments_BL"]
+  src_seg, tgt_seg = inputs["source_segments_BL"], inputs["target_segments_BL"]
   masks = (_mask(src_seg, src_seg, causal=False),
            _mask(tgt_seg, tgt_seg, causal=True),
            _mask(tgt_seg, src_seg, causal=False))
   expected = _reference_encdec(
-      variables["params"], src, tgt, inputs["source_positions_BS"],
+      variables["params"], src, tgt, inputs["source_positions_BL"],
       inputs["target_positions_BL"], masks)
   np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-5)
   # Both stacks' MoE layers, named by stack, the model's aux loss their sum.
@@ -267,10 +267,10 @@ def test_cached_decoding_equals_the_full_decoder():
   variables = _encdec_setup()[2]
   src, tgt = _tokens(1, S), _tokens(2, L)
   src_seg = jnp.asarray([[1] * S, [1] * 7 + [0] * 3], jnp.int32)  # Row 1 padded.
-  full, aux = jax.jit(functools.partial(model.apply, source_segments_BS=src_seg)
+  full, aux = jax.jit(functools.partial(model.apply, source_segments_BL=src_seg)
                       )(variables, src, tgt)
   encoded, _ = jax.jit(functools.partial(
-      model.apply, method=EncoderDecoder.encode, source_segments_BS=src_seg))(
+      model.apply, method=EncoderDecoder.encode, source_segments_BL=src_seg))(
           variables, src)
   decoder = model.clone(decode=True)
   prefill = 3

@@ -32,7 +32,7 @@ def _inputs(arch, rows=2, seed=1):
   segments = jnp.asarray([[1] * 5 + [2] * 2 + [0]] * rows, jnp.int32)
   if arch == "encoder":
     return (src,), dict(segments_BL=segments)
-  return (src, tgt), dict(source_segments_BS=segments,
+  return (src, tgt), dict(source_segments_BL=segments,
                           target_segments_BL=segments)
 
 
