@@ -10,6 +10,7 @@ Switch MoE written out per expert.
 
 import dataclasses
 import functools
+import json
 
 import flax.linen as nn
 import jax
@@ -21,8 +22,10 @@ from moejax import layout
 from moejax.errors import ConfigError
 from moejax.models import (EncoderDecoder, MoEConfig, TransformerConfig,
                            TransformerLM, make_model)
+from moejax.models.config import transformer_config_from_json
 from moejax.models.decode import decoding_config
 from moejax.models.encdec import extend
+from moejax.models.sizes import param_counts
 
 V, MAX_LEN, D, H, E = 32, 12, 16, 2, 4
 S, L = 10, 8  # Source and target lengths of a packed row.
@@ -334,3 +337,26 @@ def test_encoder_depth_and_placement_per_stack():
   assert "ffn" in params["encoder"]["block_0"]
   assert all("moe" in params["decoder"][f"block_{i}"] for i in (0, 1))
   assert dataclasses.replace(config, num_encoder_layers=None).encoder_depth == 2
+
+
+def test_config_json_round_trips_and_old_files_read_as_decoders():
+  config = _config("encdec", num_encoder_layers=3, encoder_moe_layers=(1, 2),
+                   share_embeddings=False)
+  saved = json.loads(json.dumps(dataclasses.asdict(config)))
+  assert transformer_config_from_json(saved) == config
+  old = {k: v for k, v in dataclasses.asdict(_config("decoder")).items()
+         if k not in ("arch", "num_encoder_layers", "encoder_moe_layers",
+                      "share_embeddings")}
+  assert transformer_config_from_json(old) == _config("decoder")
+
+
+def test_param_counts_cover_both_stacks():
+  config = _config("encdec")
+  params = jax.eval_shape(make_model(config).init, jax.random.key(0),
+                          _tokens(1, S), _tokens(2, L))["params"]
+  sizes = {k: sum(np.prod(x.shape) for x in jax.tree.leaves(v))
+           for k, v in params.items()}
+  total, active = param_counts(config)
+  assert total == sum(sizes.values())
+  expert = D * 32 * 2  # One expert's w_in and w_out; a token uses 1 of E = 4.
+  assert active == total - 2 * (E - 1) * expert  # Two MoE layers.
