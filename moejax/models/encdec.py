@@ -144,10 +144,8 @@ class EncoderDecoder(nn.Module):
 
   def encode(self, source_BL, *, source_segments_BL=None,
              source_positions_BL=None, deterministic=True, step=None):
-    """(encoder output [B, L, D], aux of the encoder's MoE layers)."""
-    if self.decode:
-      raise ConfigError("encode with a decode=False model; decode=True is for "
-                        "decode_target")
+    """(encoder output [B, L, D], aux of the encoder's MoE layers); the same
+    with `decode` True or False (the encoder keeps no cache)."""
     encoded_BLD, auxes = self.encoder(
         self.source_embedding[source_BL], source_BL,
         segments_BL=source_segments_BL, positions_BL=source_positions_BL,

@@ -360,3 +360,18 @@ def test_param_counts_cover_both_stacks():
   assert total == sum(sizes.values())
   expert = D * 32 * 2  # One expert's w_in and w_out; a token uses 1 of E = 4.
   assert active == total - 2 * (E - 1) * expert  # Two MoE layers.
+
+
+def test_remat_is_the_same_function():
+  _, model, variables = _encdec_setup()
+  inputs = _encdec_inputs(_tokens(1, S), _tokens(2, L))
+
+  def grads(model):
+    def loss(params):
+      logits, aux = model.apply({"params": params}, **inputs)
+      return jnp.mean(logits ** 2) + aux["aux_loss"]
+    return jax.jit(jax.value_and_grad(loss))(variables["params"])
+  rematted = make_model(_config("encdec", remat="full"))
+  for a, b in zip(jax.tree.leaves(grads(model)), jax.tree.leaves(grads(rematted)),
+                  strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
