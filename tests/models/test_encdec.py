@@ -375,3 +375,18 @@ def test_remat_is_the_same_function():
   for a, b in zip(jax.tree.leaves(grads(model)), jax.tree.leaves(grads(rematted)),
                   strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_a_packed_example_of_the_decoder_lm_equals_it_alone():
+  """`arch=decoder` with segments and positions: example 2 of a packed row
+  gives the logits it gives as a row of its own."""
+  model = make_model(_config("decoder"))
+  tokens = _tokens(1, S)
+  seg, pos = _packed(SOURCE_LENGTHS, S)
+  variables = nn.unbox(jax.jit(model.init)(jax.random.key(0), tokens))
+  packed, _ = jax.jit(functools.partial(model.apply, segments_BL=seg,
+                                        positions_BL=pos))(variables, tokens)
+  start, n = SOURCE_LENGTHS[0][0], SOURCE_LENGTHS[0][1]  # Row 0, example 2.
+  alone, _ = jax.jit(model.apply)(variables, tokens[:1, start:start + n])
+  np.testing.assert_allclose(packed[0, start:start + n], alone[0], rtol=1e-5,
+                             atol=1e-6)
