@@ -48,8 +48,8 @@ def param_counts(config: TransformerConfig) -> tuple[int, int]:
   """(total params, params active per token): an MoE layer's token uses K of
   its E experts (its router and everything outside the experts always).
   An encoder-decoder counts both stacks."""
-  tokens_BL = jnp.zeros((1, 1), jnp.int32)
-  inputs = (tokens_BL, tokens_BL) if config.arch == "encdec" else (tokens_BL,)
+  one_token = jnp.zeros((1, 1), jnp.int32)
+  inputs = (one_token,) * (2 if config.arch == "encdec" else 1)
   abstract = jax.eval_shape(
       lambda: nn.unbox(make_model(config).init(jax.random.key(0), *inputs)))
   total, experts = 0, 0
