@@ -3,7 +3,10 @@ names and rules, in both layouts.
 
 Unrolled (the canonical layout): block i's variables are `block_<i>` (a dense
 FFN `block_<i>/ffn`, a MoE layer `block_<i>/moe`); its MoE layer's outputs
-(metrics, routes, traces) are named `layer_<i>`. Stage transforms, replay and
+(metrics, routes, traces) are named `layer_<i>`. An encoder-decoder
+(`moejax.models.encdec`) keeps each stack's blocks under `encoder/` and
+`decoder/` (`encoder/block_<i>/moe`), its outputs named `encoder_layer_<i>` and
+`decoder_layer_<i>`. Stage transforms, replay and
 init transforms read and write this layout.
 
 Scanned (`model.scan_layers`): the blocks split into `Stack`s, each R copies of
@@ -26,7 +29,7 @@ import jax.numpy as jnp
 from moejax.errors import ConfigError
 
 _BLOCK = re.compile(r"block_(\d+)(/|$)")
-_LAYER = re.compile(r"layer_(\d+)")
+_LAYER = re.compile(r"(?:(encoder|decoder)_)?layer_(\d+)")
 _BLOCK_KEY = re.compile(r"block_\d+")
 _STACK = re.compile(r"stack_(\d+)")
 _STACK_PATH = re.compile(r"stack_\d+/")
@@ -38,8 +41,10 @@ def block_name(i: int) -> str:
   return f"block_{i}"
 
 
-def layer_name(i: int) -> str:
-  return f"layer_{i}"
+def layer_name(i: int, stack: str | None = None) -> str:
+  """The name of block i's MoE layer in outputs: `layer_<i>`, or in the
+  `stack` (`encoder`, `decoder`) of an encoder-decoder `<stack>_layer_<i>`."""
+  return f"{stack}_layer_{i}" if stack else f"layer_{i}"
 
 
 def stack_name(j: int) -> str:
@@ -68,11 +73,14 @@ def ffn_rule(layers: Iterable[int] | None = None) -> str:
 
 
 def moe_path(layer: str) -> str:
-  """Where MoE layer `layer` ('layer_1') keeps its variables ('block_1/moe')."""
+  """Where MoE layer `layer` ('layer_1', 'encoder_layer_3') keeps its variables
+  ('block_1/moe', 'encoder/block_3/moe')."""
   match = _LAYER.fullmatch(layer)
   if match is None:
-    raise ConfigError(f"{layer!r} is not a MoE layer's name (layer_<i>)")
-  return f"{block_name(int(match.group(1)))}/moe"
+    raise ConfigError(f"{layer!r} is not a MoE layer's name (layer_<i>, "
+                      "encoder_layer_<i>, decoder_layer_<i>)")
+  stack = f"{match.group(1)}/" if match.group(1) else ""
+  return f"{stack}{block_name(int(match.group(2)))}/moe"
 
 
 @dataclasses.dataclass(frozen=True)

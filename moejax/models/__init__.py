@@ -1,6 +1,10 @@
-"""The decoder-only Transformer LM and its typed configuration."""
+"""The Transformer models (decoder LM, encoder masked LM, encoder-decoder)
+and their typed configuration."""
 
 from moejax.models.config import MoEConfig, TransformerConfig, resolve_moe_layers
+from moejax.models.encdec import EncoderDecoder, make_model
+from moejax.models.losses import mlm_loss, seq2seq_loss
 from moejax.models.transformer import TransformerLM
 
-__all__ = ["MoEConfig", "TransformerConfig", "TransformerLM", "resolve_moe_layers"]
+__all__ = ["EncoderDecoder", "MoEConfig", "TransformerConfig", "TransformerLM",
+           "make_model", "mlm_loss", "resolve_moe_layers", "seq2seq_loss"]

@@ -7,6 +7,10 @@ from moejax.errors import ConfigError
 from moejax.moe.ffn_init import DEFAULT_FFN_INIT
 
 DTYPES = ("float32", "bfloat16")
+# `model.arch`: a causal decoder LM (`decoder`), a bidirectional encoder with a
+# masked-LM head (`encoder`), or an encoder-decoder (`encdec`,
+# `moejax.models.encdec`).
+ARCHS = ("decoder", "encoder", "encdec")
 # `model.remat`: what the backward pass recomputes, per block (per scanned unit
 # with `model.scan_layers`): nothing (`none`); everything (`full`: only the
 # block's inputs are kept); everything but matmul outputs (`dots`); everything
@@ -51,16 +55,18 @@ class MoEConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
-  """A pre-norm decoder-only Transformer whose chosen FFN layers are MoE.
+  """A pre-norm Transformer whose chosen FFN layers are MoE: a decoder LM, an
+  encoder (masked LM) or an encoder-decoder (`arch`).
 
   Attributes:
     vocab_size: V.
     max_len: longest sequence (learned positions).
-    num_layers: decoder blocks.
+    num_layers: blocks of the model (`encdec`: of its decoder stack).
     d_model: D.
     num_heads: attention heads (D must divide evenly).
     d_ff: F of the dense FFNs.
-    moe_layers: indices of the blocks whose FFN is MoE.
+    moe_layers: indices of the blocks whose FFN is MoE (`encdec`: decoder
+      blocks).
     moe: the MoE FFN settings.
     dtype: compute dtype, `float32` or `bfloat16` (params stay float32; router
       logits, softmax and the output logits are always float32).
@@ -72,6 +78,13 @@ class TransformerConfig:
       the params), compiled once per unit instead of once per block.
     remat: rematerialisation policy per block or scanned unit
       (`REMAT_POLICIES`).
+    arch: `decoder`, `encoder` or `encdec` (`ARCHS`).
+    num_encoder_layers: `encdec`: blocks of the encoder stack (None: as many
+      as `num_layers`).
+    encoder_moe_layers: `encdec`: indices of the encoder blocks whose FFN is
+      MoE (StableMoE's translation model: (3,) with `moe_layers=(3,)`).
+    share_embeddings: `encdec`: source and target tokens share one embedding
+      (also the output projection); else the source has its own.
   """
 
   vocab_size: int
@@ -86,10 +99,23 @@ class TransformerConfig:
   ffn_init: str = DEFAULT_FFN_INIT
   scan_layers: bool = False
   remat: str = "none"
+  arch: str = "decoder"
+  num_encoder_layers: int | None = None
+  encoder_moe_layers: tuple[int, ...] = ()
+  share_embeddings: bool = True
+
+  @property
+  def encoder_depth(self) -> int:
+    """Blocks of the `encdec` encoder stack."""
+    return (self.num_layers if self.num_encoder_layers is None
+            else self.num_encoder_layers)
 
 
-def resolve_moe_layers(spec: Any, num_layers: int) -> tuple[int, ...]:
-  """Block indices from `every_other` (1, 3, ...), `middle`, `all`, `none`, or a list."""
+def resolve_moe_layers(spec: Any, num_layers: int,
+                       key: str = "model.moe_layers") -> tuple[int, ...]:
+  """Block indices from `every_other` (1, 3, ...), `middle`, `all`, `none`, or a
+  list; `key` names the setting in errors (`model.encoder_moe_layers` for the
+  encoder stack of an `encdec` model)."""
   if isinstance(spec, str):
     named = {
         "every_other": tuple(range(1, num_layers, 2)),
@@ -103,13 +129,13 @@ def resolve_moe_layers(spec: Any, num_layers: int) -> tuple[int, ...]:
       spec = [int(s) for s in spec.split(",") if s.strip()]
     except ValueError:
       raise ConfigError(
-          f"model.moe_layers={spec!r} is not one of {', '.join(named)} or a comma "
+          f"{key}={spec!r} is not one of {', '.join(named)} or a comma "
           "list of block indices") from None
   layers = tuple(sorted(set(int(i) for i in spec)))
   bad = [i for i in layers if not 0 <= i < num_layers]
   if bad:
     raise ConfigError(
-        f"model.moe_layers has indices {bad} outside 0..{num_layers - 1}; "
+        f"{key} has indices {bad} outside 0..{num_layers - 1}; "
         "use block indices of the model")
   return layers
 
@@ -118,8 +144,9 @@ def transformer_config_from_json(d: dict[str, Any]) -> TransformerConfig:
   """Inverse of `dataclasses.asdict` for a TransformerConfig (config.json)."""
   moe = dict(d["moe"])
   moe["router_options"] = tuple(tuple(kv) for kv in moe["router_options"])
-  return TransformerConfig(**{**d, "moe": MoEConfig(**moe),
-                              "moe_layers": tuple(d["moe_layers"])})
+  return TransformerConfig(**{
+      **d, "moe": MoEConfig(**moe), "moe_layers": tuple(d["moe_layers"]),
+      "encoder_moe_layers": tuple(d.get("encoder_moe_layers", ()))})
 
 
 def experts_per_token(top_k: int, num_shared: int = 0) -> int:

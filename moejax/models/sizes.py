@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from moejax.errors import ConfigError
 from moejax.models.config import TransformerConfig
-from moejax.models.transformer import TransformerLM
+from moejax.models.encdec import make_model
 
 SHAPE_KEYS = ("num_layers", "d_model", "num_heads", "d_ff")
 
@@ -46,10 +46,12 @@ def apply_size(model: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any
 
 def param_counts(config: TransformerConfig) -> tuple[int, int]:
   """(total params, params active per token): an MoE layer's token uses K of
-  its E experts (its router and everything outside the experts always)."""
+  its E experts (its router and everything outside the experts always).
+  An encoder-decoder counts both stacks."""
+  one_token = jnp.zeros((1, 1), jnp.int32)
+  inputs = (one_token,) * (2 if config.arch == "encdec" else 1)
   abstract = jax.eval_shape(
-      lambda: nn.unbox(TransformerLM(config).init(
-          jax.random.key(0), jnp.zeros((1, 1), jnp.int32))))
+      lambda: nn.unbox(make_model(config).init(jax.random.key(0), *inputs)))
   total, experts = 0, 0
   for path, leaf in jax.tree_util.tree_leaves_with_path(abstract["params"]):
     n = math.prod(leaf.shape)
