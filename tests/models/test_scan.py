@@ -45,7 +45,7 @@ def _loss_and_grads(config, variables, tokens_BL):
     logits_BLV, aux = TransformerLM(config).apply(
         {**variables, "params": params}, tokens_BL)
     return jnp.mean(jax.nn.log_softmax(logits_BLV)[..., 0]) + aux["aux_loss"], aux
-  return jax.value_and_grad(loss, has_aux=True)(variables["params"])
+  return jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
 
 
 # Each placement (a periodic unit, one MoE block among dense ones, every block
@@ -68,7 +68,8 @@ def test_scanned_equals_unrolled(moe_layers, moe, remat):
   jax.tree.map(np.testing.assert_array_equal,
                layout.unrolled(scan_variables, scan_config), variables)
   # The scanned model's own init has the same tree and shapes.
-  own = nn.unbox(TransformerLM(scan_config).init(jax.random.key(0), tokens_BL))
+  own = nn.unbox(jax.eval_shape(TransformerLM(scan_config).init,
+                                jax.random.key(0), tokens_BL))
   assert jax.tree.map(jnp.shape, own) == jax.tree.map(jnp.shape, dict(scan_variables))
 
   (loss, aux), grads = _loss_and_grads(config, variables, tokens_BL)

@@ -9,7 +9,7 @@ from moejax.metrics.writers import read_metrics, series
 from moejax.train import parse, train_and_evaluate
 from moejax.train.config import stage_config
 from moejax.train import loop
-from tests.conftest import checkpoint_params, tiny_stablemoe
+from tests.conftest import checkpoint_params, tiny_config, tiny_stablemoe
 
 
 def evomoe(tiny, **train):
@@ -55,15 +55,22 @@ def test_stablemoe_freezes_the_distilled_router(tmp_path, tiny):
   assert (tmp_path / "fluctuation.png").stat().st_size > 1000
 
 
-def test_evomoe_goes_from_dense_to_one_expert(tmp_path, tiny):
-  train_and_evaluate(parse(evomoe(tiny)), tmp_path, verbose=False)
-  rows = read_metrics(tmp_path)
+@pytest.fixture(scope="module")
+def evomoe_run(tmp_path_factory):
+  """The workdir of `evomoe(tiny_config)` trained through, once per worker."""
+  workdir = tmp_path_factory.mktemp("evomoe")
+  train_and_evaluate(parse(evomoe(tiny_config)), workdir, verbose=False)
+  return workdir
+
+
+def test_evomoe_goes_from_dense_to_one_expert(evomoe_run):
+  rows = read_metrics(evomoe_run)
   dense = [r for r in rows if r["stage"] == 0 and "train/loss" in r]
   assert dense and not any("router/experts_per_token" in r for r in dense)
   steps, k = series(rows, "router/experts_per_token")
   # Global step 15 is stage step 4 (soft); from stage step 5 on, sampled top-1.
   assert steps == [15, 20, 25, 30] and k[0] > 1.0 and k[1:] == [1.0, 1.0, 1.0]
-  first = checkpoint_params(tmp_path, 1, 10)["block_1"]["moe"]["experts"]["w_in"]
+  first = checkpoint_params(evomoe_run, 1, 10)["block_1"]["moe"]["experts"]["w_in"]
   assert first.shape[0] == 4
   zero = (np.asarray(first) == 0).mean()
   assert 0.05 < zero < 0.15  # mask_ratio 0.1.
@@ -81,10 +88,9 @@ class _Crash(Exception):
 
 
 @pytest.mark.parametrize("where", ["mid_stage", "entering_stage"])
-def test_resume_across_a_stage_boundary_reproduces_the_run(tmp_path, tiny,
-                                                           monkeypatch, where):
-  config = parse(evomoe(tiny))
-  train_and_evaluate(config, tmp_path / "straight", verbose=False)
+def test_resume_across_a_stage_boundary_reproduces_the_run(
+    tmp_path, evomoe_run, monkeypatch, where):
+  config = parse(evomoe(tiny_config))
   if where == "mid_stage":  # After the stage-1 boundary checkpoint, at step 15.
     real = loop.MetricWriter.write
 
@@ -101,7 +107,7 @@ def test_resume_across_a_stage_boundary_reproduces_the_run(tmp_path, tiny,
     train_and_evaluate(config, tmp_path / "resumed", verbose=False)
   monkeypatch.undo()
   train_and_evaluate(config, tmp_path / "resumed", verbose=False)
-  straight = read_metrics(tmp_path / "straight")
+  straight = read_metrics(evomoe_run)
   resumed = read_metrics(tmp_path / "resumed")
   for key in ("train/loss", "router/experts_per_token", "eval/loss",
               "router/fluctuation"):
