@@ -1,5 +1,6 @@
 """Simulate 8 CPU devices before jax is imported anywhere in the test session,
-and keep the data cache of every run in a temporary directory.
+and keep the data cache and the XLA compilation cache of the session in
+temporary directories.
 
 `MOEJAX_TEST_ACCELERATOR=1` leaves the platform to JAX (the lent accelerator:
 `benchmarks/device_check.sh` runs `tests/kernels` so, where the Pallas kernels
@@ -21,6 +22,16 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # corpus is prepared once per test process), never the user's ~/.cache/moejax.
 os.environ["MOEJAX_CACHE_DIR"] = tempfile.mkdtemp(prefix="moejax-test-cache-")
 atexit.register(shutil.rmtree, os.environ["MOEJAX_CACHE_DIR"], True)
+# One persistent XLA compilation cache per test session, made by the first
+# process (pytest itself: the xdist workers and every subprocess a test starts,
+# the CLI and two-process runs, inherit it): a program compiled again (the
+# same tiny config in another test, a resumed run, a one-process reference)
+# is read back instead. Results are the same executable's.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(
+      prefix="moejax-test-xla-")
+  atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 import pathlib  # noqa: E402
 
