@@ -20,13 +20,13 @@ from typing import Any
 
 from etils import epath
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from moejax.data.config import DataConfig
 from moejax.errors import DataError
 from moejax.parallel import hosts
-from moejax.train.step import cross_entropy, router_metrics
+from moejax.train.program import model_inputs
+from moejax.train.step import loss_sums, router_metrics
 from moejax.train.trained import Trained
 
 EVAL_DIR = "eval"
@@ -45,12 +45,9 @@ def source_key(source: str) -> str:
 
 def _eval_step(model):
 
-  def step(variables, inputs_BL, targets_BL):
-    logits_BLV, aux = model.apply(variables, inputs_BL, deterministic=True)
-    ce_BL = cross_entropy(logits_BLV, targets_BL)
-    out = {"loss_sum": jnp.sum(ce_BL),
-           "tokens": jnp.asarray(ce_BL.size, jnp.float32),
-           **router_metrics(aux["layers"])}
+  def step(variables, batch):
+    logits_BLV, aux = model.apply(variables, batch["inputs"], deterministic=True)
+    out = {**loss_sums(logits_BLV, batch), **router_metrics(aux["layers"])}
     out.update({f"router/{layer}/load": load_E
                 for layer, load_E in aux["loads"].items()})
     return out
@@ -59,7 +56,8 @@ def _eval_step(model):
 
 
 def evaluate(trained: Trained, data: DataConfig | None = None) -> dict[str, Any]:
-  """`eval/loss` (mean next-token nats), `eval/ppl` and the router metrics
+  """`eval/loss` (mean next-token nats; a masked LM's: over the masked
+  positions), `eval/ppl` and the router metrics
   (means over batches of the trainer's `router/...` keys, with per-expert
   loads `router/layer_<i>/load`) on the held-out batches of `data`."""
   from moejax.data import load_datasets  # pylint: disable=g-import-not-at-top
@@ -76,8 +74,7 @@ def evaluate(trained: Trained, data: DataConfig | None = None) -> dict[str, Any]
   step = _eval_step(trained.model)
   totals, tokens = {}, 0
   for batch in datasets.eval_batches:
-    out = jax.device_get(step(trained.variables, batch["inputs"],
-                              batch["targets"]))
+    out = jax.device_get(step(trained.variables, model_inputs(batch)))
     tokens += int(out["tokens"])
     for key, value in out.items():
       totals[key] = totals.get(key, 0) + np.asarray(value, np.float64)

@@ -100,15 +100,21 @@ def check_preset(name: str, workdir: pathlib.Path) -> dict[str, float]:
 def check_trained(workdir: pathlib.Path, steps: int) -> dict[str, float]:
   """Samples and evaluates the run trained `steps` steps in `workdir`;
   AssertionError where a result is wrong. Returns seconds per part."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from moejax.evaluate import evaluate, write_result  # pylint: disable=g-import-not-at-top
-  from moejax.metrics.writers import read_metrics  # pylint: disable=g-import-not-at-top
+  from moejax.errors import ConfigError  # pylint: disable=g-import-not-at-top
   from moejax.models.decode import Decoder  # pylint: disable=g-import-not-at-top
   from moejax.sample import annotate, sample  # pylint: disable=g-import-not-at-top
   from moejax.train.trained import load_trained  # pylint: disable=g-import-not-at-top
   times, start = {}, time.perf_counter()
   trained = load_trained(workdir)  # What moejax-sample and moejax-eval load.
   assert trained.step == steps, trained.step
+  if trained.model_config.arch == "encoder":  # A masked LM: nothing to sample.
+    try:
+      sample(trained, PROMPT, max_new_tokens=NEW_TOKENS, seed=1)
+    except ConfigError as e:
+      assert "bidirectional" in str(e) and "\n" not in str(e), e
+    else:
+      raise AssertionError("sampling an encoder did not fail")
+    return {**times, **_check_eval(trained, workdir)}
   # One device, as on a laptop: decoding routes one sequence, which a
   # training-only option (the aux loss's micro-batches) once refused.
   assert trained.mesh.size == 1, trained.mesh
@@ -129,15 +135,22 @@ def check_trained(workdir: pathlib.Path, steps: int) -> dict[str, float]:
     shown = annotate(first, trained.tokenizer)
     assert shown.startswith(f"[layer_{min(moe)}: expert per token]"), shown
   times["sample"] = time.perf_counter() - start
+  return {**times, **_check_eval(trained, workdir)}
+
+
+def _check_eval(trained, workdir: pathlib.Path) -> dict[str, float]:
+  """On the run's own data, moejax-eval reproduces the trainer's last
+  eval/loss and writes its result file."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from moejax.evaluate import evaluate, write_result  # pylint: disable=g-import-not-at-top
+  from moejax.metrics.writers import read_metrics  # pylint: disable=g-import-not-at-top
   start = time.perf_counter()
   result = evaluate(trained, trained.config.data)
   write_result(trained, result)
   logged = [r["eval/loss"] for r in read_metrics(workdir) if "eval/loss" in r]
-  # On the run's own data, moejax-eval reproduces the trainer's last eval/loss.
   np.testing.assert_allclose(result["eval/loss"], logged[-1], rtol=1e-5)
   assert (workdir / "eval" / f"embedded-{trained.step}.json").is_file()
-  times["eval"] = time.perf_counter() - start
-  return times
+  return {"eval": time.perf_counter() - start}
 
 
 def without_method() -> list[str]:

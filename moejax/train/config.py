@@ -25,7 +25,7 @@ from ml_collections import config_dict
 from moejax.data.config import DataConfig
 from moejax.errors import ConfigError
 from moejax.kernels import check_impl
-from moejax.models.config import (DTYPES, REMAT_POLICIES, MoEConfig,
+from moejax.models.config import (ARCHS, DTYPES, REMAT_POLICIES, MoEConfig,
                                   TransformerConfig,
                                   active_ffn_flops_per_token, expert_width,
                                   resolve_moe_layers)
@@ -38,6 +38,11 @@ from moejax.routing.registry import check_router
 from moejax.stages.stage import Stage
 from moejax.stages.transforms import get_transition
 from moejax.train.optimizer import SCHEDULES, OptimizerConfig
+
+
+# (model.arch, data.task) pairs the trainer runs: the decoder on next-token
+# windows, the encoder on masked-LM batches (`moejax.data.mlm`).
+TRAINED_ARCHS = (("decoder", "lm"), ("encoder", "mlm"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,7 +141,7 @@ def default_config() -> ml_collections.ConfigDict:
       capacity_factor=1.25, expert_d_ff=config_dict.placeholder(int),
       equal_flops=True, matmul="xla", size="", num_shared_experts=0,
       expert_depth=1, ffn_init=DEFAULT_FFN_INIT, scan_layers=False,
-      remat="none"))
+      remat="none", arch="decoder"))
   for name, cls in TYPED_SECTIONS.items():
     c[name] = _section(cls)
   c.stages = []
@@ -175,6 +180,12 @@ def _model(m: dict[str, Any], data: DataConfig) -> TransformerConfig:
   _choice("model.dispatch", m["dispatch"], DISPATCH_PATHS)
   _choice("model.ffn_init", m["ffn_init"], FFN_INITS)
   _choice("model.remat", m["remat"], REMAT_POLICIES)
+  _choice("model.arch", m["arch"], ARCHS)
+  if (m["arch"], data.task) not in TRAINED_ARCHS:
+    raise ConfigError(
+        f"model.arch={m['arch']!r} with data.task={data.task!r}: moejax-train "
+        "trains " + ", ".join(f"arch={a!r} on task={t!r}" for a, t in
+                              TRAINED_ARCHS) + " so far")
   if not isinstance(m["scan_layers"], bool):
     raise ConfigError(f"model.scan_layers must be True or False, got "
                       f"{m['scan_layers']!r}")
@@ -211,7 +222,7 @@ def _model(m: dict[str, Any], data: DataConfig) -> TransformerConfig:
       vocab_size=data.vocab_size, max_len=data.seq_len, num_layers=m["num_layers"],
       d_model=m["d_model"], num_heads=m["num_heads"], d_ff=m["d_ff"],
       moe_layers=moe_layers, moe=moe, dtype=m["dtype"], ffn_init=m["ffn_init"],
-      scan_layers=m["scan_layers"], remat=m["remat"])
+      scan_layers=m["scan_layers"], remat=m["remat"], arch=m["arch"])
 
 
 def _stage_lengths(entries: list[dict], total: int) -> list[int]:
@@ -333,11 +344,6 @@ def parse(config: ml_collections.ConfigDict) -> RunConfig:
     optim = OptimizerConfig(**c["optim"])
   except TypeError as e:
     raise ConfigError(f"unknown config key: {e}") from None
-  if data.task != "lm":
-    raise ConfigError(
-        f"data.task={data.task!r}: moejax-train trains decoder LMs "
-        "(data.task='lm') so far; build mlm and seq2seq batches with "
-        "moejax.data.load_datasets (docs/data.md)")
   stages = _stages(c, data)
   mesh = MeshConfig(**c["mesh"])
   mesh.validate()

@@ -162,5 +162,8 @@ def build_program(config: RunConfig, index: int, data, init_rng: jax.Array,
 
 
 def model_inputs(batch):
-  """The arrays of a data batch that the model reads (not its domains)."""
-  return {"inputs": batch["inputs"], "targets": batch["targets"]}
+  """The arrays of a data batch that the step reads (not its domains): inputs,
+  targets and, masked-LM batches, the weights of the scored positions."""
+  keys = ("inputs", "targets", "weights") if "weights" in batch else (
+      "inputs", "targets")
+  return {key: batch[key] for key in keys}

@@ -24,6 +24,37 @@ def cross_entropy(logits_BLV: jax.Array, targets_BL: jax.Array) -> jax.Array:
       logits_BLV.astype(jnp.float32), targets_BL)
 
 
+def token_weights(batch: Batch) -> Batch:
+  """A masked-LM batch (`weights` [B, L]: 1 at the positions scored) with its
+  weights scaled by B * L / their sum, so that the mean of ce * weights over
+  any equal split of the rows (`moejax.train.accumulate`'s micro-batches)
+  averages to the whole batch's weighted mean. Other batches unchanged."""
+  if "weights" not in batch:
+    return batch
+  w_BL = batch["weights"].astype(jnp.float32)
+  return {**batch, "weights": w_BL * (w_BL.size / jnp.maximum(jnp.sum(w_BL), 1))}
+
+
+def mean_loss(logits_BLV: jax.Array, batch: Batch) -> jax.Array:
+  """float32[]: the mean cross-entropy of the batch's scored tokens (every
+  token, or those `token_weights` weighs)."""
+  ce_BL = cross_entropy(logits_BLV, batch["targets"])
+  if "weights" not in batch:
+    return jnp.mean(ce_BL)
+  return jnp.mean(ce_BL * batch["weights"])
+
+
+def loss_sums(logits_BLV: jax.Array, batch: Batch) -> Metrics:
+  """{"loss_sum", "tokens"}: the summed cross-entropy of the scored tokens
+  (weights 1 where a masked-LM batch scores) and how many there are."""
+  ce_BL = cross_entropy(logits_BLV, batch["targets"])
+  if "weights" not in batch:
+    return {"loss_sum": jnp.sum(ce_BL),
+            "tokens": jnp.asarray(ce_BL.size, jnp.float32)}
+  w_BL = batch["weights"].astype(jnp.float32)
+  return {"loss_sum": jnp.sum(ce_BL * w_BL), "tokens": jnp.sum(w_BL)}
+
+
 def router_metrics(layers: dict[str, dict[str, jax.Array]]) -> Metrics:
   """Flat `router/<layer>/<name>` scalars plus their mean over MoE layers."""
   out = {}
@@ -42,6 +73,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                     grad_accum_steps: int = 1
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
   """Builds the step: loss = mean CE + sum of router aux losses; one update.
+  A masked-LM batch's CE is the mean over its scored positions (`weights`).
 
   With `grad_accum_steps` k > 1 the batch is k micro-batches whose gradients
   are accumulated in the step (`moejax.train.accumulate`, which says what each
@@ -63,7 +95,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
     (logits_BLV, aux), updated = model.apply(
         {"params": params, **model_state}, batch["inputs"], deterministic=False,
         step=stage_step, rngs={"router": step_rng}, mutable=list(mutable))
-    ce = jnp.mean(cross_entropy(logits_BLV, batch["targets"]))
+    ce = mean_loss(logits_BLV, batch)
     return ce + aux["aux_loss"], (ce, aux, updated)
 
   if grad_accum_steps > 1:
@@ -74,7 +106,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
   def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
     step_rng = jax.random.fold_in(rng, state.step)
     grads, (ce, aux, updated) = grads_fn(
-        state.params, state.model_state, batch, step_rng,
+        state.params, state.model_state, token_weights(batch), step_rng,
         state.step - stage_start)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -105,7 +137,7 @@ def make_probe_step(model: nn.Module) -> Callable[[dict, Batch], dict]:
   def probe_step(variables, batch: Batch):
     logits_BLV, aux = model.apply(variables, batch["inputs"], deterministic=True)
     return {"routes": aux["routes"], "trace": aux["trace"],
-            "loss": jnp.mean(cross_entropy(logits_BLV, batch["targets"]))}
+            "loss": mean_loss(logits_BLV, token_weights(batch))}
 
   return probe_step
 
@@ -115,8 +147,6 @@ def make_eval_step(model: nn.Module) -> Callable[[dict, Batch], Metrics]:
 
   def eval_step(variables, batch: Batch) -> Metrics:
     logits_BLV, _ = model.apply(variables, batch["inputs"], deterministic=True)
-    ce_BL = cross_entropy(logits_BLV, batch["targets"])
-    return {"loss_sum": jnp.sum(ce_BL),
-            "tokens": jnp.asarray(ce_BL.size, jnp.float32)}
+    return loss_sums(logits_BLV, batch)
 
   return eval_step
