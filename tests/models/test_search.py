@@ -50,8 +50,9 @@ def _next_logp(prefixes, row):
   source row `row`, from the full model."""
   model, variables, src_BL, segments_BL = _setup()
   n = len(prefixes)
-  width = max(len(p) for p in prefixes)
-  tgt = np.zeros((n, width), np.int32)
+  # One width for every prefix (one compile): the decoder is causal, so what
+  # follows a prefix does not change its logits.
+  tgt = np.zeros((n, STEPS + 1), np.int32)
   for i, p in enumerate(prefixes):
     tgt[i, :len(p)] = p
   logits = _full(model)(variables, jnp.repeat(src_BL[row:row + 1], n, 0),
