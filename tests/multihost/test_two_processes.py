@@ -116,13 +116,15 @@ def test_quickstart_on_a_fresh_workdir_with_probes(tmp_path):
 def test_upcycling_another_runs_checkpoint_equals_one_process(tmp_path):
   # The dense run saved from one process with 8 devices; the upcycled run
   # restores it whole on every process of two (train.init_from), into the
-  # scanned layout with full remat and 2 accumulated micro-batches of 8.
+  # scanned layout with full remat and 2 accumulated micro-batches of 8,
+  # balanced over the whole accumulated batch of both processes (`global`).
   short = {**TINY, "train.steps": 10}
   reference("configs/dense.py", tmp_path / "dense", short)
   config = f"configs/upcycle.py:{tmp_path / 'dense'}"
   overrides = {**short, "mesh.data": 2, "mesh.expert": 4,
                "model.scan_layers": True, "model.remat": "full",
-               "train.batch_size": 16, "train.grad_accum_steps": 2}
+               "train.batch_size": 16, "train.grad_accum_steps": 2,
+               "model.router_options.balance": "global"}
   workdir = tmp_path / "up"
   results = launch.run(cli_args(config, workdir, overrides), root=tmp_path,
                        name="up", timeout=TIMEOUT)
