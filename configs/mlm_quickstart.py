@@ -8,7 +8,12 @@ trained on BERT-style masked batches of the embedded corpus
   moejax-eval --workdir /tmp/moejax-mlm
 
 The loss and `moejax-eval`'s eval/loss are the mean cross-entropy over the
-masked positions (docs/data.md); there is nothing to sample from an encoder.
+masked positions (docs/data.md); there is nothing to sample from an encoder
+(`moejax-sample` says so in one line).
+
+Measured on the 2-core CPU (jax 0.10.2, lightly loaded): 2 min 32 s end to
+end; held-out masked-token loss 5.84 at step 100, 5.44 at step 500 (perplexity
+346 -> 230), which `moejax-eval` reproduces.
 """
 
 from moejax.train.presets import method_config
