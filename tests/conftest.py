@@ -4,7 +4,8 @@ temporary directories.
 
 `MOEJAX_TEST_ACCELERATOR=1` leaves the platform to JAX (the lent accelerator:
 `benchmarks/device_check.sh` runs `tests/kernels` so, where the Pallas kernels
-compile for the chip); tests that need the 8 simulated devices do not run then.
+compile for the chip); only tests that need no 8-device mesh are meant to run
+so.
 """
 
 import atexit

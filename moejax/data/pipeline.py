@@ -136,8 +136,9 @@ def validate(cfg: DataConfig) -> None:
     raise DataError(f"data.task must be one of {', '.join(tasks)}, got "
                     f"{cfg.task!r}")
   parallel = cfg.source.startswith("parallel:")
-  pairs = parallel or cfg.source.startswith("tfds:")
-  if parallel != (cfg.task == "seq2seq") and not (pairs and cfg.task == "seq2seq"):
+  seq2seq = cfg.task == "seq2seq"
+  if (parallel and not seq2seq) or (
+      seq2seq and not (parallel or cfg.source.startswith("tfds:"))):
     raise DataError(
         f"data.task={cfg.task} with data.source {cfg.source!r}: a parallel: "
         "source needs data.task=seq2seq, and data.task=seq2seq a parallel: or "
@@ -218,22 +219,18 @@ def _load(cfg: DataConfig, workdir, batch_size: int, *, writer: bool) -> Dataset
       else:
         corpus = parallel.ParallelCorpus(cfg.source, cfg.eval_fraction,
                                          cfg.test_fraction)
-      train_docs = ()
       train = lambda: tokenizer.train_on_lines(  # pylint: disable=g-long-lambda
           parallel.sample_sides(corpus, cfg.tokenizer_max_sentences),
           cfg.vocab_size)
     else:
       corpus = sources.open_corpus(cfg, root)
-      train_docs = corpus.train
       train = lambda: tokenizer.train_tokenizer(  # pylint: disable=g-long-lambda
           corpus.train, cfg.vocab_size, cfg.tokenizer_max_sentences, symbols)
     key = tokenizer.tokenizer_key(corpus.key, cfg.vocab_size,
                                   cfg.tokenizer_max_sentences, symbols)
     cache_file = root / "tokenizers" / f"{key}.model" if shared else None
-    sp, is_new = tokenizer.get_tokenizer(workdir, train_docs, cfg.vocab_size,
-                                         cfg.tokenizer_max_sentences,
-                                         cache_file=cache_file, may_train=writer,
-                                         train=train)
+    sp, is_new = tokenizer.get_tokenizer(workdir, cfg.vocab_size, train,
+                                         cache_file=cache_file, may_train=writer)
     mask_id = tokenizer.mask_id(sp) if cfg.task == "mlm" else None
     if cfg.task == "seq2seq":
       packed = seq2seq.load_or_pack_pairs(corpus, sp, S, T, overlong=cfg.overlong,

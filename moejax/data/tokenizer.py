@@ -156,19 +156,18 @@ def save_tokenizer(sp: spm.SentencePieceProcessor, path: str | os.PathLike) -> b
   return write_new(as_path(path), sp.serialized_model_proto())
 
 
-def get_tokenizer(workdir: str | os.PathLike, train_docs: Sequence[Document],
-                  vocab_size: int, max_sentences: int, *,
+def get_tokenizer(workdir: str | os.PathLike, vocab_size: int,
+                  train: Callable[[], spm.SentencePieceProcessor], *,
                   cache_file: str | os.PathLike | None = None,
-                  may_train: bool = True,
-                  train: Callable[[], spm.SentencePieceProcessor] | None = None
+                  may_train: bool = True
                   ) -> tuple[spm.SentencePieceProcessor, bool]:
   """(tokenizer, is_new): the workdir's model, else the cache's, else a new one.
 
   `is_new` says the workdir has none yet (it is saved there only once the data
   is known to work). A new model goes to `cache_file` at once, if given.
   `may_train=False` (processes other than 0) turns a missing model into a
-  DataError instead of a second, different tokenizer. `train()`, if given,
-  trains the new model (default: `train_tokenizer` on `train_docs`).
+  DataError instead of a second, different tokenizer. `train()` trains the
+  new model (`train_tokenizer` on a corpus, `train_on_lines` on a sample).
   """
   path = as_path(workdir) / TOKENIZER_FILE
   if path.exists():
@@ -179,8 +178,7 @@ def get_tokenizer(workdir: str | os.PathLike, train_docs: Sequence[Document],
     raise DataError(
         f"{path} is missing after process 0 prepared the data; the workdir must "
         "be on storage every process sees (a shared file system or gs://)")
-  sp = (train() if train is not None
-        else train_tokenizer(train_docs, vocab_size, max_sentences))
+  sp = train()
   if cache_file is not None and not save_tokenizer(sp, cache_file):
     sp = load_tokenizer(cache_file, vocab_size)  # Another run saved one first.
   return sp, True

@@ -75,8 +75,9 @@ def test_encoder_trains_as_a_masked_lm_and_eval_scores_it_alike(tmp_path):
   np.testing.assert_allclose(result["eval/loss"], summary["eval/loss"],
                              rtol=1e-5)
   # Scored: the masked positions only, about 15% of the tokens.
-  batches, seq = result["batches"], parse(_mlm_config()).data.seq_len
-  share = result["tokens"] / (batches * 8 * seq)
+  run = parse(_mlm_config())
+  share = result["tokens"] / (result["batches"] * run.train.batch_size
+                              * run.data.seq_len)
   assert 0.08 < share < 0.22, share
 
 
