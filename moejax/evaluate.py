@@ -25,7 +25,7 @@ import numpy as np
 from moejax.data.config import DataConfig
 from moejax.errors import DataError
 from moejax.parallel import hosts
-from moejax.train.program import model_inputs
+from moejax.train.inputs import apply_model, model_inputs
 from moejax.train.step import loss_sums, router_metrics
 from moejax.train.trained import Trained
 
@@ -46,7 +46,7 @@ def source_key(source: str) -> str:
 def _eval_step(model):
 
   def step(variables, batch):
-    logits_BLV, aux = model.apply(variables, batch["inputs"], deterministic=True)
+    logits_BLV, aux = apply_model(model, variables, batch, deterministic=True)
     out = {**loss_sums(logits_BLV, batch), **router_metrics(aux["layers"])}
     out.update({f"router/{layer}/load": load_E
                 for layer, load_E in aux["loads"].items()})
@@ -79,11 +79,13 @@ def evaluate(trained: Trained, data: DataConfig | None = None) -> dict[str, Any]
     for key, value in out.items():
       totals[key] = totals.get(key, 0) + np.asarray(value, np.float64)
   batches = len(datasets.eval_batches)
+  correct = totals.pop("correct")
   loss = float(totals.pop("loss_sum") / totals.pop("tokens"))
   result = {"workdir": str(trained.workdir), "step": trained.step,
             "stage": trained.stage, "source": data.source, "split": "validation",
             "batches": batches, "tokens": tokens, "eval/loss": loss,
-            "eval/ppl": math.exp(loss) if loss < 700 else float("inf")}
+            "eval/ppl": math.exp(loss) if loss < 700 else float("inf"),
+            "eval/accuracy": float(correct / tokens)}
   for key, total in sorted(totals.items()):
     mean = total / batches
     result[key] = mean.tolist() if mean.ndim else float(mean)

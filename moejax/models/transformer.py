@@ -345,14 +345,15 @@ def collect_aux(auxes: dict, name=layer_name) -> dict:
           "loads": loads, "trace": trace}
 
 
-def init_variables(model: TransformerLM, rng: jax.Array,
-                   tokens_BL: jax.Array) -> dict:
-  """`model`'s variables at init, logical-axis boxes removed. A scanned model
-  gets the unrolled model's draws laid out scanned (`moejax.layout.scanned`),
-  so both layouts of a config start from the same params."""
+def init_variables(model: nn.Module, rng: jax.Array, *inputs: jax.Array
+                   ) -> dict:
+  """`model`'s variables at init on `inputs` (token ids; an encoder-decoder's
+  source and target), logical-axis boxes removed. A scanned model gets the
+  unrolled model's draws laid out scanned (`moejax.layout.scanned`), so both
+  layouts of a config start from the same params."""
   if not model.config.scan_layers:
-    return dict(nn.unbox(model.init(rng, tokens_BL)))
+    return dict(nn.unbox(model.init(rng, *inputs)))
   unrolled_model = model.clone(config=dataclasses.replace(
       model.config, scan_layers=False))
-  return dict(scanned(nn.unbox(unrolled_model.init(rng, tokens_BL)),
+  return dict(scanned(nn.unbox(unrolled_model.init(rng, *inputs)),
                       model.config))

@@ -19,7 +19,7 @@ from etils import epath
 
 from moejax.errors import CheckpointError
 from moejax.models.config import TransformerConfig
-from moejax.models.transformer import TransformerLM
+from moejax.models.encdec import make_model
 from moejax.parallel.mesh import make_mesh
 from moejax.parallel.rules import axis_rules, logical_shardings, with_shardings
 from moejax.train.config import RunConfig, parse
@@ -61,9 +61,9 @@ class Trained:
   tokenizer: spm.SentencePieceProcessor
 
   @property
-  def model(self) -> TransformerLM:
+  def model(self):
     """The model of the checkpoint's stage (expert-parallel on a mesh of > 1)."""
-    return TransformerLM(self.model_config,
+    return make_model(self.model_config,
                          mesh=self.mesh if self.mesh.size > 1 else None)
 
 
@@ -117,12 +117,13 @@ def load_trained(workdir: str | os.PathLike, *, step: int | None = None,
   stage = steps[step]
   model_config = config.stages[stage].model
   mesh = make_mesh(config.mesh, num_experts=model_config.moe.num_experts)
-  model = TransformerLM(model_config, mesh=mesh if mesh.size > 1 else None)
+  model = make_model(model_config, mesh=mesh if mesh.size > 1 else None)
   tx = make_optimizer(config.optim, config.train.steps, config.stages[stage].frozen)
+  lengths = config.data.seq_len, config.data.target_len
   abstract = jax.eval_shape(lambda: init_state(model, tx, jax.random.key(0),
-                                               config.data.seq_len))
+                                               *lengths))
   shardings = logical_shardings(
-      state_specs(model, tx, config.data.seq_len), abstract, mesh,
+      state_specs(model, tx, *lengths), abstract, mesh,
       axis_rules(config.mesh.shard_params))
   target = with_shardings(abstract, shardings)
   checkpointer = ocp.StandardCheckpointer()
