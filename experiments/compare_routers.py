@@ -63,9 +63,10 @@ def load_choices(path: pathlib.Path | None, methods: Sequence[str]
 def _setup_lines(args, domains: Sequence[str], config: RunConfig,
                  outcomes: dict[str, str]) -> list[str]:
   source = config.data.source
-  files = source[5:].split(",") if source.startswith("text:") else ["embedded"]
+  kind, _, rest = source.partition(":")
+  files = rest.split(",") if kind in ("text", "parallel") else ["embedded"]
   m = config.model
-  tokens = args.steps * args.batch_size * args.seq_len
+  tokens = args.steps * args.batch_size * args.row_tokens
   cap = config.data.max_bytes
   return [
       f"corpus: {', '.join(os.path.basename(f) for f in files)}; domains: "
@@ -77,11 +78,17 @@ def _setup_lines(args, domains: Sequence[str], config: RunConfig,
       f"held out: validation {config.data.eval_fraction:.0%} of the corpus, test "
       f"{config.data.test_fraction:.0%} of the rest (`data.test_fraction`); each "
       f"evaluation reads {config.data.eval_batches} batches",
+      f"task: {args.task} (model.arch={m.arch}, data.task={config.data.task})"
+      + (f"; rows of {config.data.seq_len} source + {config.data.target_len or config.data.seq_len}"
+         " target tokens" if config.data.task == "seq2seq" else ""),
       f"budget: {tokens:,} tokens = {args.steps} steps x {args.batch_size} "
-      f"sequences x {args.seq_len} tokens (asked: {args.budget_tokens:,}); "
+      f"sequences x {args.row_tokens} tokens (asked: {args.budget_tokens:,}); "
       f"evaluation every {args.eval_every} steps; routing probes every "
       f"{args.probe_every} steps; seeds {list(range(args.seeds))}",
-      f"model: {m.num_layers} blocks, D={m.d_model}, F={m.d_ff}, MoE blocks "
+      f"model: {m.num_layers} blocks"
+      + (f" (decoder; encoder {m.encoder_depth}, MoE blocks "
+         f"{list(m.encoder_moe_layers)})" if m.arch == "encdec" else "")
+      + f", D={m.d_model}, F={m.d_ff}, MoE blocks "
       f"{list(m.moe_layers)}, {m.moe.num_experts} experts "
       "(`moejax.train.presets.method_config`)"
       + (f"; overrides: {', '.join(args.set)}" if args.set else ""),
@@ -130,6 +137,7 @@ def main(argv: Sequence[str] | None = None) -> pathlib.Path:
                                        point=chosen.get(m, runs.Point()))
              for s in range(args.seeds) for m in args.routers}
   domains = runs.prepare_data(root, next(iter(configs.values())))
+
   outcomes, done = {}, []
   for (method, seed), config in configs.items():
     workdir = runs.run_dir(root, method, config)
@@ -145,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> pathlib.Path:
       outcomes[name] = f"failed ({type(e).__name__}: {first})"
     print(f"== {name}: {outcomes[name]}", flush=True)
   summaries = [read_run(w, m, test=True) for m, w in done]
-  moe_config = next((c for c in configs.values() if c.model.moe_layers),
+  moe_config = next((c for c in configs.values() if c.model.has_moe),
                     next(iter(configs.values())))
   command = "python experiments/compare_routers.py " + shlex.join(
       sys.argv[1:] if argv is None else list(argv))

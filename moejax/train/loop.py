@@ -259,7 +259,7 @@ class _Run:
     _check_finite(end.step, metrics, self.last_saved)
     row = {k: float(v) if v.ndim == 0 else v for k, v in metrics.items()}
     row.update(perf_metrics(
-        *timer.take(), self.config.train.batch_size * seq_len,
+        *timer.take(), self.config.train.batch_size * self.config.data.row_tokens,
         train_flops_per_token(end.program.stage.model, seq_len),
         self.peak_flops, end.program.mesh.size))
     row["train/learning_rate"] = float(self.schedule(end.step - 1))
