@@ -18,8 +18,8 @@ a unit of U consecutive blocks (`stacks`: one dense + one MoE block for
 block, every leaf with a leading axis of R (logical axis `layers`): leaf [r]
 is block `first + r * U + k`. `scanned` and `unrolled` convert any tree
 holding such collections (variables, params, optimizer moments, a
-checkpoint's state) between the two; outputs keep `layer_<i>` names in both. An encoder-decoder has no
-scanned layout (ConfigError).
+checkpoint's state) between the two; outputs keep `layer_<i>` names in both.
+An encoder-decoder has no scanned layout (ConfigError).
 """
 
 import dataclasses

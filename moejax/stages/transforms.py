@@ -62,9 +62,10 @@ def diversify(params: dict, num_experts: int, mask_ratio: float, key: jax.Array,
   `<block>/ffn` -> `<block>/moe/experts`, w_in [E, D, F], w_out [E, F, D].
 
   Each expert's mask is drawn independently, per element, keep probability
-  1 - mask_ratio (key `fold_in(key, i)` in top-level block i, `_block_key` in
-  a stack's); masked weights are zero (kept ones are not rescaled). Router
-  params are not created here: the stage machine takes them from a fresh init.
+  1 - mask_ratio (key `fold_in(key, i)` in top-level block i; a stack's block
+  i folds in its stack too); masked weights are zero (kept ones are not
+  rescaled). Router params are not created here: the stage machine takes them
+  from a fresh init.
   """
   if not 0.0 <= mask_ratio < 1.0:
     raise ConfigError(f"diversify mask_ratio={mask_ratio} must be in [0, 1)")
