@@ -33,7 +33,8 @@ def _options(model: TransformerConfig) -> dict[str, Any]:
 
 def segments(stage: Stage) -> Segments:
   """((first stage step, model), ...) of `stage`: the model of each segment,
-  `stage.model` itself for the first; one segment without MoE layers."""
+  `stage.model` itself for the first; one segment without MoE layers (in any
+  stack)."""
   model = stage.model
   if not model.has_moe:
     return ((0, model),)
