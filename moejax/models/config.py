@@ -115,11 +115,6 @@ class TransformerConfig:
   share_embeddings: bool = True
 
   @property
-  def has_moe(self) -> bool:
-    """Whether any block of the model (either stack of an `encdec`) is MoE."""
-    return bool(self.moe_layers or self.encoder_moe_layers)
-
-  @property
   def encoder_depth(self) -> int:
     """Blocks of the `encdec` encoder stack."""
     return (self.num_layers if self.num_encoder_layers is None
