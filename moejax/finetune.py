@@ -112,8 +112,10 @@ def check_run(trained: Trained, data: DataConfig) -> None:
 
 
 def _steps(model: SequenceClassifier, tx: optax.GradientTransformation,
-           rng: jax.Array, stage_step: int):
-  """(jitted train step, jitted eval step)."""
+           stage_step: int):
+  """(jitted train step, jitted eval step). The train state is (params, other
+  collections, optimizer state, step, rng): the seed is an argument, so every
+  seed runs one compiled program."""
   stage_step = jnp.asarray(stage_step, jnp.int32)
 
   def loss_fn(params, model_state, batch, step_rng):
@@ -125,12 +127,12 @@ def _steps(model: SequenceClassifier, tx: optax.GradientTransformation,
     return ce + aux["aux_loss"], (ce, aux["aux_loss"], updated)
 
   def train_step(state, batch):
-    params, model_state, opt_state, i = state
+    params, model_state, opt_state, i, rng = state
     grads, (ce, aux_loss, updated) = jax.grad(loss_fn, has_aux=True)(
         params, model_state, batch, jax.random.fold_in(rng, i))
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
-    return ((params, {**model_state, **updated}, opt_state, i + 1),
+    return ((params, {**model_state, **updated}, opt_state, i + 1, rng),
             {"loss": ce, "aux_loss": aux_loss})
 
   def eval_step(variables, inputs_BL, labels_B):
@@ -194,11 +196,12 @@ def finetune(trained: Trained, options: FinetuneConfig = FinetuneConfig(),
       0.0, options.learning_rate, warmup, max(options.steps, warmup + 1)),
                    weight_decay=options.weight_decay)
   stage_step = trained.step - boundaries(trained.config.stages)[trained.stage]
-  train_step, eval_step = _steps(model, tx, step_rng, stage_step)
+  train_step, eval_step = _steps(model, tx, stage_step)
   # A copy: the step donates its state, and the run's arrays stay usable.
   params, variables = jax.jit(lambda t: jax.tree.map(jnp.copy, t))(
       (params, variables))
-  state = (params, variables, tx.init(params), jnp.zeros((), jnp.int32))
+  state = (params, variables, tx.init(params), jnp.zeros((), jnp.int32),
+           step_rng)
   start, losses = time.perf_counter(), []
   for i in range(options.steps):
     batch = datasets.train[i]
@@ -214,7 +217,7 @@ def finetune(trained: Trained, options: FinetuneConfig = FinetuneConfig(),
           f"{float(metrics['loss']):.4f}")
   train_losses = np.asarray(jax.device_get(losses), np.float64)
   train_time = time.perf_counter() - start
-  params, model_state, _, _ = state
+  params, model_state = state[:2]
   tuned = {"params": params, **model_state}
   result = {"workdir": str(trained.workdir), "step": trained.step,
             "stage": trained.stage, "source": data.source,
