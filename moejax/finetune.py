@@ -1,7 +1,8 @@
 """Fine-tuning a masked-LM run as a sequence classifier of the domain a window
 of text comes from: an offline labelled task on any multi-domain source.
 
-Shapes: B batch, L length, C classes (the source's domains).
+Shapes: B batch, L length, O output width (of the classifier's head: one
+logit per class, the source's domains).
 
 `finetune(trained, options, data=None)` takes a `model.arch=encoder` run
 (`moejax.train.trained.load_trained`), puts a `SequenceClassifier` head
@@ -47,7 +48,7 @@ from moejax.parallel import hosts
 from moejax.parallel.rules import shard_batch
 from moejax.routing.contract import ROUTER_STATE
 from moejax.stages.stage import boundaries
-from moejax.train.trained import Trained
+from moejax.train.trained import Trained, check_data
 
 FINETUNE_DIR = "finetune"
 
@@ -90,9 +91,9 @@ class FinetuneConfig:
 
 def window_labels(domains_BL: np.ndarray, num_classes: int) -> np.ndarray:
   """int32[B]: the majority domain of each window (ties: the lower id)."""
-  counts_BC = (np.asarray(domains_BL)[:, :, None]
+  counts_BO = (np.asarray(domains_BL)[:, :, None]
                == np.arange(num_classes)).sum(axis=1)
-  return counts_BC.argmax(axis=1).astype(np.int32)
+  return counts_BO.argmax(axis=1).astype(np.int32)
 
 
 def check_run(trained: Trained, data: DataConfig) -> None:
@@ -103,12 +104,7 @@ def check_run(trained: Trained, data: DataConfig) -> None:
         f"{trained.workdir} is a model.arch={model_config.arch!r} run; "
         "moejax-finetune fine-tunes an encoder (model.arch=encoder, "
         "data.task=mlm, e.g. configs/mlm_quickstart.py)")
-  if data.vocab_size != model_config.vocab_size:
-    raise DataError(f"data.vocab_size={data.vocab_size} but the run's tokenizer "
-                    f"has {model_config.vocab_size}; keep the run's vocab_size")
-  if data.seq_len > model_config.max_len:
-    raise DataError(f"data.seq_len={data.seq_len} exceeds the model's max_len="
-                    f"{model_config.max_len}; use at most {model_config.max_len}")
+  check_data(trained, data)
 
 
 def _steps(model: SequenceClassifier, tx: optax.GradientTransformation,
@@ -119,11 +115,11 @@ def _steps(model: SequenceClassifier, tx: optax.GradientTransformation,
   stage_step = jnp.asarray(stage_step, jnp.int32)
 
   def loss_fn(params, model_state, batch, step_rng):
-    (logits_BC, aux), updated = model.apply(
+    (logits_BO, aux), updated = model.apply(
         {"params": params, **model_state}, batch["inputs"], deterministic=False,
         step=stage_step, rngs={"router": step_rng}, mutable=[ROUTER_STATE])
     ce = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
-        logits_BC, batch["labels"]))
+        logits_BO, batch["labels"]))
     return ce + aux["aux_loss"], (ce, aux["aux_loss"], updated)
 
   def train_step(state, batch):
@@ -136,9 +132,9 @@ def _steps(model: SequenceClassifier, tx: optax.GradientTransformation,
             {"loss": ce, "aux_loss": aux_loss})
 
   def eval_step(variables, inputs_BL, labels_B):
-    logits_BC, _ = model.apply(variables, inputs_BL, deterministic=True)
-    ce_B = optax.softmax_cross_entropy_with_integer_labels(logits_BC, labels_B)
-    return ce_B, jnp.argmax(logits_BC, axis=-1)
+    logits_BO, _ = model.apply(variables, inputs_BL, deterministic=True)
+    ce_B = optax.softmax_cross_entropy_with_integer_labels(logits_BO, labels_B)
+    return ce_B, jnp.argmax(logits_BO, axis=-1)
 
   return jax.jit(train_step, donate_argnums=0), jax.jit(eval_step)
 

@@ -2,7 +2,8 @@
 hidden states mean-pooled over the non-padding tokens, one dense layer to the
 classes.
 
-Shapes: B batch, L length, D model width, C classes.
+Shapes: B batch, L length, D model width, O output width (of the head: one
+logit per class).
 
 Pooling is the mean over the tokens that are not `PAD_ID`, not a first-token
 pooling: the encoder is pretrained on windows cut anywhere in a document, with
@@ -39,7 +40,7 @@ def mean_pool(h_BLD: jax.Array, mask_BL: jax.Array) -> jax.Array:
 
 
 class ClassifierHead(nn.Module):
-  """[B, L, D] states and a [B, L] token mask -> float32 logits [B, C]."""
+  """[B, L, D] states and a [B, L] token mask -> float32 logits [B, O]."""
 
   num_classes: int
 
@@ -51,7 +52,7 @@ class ClassifierHead(nn.Module):
 
 
 class SequenceClassifier(nn.Module):
-  """Token ids [B, L] (right-padded with `PAD_ID`) -> (float32 logits [B, C],
+  """Token ids [B, L] (right-padded with `PAD_ID`) -> (float32 logits [B, O],
   the encoder's aux dict, `TransformerLM`'s: `aux["aux_loss"]` is its MoE
   losses). Apply as the encoder is: `deterministic=False`, a `router` rng and
   `router_state` mutable when training."""

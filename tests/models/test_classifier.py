@@ -12,7 +12,7 @@ from moejax.models.classifier import (ENCODER, HEAD, SequenceClassifier,
 from moejax.models.config import MoEConfig, TransformerConfig
 from moejax.models.transformer import TransformerLM, init_variables
 
-B, L, D, V, C = 3, 8, 16, 40, 3
+B, L, D, V, O = 3, 8, 16, 40, 3  # O classes.
 
 
 def _config(**overrides):
@@ -24,7 +24,7 @@ def _config(**overrides):
 def _variables(config):
   lm = jax.jit(lambda: init_variables(TransformerLM(config), jax.random.key(0),
                                       jnp.zeros((1, L), jnp.int32)))()
-  return classifier_variables(lm, jax.random.key(1), D, C)
+  return classifier_variables(lm, jax.random.key(1), D, O)
 
 
 def test_mean_pool_is_the_mean_over_each_rows_real_tokens():
@@ -43,7 +43,7 @@ def test_mean_pool_is_the_mean_over_each_rows_real_tokens():
 
 def test_a_padded_row_classifies_as_the_row_alone():
   config = _config()
-  model = SequenceClassifier(config, C)
+  model = SequenceClassifier(config, O)
   variables = _variables(config)
   tokens_BL = np.array(jax.random.randint(jax.random.key(2), (B, L), 4, V))
   lengths = [8, 5, 2]
@@ -55,9 +55,9 @@ def test_a_padded_row_classifies_as_the_row_alone():
         model.apply(variables, tokens_BL[b:b + 1, :n])[0][0]
         for b, n in enumerate(lengths)]
 
-  logits_BC, *alone = logits(variables, tokens_BL)
+  logits_BO, *alone = logits(variables, tokens_BL)
   for b in range(B):
-    np.testing.assert_allclose(logits_BC[b], alone[b], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(logits_BO[b], alone[b], rtol=1e-5, atol=1e-5)
 
 
 def test_logits_are_the_head_over_the_encoders_mean_hidden_state():
@@ -66,7 +66,7 @@ def test_logits_are_the_head_over_the_encoders_mean_hidden_state():
   variables = _variables(config)
   tokens_BL = jax.random.randint(jax.random.key(3), (B, L), 4, V)
   lm_variables = {name: tree[ENCODER] for name, tree in variables.items()}
-  lm, classifier = TransformerLM(config), SequenceClassifier(config, C)
+  lm, classifier = TransformerLM(config), SequenceClassifier(config, O)
 
   @jax.jit  # One program.
   def outputs(variables, lm_variables, tokens_BL):
@@ -74,16 +74,16 @@ def test_logits_are_the_head_over_the_encoders_mean_hidden_state():
             lm.apply(lm_variables, tokens_BL),
             classifier.apply(variables, tokens_BL))
 
-  (h_BLD, aux), (logits_BLV, lm_aux), (logits_BC, cls_aux) = outputs(
+  (h_BLD, aux), (logits_BLV, lm_aux), (logits_BO, cls_aux) = outputs(
       variables, lm_variables, tokens_BL)
   # `hidden=True` leaves the LM's logits what the tied head makes of h.
   embed_VD = lm_variables["params"]["embedding"]
   np.testing.assert_allclose(np.einsum("bld,vd->blv", h_BLD, embed_VD),
                              logits_BLV, rtol=1e-5, atol=1e-5)
   head = variables["params"][HEAD]["dense"]
-  want_BC = (np.asarray(h_BLD).mean(1) @ np.asarray(head["kernel"])
+  want_BO = (np.asarray(h_BLD).mean(1) @ np.asarray(head["kernel"])
              + np.asarray(head["bias"]))
-  np.testing.assert_allclose(logits_BC, want_BC, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(logits_BO, want_BO, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(cls_aux["aux_loss"], aux["aux_loss"], rtol=1e-6)
   assert float(lm_aux["aux_loss"]) == float(aux["aux_loss"]) > 0
-  np.testing.assert_array_equal(head["bias"], np.zeros(C))
+  np.testing.assert_array_equal(head["bias"], np.zeros(O))
