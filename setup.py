@@ -39,6 +39,7 @@ setuptools.setup(
         "moejax-train=moejax.cli:main",
         "moejax-sample=moejax.cli_sample:main",
         "moejax-eval=moejax.cli_eval:main",
+        "moejax-finetune=moejax.cli_finetune:main",
     ]},
     classifiers=[
         "Programming Language :: Python :: 3.11",

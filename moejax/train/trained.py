@@ -17,7 +17,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from moejax.errors import CheckpointError
+from moejax.errors import CheckpointError, DataError
 from moejax.models.config import TransformerConfig
 from moejax.models.encdec import make_model
 from moejax.parallel.mesh import make_mesh
@@ -65,6 +65,18 @@ class Trained:
     """The model of the checkpoint's stage (expert-parallel on a mesh of > 1)."""
     return make_model(self.model_config,
                          mesh=self.mesh if self.mesh.size > 1 else None)
+
+
+def check_data(trained: Trained, data) -> None:
+  """A one-line DataError where `data` (a `DataConfig`) cannot feed the run's
+  model: another vocabulary size, or windows longer than its max_len."""
+  model_config = trained.model_config
+  if data.vocab_size != model_config.vocab_size:
+    raise DataError(f"data.vocab_size={data.vocab_size} but the run's tokenizer "
+                    f"has {model_config.vocab_size}; keep the run's vocab_size")
+  if data.seq_len > model_config.max_len:
+    raise DataError(f"data.seq_len={data.seq_len} exceeds the model's max_len="
+                    f"{model_config.max_len}; use at most {model_config.max_len}")
 
 
 def run_config(workdir: str | os.PathLike) -> dict[str, Any]:
