@@ -23,11 +23,10 @@ import jax
 import numpy as np
 
 from moejax.data.config import DataConfig
-from moejax.errors import DataError
 from moejax.parallel import hosts
 from moejax.train.inputs import apply_model, model_inputs
 from moejax.train.step import loss_sums, router_metrics
-from moejax.train.trained import Trained
+from moejax.train.trained import Trained, check_data
 
 EVAL_DIR = "eval"
 
@@ -62,13 +61,7 @@ def evaluate(trained: Trained, data: DataConfig | None = None) -> dict[str, Any]
   loads `router/layer_<i>/load`) on the held-out batches of `data`."""
   from moejax.data import load_datasets  # pylint: disable=g-import-not-at-top
   data = data or trained.config.data
-  model_config = trained.model_config
-  if data.vocab_size != model_config.vocab_size:
-    raise DataError(f"data.vocab_size={data.vocab_size} but the run's tokenizer "
-                    f"has {model_config.vocab_size}; keep the run's vocab_size")
-  if data.seq_len > model_config.max_len:
-    raise DataError(f"data.seq_len={data.seq_len} exceeds the model's max_len="
-                    f"{model_config.max_len}; use at most {model_config.max_len}")
+  check_data(trained, data)
   datasets = load_datasets(data, workdir=trained.workdir,
                            batch_size=trained.config.train.batch_size)
   step = _eval_step(trained.model)

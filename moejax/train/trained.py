@@ -69,14 +69,18 @@ class Trained:
 
 def check_data(trained: Trained, data) -> None:
   """A one-line DataError where `data` (a `DataConfig`) cannot feed the run's
-  model: another vocabulary size, or windows longer than its max_len."""
+  model: another vocabulary size, or windows (a seq2seq row's sides) longer
+  than its max_len."""
   model_config = trained.model_config
   if data.vocab_size != model_config.vocab_size:
     raise DataError(f"data.vocab_size={data.vocab_size} but the run's tokenizer "
                     f"has {model_config.vocab_size}; keep the run's vocab_size")
-  if data.seq_len > model_config.max_len:
-    raise DataError(f"data.seq_len={data.seq_len} exceeds the model's max_len="
-                    f"{model_config.max_len}; use at most {model_config.max_len}")
+  for key in ("seq_len", "target_len"):
+    length = getattr(data, key)
+    if length is not None and length > model_config.max_len:
+      raise DataError(f"data.{key}={length} exceeds the model's max_len="
+                      f"{model_config.max_len}; use at most "
+                      f"{model_config.max_len}")
 
 
 def run_config(workdir: str | os.PathLike) -> dict[str, Any]:
