@@ -41,7 +41,7 @@ if __package__ in (None, ""):  # Run as a script: make the checkout importable.
 
 import jax  # noqa: E402
 
-from experiments import report, runs  # noqa: E402
+from experiments import report, runs, task_scores  # noqa: E402
 from experiments.summary import read_run  # noqa: E402
 from moejax.train.config import RunConfig  # noqa: E402
 
@@ -119,6 +119,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--choices", type=pathlib.Path, default=None,
                  help="choices.json of experiments/tune.py: each method's FFN "
                  "init and learning rate")
+  p.add_argument("--beam", type=int, default=4,
+                 help="translation: beam size of the test translations")
+  p.add_argument("--test-sentences", type=int, default=None,
+                 help="translation: the first N test pairs (default: all)")
+  p.add_argument("--finetune-steps", type=int, default=300,
+                 help="mlm: steps of the domain classifier fine-tuned on each "
+                 "run's encoder")
   p.add_argument("--target-ppl", type=float, default=None,
                  help="valid PPL for 'tokens to reach' (default: dense's final)")
   args = p.parse_args(argv)
@@ -152,6 +159,13 @@ def main(argv: Sequence[str] | None = None) -> pathlib.Path:
       first = (str(e).strip().splitlines() or [""])[0][:200]
       outcomes[name] = f"failed ({type(e).__name__}: {first})"
     print(f"== {name}: {outcomes[name]}", flush=True)
+  options = task_scores.ScoreOptions(beam_size=args.beam,
+                                     max_sentences=args.test_sentences,
+                                     finetune_steps=args.finetune_steps)
+  for method, workdir in done:  # Translation BLEU, fine-tuned accuracy.
+    scores = task_scores.score_run(workdir, options)
+    if scores:
+      print(f"== {method} {workdir.name}: {scores}", flush=True)
   summaries = [read_run(w, m, test=True) for m, w in done]
   moe_config = next((c for c in configs.values() if c.model.has_moe),
                     next(iter(configs.values())))
