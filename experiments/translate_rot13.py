@@ -14,6 +14,11 @@ trains (or resumes) the run with `moejax-train`'s library entry, translates
 the validation pairs with `moejax.translate` (greedy and beam 4), and the same
 with the model's initial params, prints one json line each, and exits 1 unless
 the trained chrF and BLEU beat the untrained ones by `--margin` points.
+
+Measured (defaults: 1,000 steps of D=64, 2 blocks, Switch over 4 experts in
+block 1 of each stack; 66 validation lines; 2 min 45 s on a shared 2-core
+CPU, one device): eval loss 0.38; BLEU 55.9 greedy, 56.6 beam 4; chrF 77.3,
+80.5. Untrained: BLEU 0.09 and 0.07, chrF 1.5 and 1.3.
 """
 
 import argparse
@@ -96,7 +101,8 @@ def main() -> None:
     for beam in (1, 4):
       result = translate(run, beam_size=beam)
       scores[name, beam] = result
-      print(json.dumps({"model": name, "step": trained.step,
+      print(json.dumps({"model": name,
+                        "step": trained.step if name == "trained" else 0,
                         "eval/loss": summary["eval/loss"] if name == "trained"
                         else None,
                         **{k: result[k] for k in ("sentences", "beam", "bleu",
