@@ -102,3 +102,28 @@ def test_cli_writes_its_result_and_leaves_the_workdir_as_it_was(mlm_run,
   assert missing.returncode == 1
   (line,) = missing.stderr.strip().splitlines()
   assert line.startswith("moejax: error: ") and "none" in line
+
+
+def test_the_comparison_scores_a_masked_lm_by_its_finetuned_accuracy(
+    mlm_run, tmp_path):
+  """`compare_routers.py --task mlm` scores each run as `moejax-finetune`
+  would, on the test split when there is one, once (cached by step and
+  options), and the report's task table shows it."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  from experiments import report, summary, task_scores  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / "run"
+  shutil.copytree(mlm_run, workdir)
+  options = task_scores.ScoreOptions(finetune_steps=20)
+  scores = task_scores.score_run(workdir, options)
+  written = json.loads(next((workdir / "finetune").glob("*.json")).read_text())
+  assert scores == {"finetune_accuracy": written["eval/accuracy"],
+                    "finetune_baseline": written["eval/baseline"]}
+  assert written["steps"] == 20
+  before = snapshot(workdir)
+  assert task_scores.score_run(workdir, options) == scores  # Cached.
+  assert snapshot(workdir) == before
+  run = summary.read_run(workdir, "switch")
+  assert run.task == "mlm" and run.scores == scores
+  table = report.task_table(report.group([run]))
+  assert "| method | fine-tuned accuracy (%) | majority-class accuracy (%) |" in table
+  assert f"| switch | {100 * scores['finetune_accuracy']:.1f} |" in table
