@@ -28,6 +28,7 @@ setuptools.setup(
         "tensorboardX>=2.6",
         "matplotlib>=3.8",
         "absl-py",
+        "sacrebleu>=2.4",
     ],
     extras_require={
         "dev": ["pytest>=8", "scipy>=1.11", "pytest-xdist>=3.5", "nbclient>=0.10",
@@ -39,6 +40,8 @@ setuptools.setup(
         "moejax-train=moejax.cli:main",
         "moejax-sample=moejax.cli_sample:main",
         "moejax-eval=moejax.cli_eval:main",
+        "moejax-finetune=moejax.cli_finetune:main",
+        "moejax-translate=moejax.cli_translate:main",
     ]},
     classifiers=[
         "Programming Language :: Python :: 3.11",

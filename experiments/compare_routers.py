@@ -41,7 +41,7 @@ if __package__ in (None, ""):  # Run as a script: make the checkout importable.
 
 import jax  # noqa: E402
 
-from experiments import report, runs  # noqa: E402
+from experiments import report, runs, task_scores  # noqa: E402
 from experiments.summary import read_run  # noqa: E402
 from moejax.train.config import RunConfig  # noqa: E402
 
@@ -63,9 +63,10 @@ def load_choices(path: pathlib.Path | None, methods: Sequence[str]
 def _setup_lines(args, domains: Sequence[str], config: RunConfig,
                  outcomes: dict[str, str]) -> list[str]:
   source = config.data.source
-  files = source[5:].split(",") if source.startswith("text:") else ["embedded"]
+  kind, _, rest = source.partition(":")
+  files = rest.split(",") if kind in ("text", "parallel") else ["embedded"]
   m = config.model
-  tokens = args.steps * args.batch_size * args.seq_len
+  tokens = args.steps * args.batch_size * args.row_tokens
   cap = config.data.max_bytes
   return [
       f"corpus: {', '.join(os.path.basename(f) for f in files)}; domains: "
@@ -77,11 +78,17 @@ def _setup_lines(args, domains: Sequence[str], config: RunConfig,
       f"held out: validation {config.data.eval_fraction:.0%} of the corpus, test "
       f"{config.data.test_fraction:.0%} of the rest (`data.test_fraction`); each "
       f"evaluation reads {config.data.eval_batches} batches",
+      f"task: {args.task} (model.arch={m.arch}, data.task={config.data.task})"
+      + (f"; rows of {config.data.seq_len} source + {config.data.target_len or config.data.seq_len}"
+         " target tokens" if config.data.task == "seq2seq" else ""),
       f"budget: {tokens:,} tokens = {args.steps} steps x {args.batch_size} "
-      f"sequences x {args.seq_len} tokens (asked: {args.budget_tokens:,}); "
+      f"sequences x {args.row_tokens} tokens (asked: {args.budget_tokens:,}); "
       f"evaluation every {args.eval_every} steps; routing probes every "
       f"{args.probe_every} steps; seeds {list(range(args.seeds))}",
-      f"model: {m.num_layers} blocks, D={m.d_model}, F={m.d_ff}, MoE blocks "
+      f"model: {m.num_layers} blocks"
+      + (f" (decoder; encoder {m.encoder_depth}, MoE blocks "
+         f"{list(m.encoder_moe_layers)})" if m.arch == "encdec" else "")
+      + f", D={m.d_model}, F={m.d_ff}, MoE blocks "
       f"{list(m.moe_layers)}, {m.moe.num_experts} experts "
       "(`moejax.train.presets.method_config`)"
       + (f"; overrides: {', '.join(args.set)}" if args.set else ""),
@@ -112,6 +119,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--choices", type=pathlib.Path, default=None,
                  help="choices.json of experiments/tune.py: each method's FFN "
                  "init and learning rate")
+  p.add_argument("--beam", type=int, default=4,
+                 help="translation: beam size of the test translations")
+  p.add_argument("--test-sentences", type=int, default=None,
+                 help="translation: the first N test pairs (default: all)")
+  p.add_argument("--finetune-steps", type=int, default=300,
+                 help="mlm: steps of the domain classifier fine-tuned on each "
+                 "run's encoder")
   p.add_argument("--target-ppl", type=float, default=None,
                  help="valid PPL for 'tokens to reach' (default: dense's final)")
   args = p.parse_args(argv)
@@ -130,6 +144,7 @@ def main(argv: Sequence[str] | None = None) -> pathlib.Path:
                                        point=chosen.get(m, runs.Point()))
              for s in range(args.seeds) for m in args.routers}
   domains = runs.prepare_data(root, next(iter(configs.values())))
+
   outcomes, done = {}, []
   for (method, seed), config in configs.items():
     workdir = runs.run_dir(root, method, config)
@@ -144,8 +159,15 @@ def main(argv: Sequence[str] | None = None) -> pathlib.Path:
       first = (str(e).strip().splitlines() or [""])[0][:200]
       outcomes[name] = f"failed ({type(e).__name__}: {first})"
     print(f"== {name}: {outcomes[name]}", flush=True)
+  options = task_scores.ScoreOptions(beam_size=args.beam,
+                                     max_sentences=args.test_sentences,
+                                     finetune_steps=args.finetune_steps)
+  for method, workdir in done:  # Translation BLEU, fine-tuned accuracy.
+    scores = task_scores.score_run(workdir, options)
+    if scores:
+      print(f"== {method} {workdir.name}: {scores}", flush=True)
   summaries = [read_run(w, m, test=True) for m, w in done]
-  moe_config = next((c for c in configs.values() if c.model.moe_layers),
+  moe_config = next((c for c in configs.values() if c.model.has_moe),
                     next(iter(configs.values())))
   command = "python experiments/compare_routers.py " + shlex.join(
       sys.argv[1:] if argv is None else list(argv))

@@ -20,13 +20,14 @@ import pathlib
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from moejax.data import DataConfig, load_datasets
-from moejax.models import TransformerLM
+from moejax.layout import layer_name
+from moejax.models import make_model
 from moejax.models.config import transformer_config_from_json
 from moejax.train.checkpoint import restore_params
+from moejax.train.inputs import example_inputs
 from moejax.train.program import Evaluator, run_keys
 
 FINAL_STATE_FILE = "final_state.json"
@@ -44,14 +45,19 @@ def _relative_drift(final: dict, init: dict) -> float | None:
 
 
 def router_drift(params: dict, init_params: dict) -> dict[str, float | None]:
-  """{`layer_<i>`: relative distance of block i's router params from init}."""
+  """{MoE layer name (`layer_<i>`; an encoder-decoder's `encoder_layer_<i>`,
+  `decoder_layer_<i>`): relative distance of its router params from init}."""
   out = {}
-  for name, block in sorted(params.items()):
-    if not name.startswith("block_") or "moe" not in block:
-      continue
-    router = block["moe"].get("router", {})
-    out[f"layer_{name.split('_')[1]}"] = _relative_drift(
-        router, init_params[name]["moe"].get("router", {}))
+  stacks = [(None, params, init_params)] + [
+      (stack, params[stack], init_params[stack])
+      for stack in ("encoder", "decoder") if stack in params]
+  for stack, blocks, init_blocks in stacks:
+    for name, block in sorted(blocks.items()):
+      if not name.startswith("block_") or "moe" not in block:
+        continue
+      router = block["moe"].get("router", {})
+      out[layer_name(int(name.split("_")[1]), stack)] = _relative_drift(
+          router, init_blocks[name]["moe"].get("router", {}))
   return out
 
 
@@ -72,13 +78,14 @@ def final_state(workdir: str | pathlib.Path, *, test: bool) -> dict:
       return cached
   config = json.loads((workdir / "config.json").read_text())
   model_config = transformer_config_from_json(config["model"])
-  model = TransformerLM(model_config)
+  model = make_model(model_config)
   params, model_state = restore_params(workdir / "checkpoints")
   drift = {}
-  if model_config.moe_layers:
+  if model_config.has_moe:
     init_rng, _ = run_keys(config["train"]["seed"])
-    tokens_BL = jnp.zeros((1, config["data"]["seq_len"]), jnp.int32)
-    init = nn.unbox(jax.jit(model.init)(init_rng, tokens_BL))["params"]
+    inputs = example_inputs(model_config, config["data"]["seq_len"],
+                            config["data"].get("target_len"))
+    init = nn.unbox(jax.jit(model.init)(init_rng, *inputs))["params"]
     drift = router_drift(params, init)
   out = {"step": step, "router_drift": drift}
   if test:

@@ -13,6 +13,14 @@ from experiments.summary import LAST_PROBES, SETTLE_AT, TAIL, RunSummary
 # Headline valid PPL of the StableMoE paper (LM, base size); lower is better.
 PAPER_PPL = {"stablemoe": 19.28, "hash": 19.63, "switch": 19.79, "base": 20.04,
              "dense": 23.02}
+# Average BLEU of the StableMoE paper's multilingual translation (Table 3);
+# higher is better.
+PAPER_BLEU = {"stablemoe": 30.32, "base": 30.16, "hash": 29.94, "switch": 29.70,
+              "dense": 28.31}
+# Columns of the task-scores table: (score key, heading, format).
+SCORE_COLUMNS = (("bleu", "test BLEU", ".2f"), ("chrf", "test chrF", ".2f"),
+                 ("finetune_accuracy", "fine-tuned accuracy (%)", ".1f"),
+                 ("finetune_baseline", "majority-class accuracy (%)", ".1f"))
 PAPER_BASE_CHANGED_AFTER_20 = 0.409  # BASE tokens that change expert after 20%.
 # Later methods against the baseline their papers beat: (method, baseline,
 # what the paper reports).
@@ -141,6 +149,21 @@ def results_tables(results: Sequence[MethodResult], target: float | None) -> str
                               cost_rows)])
 
 
+def task_table(results: Sequence[MethodResult]) -> str:
+  """The tasks' own test scores (BLEU, chrF, fine-tuned accuracy), one row per
+  method; "" when no run has any."""
+  keys = [c for c in SCORE_COLUMNS
+          if any(c[0] in r.scores for m in results for r in m.runs)]
+  if not keys:
+    return ""
+  scale = lambda key: 100.0 if "accuracy" in key or "baseline" in key else 1.0  # noqa: E731
+  rows = [[m.method] + [stats.fmt(m.spread(
+      lambda r, k=key: None if k not in r.scores else scale(k) * r.scores[k]),
+      spec) for key, _, spec in keys] for m in results]
+  return "\n**Task scores** (test split)\n\n" + _table(
+      ["method"] + [head for _, head, _ in keys], rows) + "\n"
+
+
 def stage_table(results: Sequence[MethodResult]) -> str:
   """Per stage of the multi-stage methods: load CV and router entropy over the
   stage's last 10% of steps, StableMoE's distilled-router agreement, EvoMoE's
@@ -191,15 +214,16 @@ def paper_claims(results: Sequence[MethodResult]) -> str:
   by = {m.method: m for m in results}
   ppl = {m.method: m.spread(attr) for m in results}
   ppl = {k: v for k, v in ppl.items() if v is not None}
-  rows = []
+  task = results[0].runs[0].task if results else "lm"
+  rows = _bleu_claims(results) if task == "seq2seq" else []
   order = [m for m in sorted(PAPER_PPL, key=PAPER_PPL.get) if m in ppl]
-  for i, a in enumerate(order):  # Every pair the paper orders, best first.
-    for b in order[i + 1:]:
+  for i, a in enumerate(order if task == "lm" else []):
+    for b in order[i + 1:]:  # Every pair the paper orders, best first.
       rows.append((f"{a} < {b} ({name})", f"{PAPER_PPL[a]} < {PAPER_PPL[b]}",
                    f"{ppl[a].format()} vs {ppl[b].format()}",
                    stats.less(ppl[a], ppl[b])))
   moe = [m for m in ppl if m != "dense"]
-  if "dense" in ppl and moe:
+  if "dense" in ppl and moe and task == "lm":
     verdicts = {m: stats.less(ppl[m], ppl["dense"]) for m in moe}
     rows.append((f"every MoE method beats dense ({name})", "all MoE < 23.02",
                  f"dense {ppl['dense'].format()}; "
@@ -209,7 +233,7 @@ def paper_claims(results: Sequence[MethodResult]) -> str:
   if "evomoe" in by and "switch" in by:
     rows.append(_evomoe_claim(by["evomoe"], by["switch"]))
   for method, baseline, claim in MODERN_CLAIMS:
-    if method in ppl and baseline in ppl:
+    if method in ppl and baseline in ppl and task == "lm":
       rows.append((f"{method} < {baseline} ({name}): {claim}", "lower PPL",
                    f"{ppl[method].format()} vs {ppl[baseline].format()}",
                    stats.less(ppl[method], ppl[baseline])))
@@ -234,6 +258,31 @@ def paper_claims(results: Sequence[MethodResult]) -> str:
     return "No claim of the papers can be checked with these methods.\n"
   return _table(["claim", "paper", "here (mean ± std over seeds)", "reproduced"],
                 rows) + "\n"
+
+
+def _bleu_claims(results: Sequence[MethodResult]) -> list[tuple]:
+  """The translation orderings of the StableMoE paper (Table 3), judged on test
+  BLEU (higher is better), and every MoE method against dense."""
+  bleu = {m.method: m.spread(lambda r: r.scores.get("bleu")) for m in results}
+  bleu = {k: v for k, v in bleu.items() if v is not None}
+  rows = []
+  order = [m for m in sorted(PAPER_BLEU, key=PAPER_BLEU.get, reverse=True)
+           if m in bleu]
+  for i, a in enumerate(order):
+    for b in order[i + 1:]:
+      rows.append((f"{a} > {b} (test BLEU)", f"{PAPER_BLEU[a]} > {PAPER_BLEU[b]}",
+                   f"{bleu[a].format()} vs {bleu[b].format()}",
+                   stats.less(bleu[b], bleu[a])))
+  moe = [m for m in bleu if m != "dense"]
+  if "dense" in bleu and moe:
+    verdicts = {m: stats.less(bleu["dense"], bleu[m]) for m in moe}
+    rows.append(("every MoE method beats dense (test BLEU)",
+                 f"all MoE > {PAPER_BLEU['dense']}",
+                 f"dense {bleu['dense'].format()}; "
+                 + ", ".join(f"{m} {bleu[m].format()} ({v})"
+                             for m, v in verdicts.items()),
+                 stats.all_less(list(verdicts.values()))))
+  return rows
 
 
 def _evomoe_claim(evo: MethodResult, switch: MethodResult) -> tuple:
@@ -301,7 +350,7 @@ one seed). Target PPL for "tokens to valid PPL <= target": **{target_text}**,
 {rule}.
 
 {results_tables(results, target)}
-{stage_table(results)}
+{task_table(results)}{stage_table(results)}
 - **valid PPL / test PPL**: perplexity at the last step on the validation split
   (which any tuning selected on) and on the test split (which neither training
   nor selection saw). At seed s every method saw the same batches in the same

@@ -15,9 +15,10 @@ import jax
 import numpy as np
 
 from moejax.data import DataConfig, load_datasets
-from moejax.models import TransformerLM
+from moejax.models import make_model
 from moejax.models.config import transformer_config_from_json
 from moejax.train.checkpoint import restore_params
+from moejax.train.inputs import apply_model, model_inputs
 
 ROUTES_FILE = "heldout_routes.npz"
 
@@ -25,7 +26,7 @@ ROUTES_FILE = "heldout_routes.npz"
 def heldout_routes(workdir: str | pathlib.Path
                    ) -> tuple[dict[str, np.ndarray], np.ndarray, list[str]]:
   """({layer: int[N] top expert}, int[N] domain ids, domain names); no layers for
-  a dense model."""
+  a dense model, nothing for seq2seq rows (their tokens have no domains)."""
   workdir = pathlib.Path(workdir)
   cache = workdir / ROUTES_FILE
   if cache.exists():
@@ -37,14 +38,17 @@ def heldout_routes(workdir: str | pathlib.Path
                        batch_size=config["train"]["batch_size"])
   model_config = transformer_config_from_json(config["model"])
   routes: dict[str, list[np.ndarray]] = {}
-  if model_config.moe_layers:
-    model = TransformerLM(model_config)
+  if "domains" not in data.eval_batches[0]:
+    return {}, np.zeros(0, np.int32), []
+  if model_config.has_moe:
+    model = make_model(model_config)
     params, model_state = restore_params(workdir / "checkpoints")
     variables = {"params": params, **model_state}
-    route = jax.jit(lambda v, x_BL: model.apply(v, x_BL, deterministic=True)[1][
-        "routes"])
+    route = jax.jit(lambda v, batch: apply_model(
+        model, v, batch, deterministic=True)[1]["routes"])
     for batch in data.eval_batches:
-      for layer, experts_N in jax.device_get(route(variables, batch["inputs"])).items():
+      for layer, experts_N in jax.device_get(
+          route(variables, model_inputs(batch))).items():
         routes.setdefault(layer, []).append(np.asarray(experts_N))
   out = {layer: np.concatenate(parts) for layer, parts in routes.items()}
   domains_N = np.concatenate([b["domains"].reshape(-1) for b in data.eval_batches])

@@ -33,6 +33,10 @@ from moejax.train.loop import train_and_evaluate
 from moejax.train.presets import METHODS, method_config
 
 DATA_DIR = "_data"
+# --task -> (model.arch, data.task): the decoder LM on next-token windows, the
+# encoder-decoder on translation pairs, the encoder as a masked LM.
+TASKS = {"lm": ("decoder", "lm"), "translation": ("encdec", "seq2seq"),
+         "mlm": ("encoder", "mlm")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,10 +48,17 @@ class Point:
   learning_rate: float | None = None
 
 
-def corpus_source(corpus: Sequence[str]) -> str:
+def corpus_source(corpus: Sequence[str], task: str = "lm") -> str:
   """`data.source` for files/globs (several arguments or comma lists), or
-  `embedded`. Globs are expanded here so the report lists the files."""
+  `embedded`. Globs are expanded here so the report lists the files. The
+  translation task takes two files, source side then target side
+  (`parallel:`)."""
   patterns = [p.strip() for arg in corpus for p in arg.split(",") if p.strip()]
+  if task == "translation":
+    if len(patterns) != 2:
+      raise SystemExit("--task translation needs --corpus <source side> <target "
+                       f"side> (two line-aligned files), got {patterns}")
+    return "parallel:" + ",".join(os.path.abspath(p) for p in patterns)
   if not patterns or patterns == ["embedded"]:
     return "embedded"
   files = []
@@ -64,6 +75,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                  "arguments or a comma list), or 'embedded'")
   p.add_argument("--budget-tokens", type=int, required=True,
                  help="training tokens per run")
+  p.add_argument("--task", choices=sorted(TASKS), default="lm",
+                 help="lm: decoder LM; translation: encoder-decoder on two "
+                 "line-aligned --corpus files; mlm: encoder masked LM")
+  p.add_argument("--target-len", type=int, default=None,
+                 help="translation: target tokens per row (default --seq-len)")
   p.add_argument("--routers", default=",".join(METHODS),
                  help=f"comma list of methods from {', '.join(METHODS)}")
   p.add_argument("--workdir", type=pathlib.Path, required=True)
@@ -91,10 +107,12 @@ def check_arguments(p: argparse.ArgumentParser, args: argparse.Namespace) -> Non
   unknown = [m for m in args.routers if m not in METHODS]
   if unknown or not args.routers:
     p.error(f"unknown method(s) {unknown}; valid: {', '.join(METHODS)}")
-  args.steps = args.budget_tokens // (args.batch_size * args.seq_len)
+  args.row_tokens = args.seq_len + (
+      (args.target_len or args.seq_len) if args.task == "translation" else 0)
+  args.steps = args.budget_tokens // (args.batch_size * args.row_tokens)
   if args.steps < 1:
     p.error(f"--budget-tokens {args.budget_tokens} is less than one step "
-            f"({args.batch_size} x {args.seq_len} tokens)")
+            f"({args.batch_size} x {args.row_tokens} tokens)")
 
 
 def _override(c: ml_collections.ConfigDict, method: str, assignment: str) -> None:
@@ -125,8 +143,13 @@ def build_config(method: str, args: argparse.Namespace, *, seed: int = 0,
   sweep point (applied after `--set`, so a tuned choice wins)."""
   steps = args.steps
   c = method_config(method, steps)
-  c.data.source = corpus_source(args.corpus)
+  c.model.arch, c.data.task = TASKS[args.task]
+  c.data.source = corpus_source(args.corpus, args.task)
   c.data.seq_len = args.seq_len
+  if args.task == "translation":
+    # Both stacks take the preset's MoE placement; a verse longer than a row
+    # is cut (EOS kept) rather than an error.
+    c.data.target_len, c.data.overlong = args.target_len, "truncate"
   c.data.vocab_size = args.vocab_size
   c.data.test_fraction = args.test_fraction
   if args.max_bytes:

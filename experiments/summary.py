@@ -78,6 +78,10 @@ class RunSummary:
   step_s: float | None = None  # Median seconds per training step (logged).
   active_ffn_flops: int | None = None  # Forward, per token, the last stage.
   stages: list[StageSummary] = dataclasses.field(default_factory=list)
+  task: str = "lm"  # `data.task` of the run.
+  # The task's own scores on the test split (`experiments.task_scores`): BLEU
+  # and chrF of a translation run, fine-tuned accuracy of a masked LM.
+  scores: dict[str, float] = dataclasses.field(default_factory=dict)
 
   @property
   def final_ppl(self) -> float | None:
@@ -232,6 +236,17 @@ def _mean_over_layers(values: dict) -> float | None:
   return float(np.mean(kept)) if kept else None
 
 
+SCORES_FILE = "task_scores.json"  # Written by `experiments.task_scores`.
+
+
+def row_tokens(data: dict) -> int:
+  """Tokens of one training row of a run's `data` config: a window's L, a
+  seq2seq row's source and target sides together."""
+  if data.get("task") == "seq2seq":
+    return data["seq_len"] + (data.get("target_len") or data["seq_len"])
+  return data["seq_len"]
+
+
 def read_run(workdir: str | pathlib.Path, method: str, *,
              test: bool = False) -> RunSummary:
   """The summary of the finished run in `workdir`; with `test`, its test-split
@@ -239,7 +254,7 @@ def read_run(workdir: str | pathlib.Path, method: str, *,
   workdir = pathlib.Path(workdir)
   config = json.loads((workdir / "config.json").read_text())
   steps = config["train"]["steps"]
-  tokens_per_step = config["train"]["batch_size"] * config["data"]["seq_len"]
+  tokens_per_step = config["train"]["batch_size"] * row_tokens(config["data"])
   rows = read_metrics(workdir)
   eval_steps, eval_ppl = series(rows, "eval/ppl")
   probe_steps, fluctuation = series(rows, "router/fluctuation")
@@ -267,14 +282,18 @@ def read_run(workdir: str | pathlib.Path, method: str, *,
       wall_s=(json.loads(wall.read_text())["seconds"] if wall.exists() else None),
       seed=config["train"]["seed"],
       num_experts=(config["model"]["moe"]["num_experts"]
-                   if config["model"]["moe_layers"] else None),
+                   if config["model"]["moe_layers"]
+                   or config["model"].get("encoder_moe_layers") else None),
       router_entropy=_tail_mean(rows, "router/entropy", start),
       router_drift=_mean_over_layers(state["router_drift"]),
       test_ppl=(state.get("test") or {}).get("ppl"),
       step_s=median_step_seconds(rows, tokens_per_step),
       active_ffn_flops=list(flops.values())[-1] if flops else None,
       stages=(stage_summaries(rows, config["stages"])
-              if len(config.get("stages") or []) > 1 else []))
+              if len(config.get("stages") or []) > 1 else []),
+      task=config["data"].get("task", "lm"),
+      scores=(json.loads((workdir / SCORES_FILE).read_text())["scores"]
+              if (workdir / SCORES_FILE).exists() else {}))
 
 
 def fmt(value: float | None, spec: str = ".3f") -> str:

@@ -23,11 +23,10 @@ import jax
 import numpy as np
 
 from moejax.data.config import DataConfig
-from moejax.errors import DataError
 from moejax.parallel import hosts
-from moejax.train.program import model_inputs
+from moejax.train.inputs import apply_model, model_inputs
 from moejax.train.step import loss_sums, router_metrics
-from moejax.train.trained import Trained
+from moejax.train.trained import Trained, check_data
 
 EVAL_DIR = "eval"
 
@@ -46,7 +45,7 @@ def source_key(source: str) -> str:
 def _eval_step(model):
 
   def step(variables, batch):
-    logits_BLV, aux = model.apply(variables, batch["inputs"], deterministic=True)
+    logits_BLV, aux = apply_model(model, variables, batch, deterministic=True)
     out = {**loss_sums(logits_BLV, batch), **router_metrics(aux["layers"])}
     out.update({f"router/{layer}/load": load_E
                 for layer, load_E in aux["loads"].items()})
@@ -62,13 +61,7 @@ def evaluate(trained: Trained, data: DataConfig | None = None) -> dict[str, Any]
   loads `router/layer_<i>/load`) on the held-out batches of `data`."""
   from moejax.data import load_datasets  # pylint: disable=g-import-not-at-top
   data = data or trained.config.data
-  model_config = trained.model_config
-  if data.vocab_size != model_config.vocab_size:
-    raise DataError(f"data.vocab_size={data.vocab_size} but the run's tokenizer "
-                    f"has {model_config.vocab_size}; keep the run's vocab_size")
-  if data.seq_len > model_config.max_len:
-    raise DataError(f"data.seq_len={data.seq_len} exceeds the model's max_len="
-                    f"{model_config.max_len}; use at most {model_config.max_len}")
+  check_data(trained, data)
   datasets = load_datasets(data, workdir=trained.workdir,
                            batch_size=trained.config.train.batch_size)
   step = _eval_step(trained.model)
@@ -79,11 +72,13 @@ def evaluate(trained: Trained, data: DataConfig | None = None) -> dict[str, Any]
     for key, value in out.items():
       totals[key] = totals.get(key, 0) + np.asarray(value, np.float64)
   batches = len(datasets.eval_batches)
+  correct = totals.pop("correct")
   loss = float(totals.pop("loss_sum") / totals.pop("tokens"))
   result = {"workdir": str(trained.workdir), "step": trained.step,
             "stage": trained.stage, "source": data.source, "split": "validation",
             "batches": batches, "tokens": tokens, "eval/loss": loss,
-            "eval/ppl": math.exp(loss) if loss < 700 else float("inf")}
+            "eval/ppl": math.exp(loss) if loss < 700 else float("inf"),
+            "eval/accuracy": float(correct / tokens)}
   for key, total in sorted(totals.items()):
     mean = total / batches
     result[key] = mean.tolist() if mean.ndim else float(mean)

@@ -6,8 +6,10 @@ FFN `block_<i>/ffn`, a MoE layer `block_<i>/moe`); its MoE layer's outputs
 (metrics, routes, traces) are named `layer_<i>`. An encoder-decoder
 (`moejax.models.encdec`) keeps each stack's blocks under `encoder/` and
 `decoder/` (`encoder/block_<i>/moe`), its outputs named `encoder_layer_<i>` and
-`decoder_layer_<i>`. Stage transforms, replay and
-init transforms read and write this layout.
+`decoder_layer_<i>`; `block_position` tells the stacks' blocks apart and
+`moe_ffn_rule(config)` selects the FFNs that are MoE in `config`, in every
+stack. Stage transforms, replay and init transforms read and write this
+layout.
 
 Scanned (`model.scan_layers`): the blocks split into `Stack`s, each R copies of
 a unit of U consecutive blocks (`stacks`: one dense + one MoE block for
@@ -17,6 +19,7 @@ block, every leaf with a leading axis of R (logical axis `layers`): leaf [r]
 is block `first + r * U + k`. `scanned` and `unrolled` convert any tree
 holding such collections (variables, params, optimizer moments, a
 checkpoint's state) between the two; outputs keep `layer_<i>` names in both.
+An encoder-decoder has no scanned layout (ConfigError).
 """
 
 import dataclasses
@@ -28,12 +31,12 @@ import jax.numpy as jnp
 
 from moejax.errors import ConfigError
 
-_BLOCK = re.compile(r"block_(\d+)(/|$)")
+_BLOCK = re.compile(r"(?:(encoder|decoder)/)?block_(\d+)(/|$)")
 _LAYER = re.compile(r"(?:(encoder|decoder)_)?layer_(\d+)")
 _BLOCK_KEY = re.compile(r"block_\d+")
 _STACK = re.compile(r"stack_(\d+)")
 _STACK_PATH = re.compile(r"stack_\d+/")
-DENSE_FFN = r"block_\d+/ffn"  # Every dense FFN.
+DENSE_FFN = r"((encoder|decoder)/)?block_\d+/ffn"  # Every dense FFN.
 LAYERS_AXIS = "layers"  # The logical name of a scanned leaf's leading axis.
 
 
@@ -57,19 +60,46 @@ def in_stack(path: str) -> bool:
   return _STACK_PATH.match(path) is not None
 
 
-def block_index(path: str) -> int:
-  """i of the block a param path lies in ('block_3/ffn/w_in' -> 3)."""
+def block_position(path: str) -> tuple[str | None, int]:
+  """(stack, i) of the block a param path lies in: (None, 3) for
+  'block_3/ffn/w_in' (decoder LM, encoder), ('encoder', 3) for
+  'encoder/block_3/ffn/w_in' (encoder-decoder)."""
   match = _BLOCK.match(path)
   if match is None:
     raise ConfigError(f"param path {path!r} is not inside a block_<i>")
-  return int(match.group(1))
+  return match.group(1), int(match.group(2))
 
 
-def ffn_rule(layers: Iterable[int] | None = None) -> str:
-  """Regex over paths: the dense FFNs of blocks `layers` (None: every block)."""
+def block_index(path: str) -> int:
+  """i of the block a top-level param path lies in ('block_3/ffn/w_in' -> 3);
+  a stack's path ('encoder/block_3/...') needs `block_position`."""
+  stack, i = block_position(path)
+  if stack is not None:
+    raise ConfigError(f"param path {path!r} lies in the {stack} stack; its "
+                      "block index alone is ambiguous (use block_position)")
+  return i
+
+
+def ffn_rule(layers: Iterable[int] | None = None,
+             stack: str | None = None) -> str:
+  """Regex over paths: the dense FFNs of blocks `layers` (None: every block)
+  at the top level (`stack` None: decoder LM, encoder) or in `stack`
+  (`encoder`, `decoder`); None for both: every dense FFN anywhere."""
+  prefix = f"{stack}/" if stack else ""
   if layers is None:
-    return DENSE_FFN
-  return "|".join(f"{block_name(i)}/ffn" for i in sorted(set(layers))) or "(?!)"
+    return rf"{prefix}block_\d+/ffn" if stack else DENSE_FFN
+  return "|".join(f"{prefix}{block_name(i)}/ffn"
+                  for i in sorted(set(layers))) or "(?!)"
+
+
+def moe_ffn_rule(config) -> str:
+  """Regex over paths: the dense FFNs at the blocks that are MoE in `config`
+  (a TransformerConfig), in each of its stacks (`moe_layers`, and an
+  encoder-decoder's `encoder_moe_layers` under `encoder/`); no other stack's
+  block of the same index."""
+  rules = [ffn_rule(st.moe_layers, st.name) for st in config.block_stacks
+           if st.moe_layers]
+  return "|".join(rules) or "(?!)"
 
 
 def moe_path(layer: str) -> str:
@@ -182,6 +212,9 @@ def _unstack_one(level: dict, plan: tuple[Stack, ...]) -> dict:
 
 
 def _plan(config) -> tuple[Stack, ...]:
+  if config.arch == "encdec":
+    raise ConfigError("model.arch='encdec' has no scanned layout; set "
+                      "model.scan_layers False")
   return stacks(config.num_layers, config.moe_layers)
 
 

@@ -60,6 +60,10 @@ def sample(trained: Trained, prompt: str, *, max_new_tokens: int | None = None,
   same seed gives the same text. `decoder` (a `Decoder` of the same model)
   reuses compiled programs across calls.
   """
+  if trained.model_config.arch == "encdec":
+    raise ConfigError("this run is an encoder-decoder: it translates a source "
+                      "rather than continuing a prompt; use moejax-translate "
+                      f"--workdir {trained.workdir}")
   tokenizer = trained.tokenizer
   prompt_ids = [EOS_ID] + list(tokenizer.encode(prompt))
   room = trained.model_config.max_len - len(prompt_ids)

@@ -106,7 +106,8 @@ def test_print_config_starts_a_new_router_from_its_defaults():
 
 
 def test_help_lists_config_keys_with_defaults():
-  for module in ("moejax.train", "moejax.cli_sample", "moejax.cli_eval"):
+  for module in ("moejax.train", "moejax.cli_sample", "moejax.cli_eval",
+                 "moejax.cli_finetune", "moejax.cli_translate"):
     out = run(module, "--help").stdout
     for line in ("  model:", "    num_experts = 8", "    steps = 400",
                  "  expert_choice: capacity_factor=1.0, z_loss_coef=0.0",

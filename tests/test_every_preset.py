@@ -49,6 +49,8 @@ def _shrunk(config):
   config.data.max_bytes, config.data.vocab_size = 150_000, 512
   config.data.seq_len, config.data.eval_batches = 32, 1
   config.train.batch_size, config.train.probe_every = 8, 0
+  if config.data.task == "seq2seq":  # Translation: the tests' little pairs.
+    config.data.source, config.data.target_len = _pairs_source(), 32
   for steps in range(1, 9):
     config.train.steps = config.train.eval_every = steps
     config.train.checkpoint_every = steps
@@ -57,6 +59,17 @@ def _shrunk(config):
     except ConfigError as e:
       error = e
   raise error
+
+
+def _pairs_source() -> str:
+  """`parallel:` over the tests' little line-aligned corpus (real stdlib
+  text), written once to a fixed place so a shrunk config is the same run
+  wherever it is parsed."""
+  from tests.data.corpora import side_lines, source_of, write_pair  # pylint: disable=g-import-not-at-top
+  folder = pathlib.Path(tempfile.gettempdir()) / "moejax-preset-pairs"
+  if not (folder / "es.txt").exists():
+    write_pair(folder, *side_lines())
+  return source_of([folder / "en.txt", folder / "es.txt"])
 
 
 def presets() -> dict[str, list[str]]:
@@ -107,13 +120,15 @@ def check_trained(workdir: pathlib.Path, steps: int) -> dict[str, float]:
   times, start = {}, time.perf_counter()
   trained = load_trained(workdir)  # What moejax-sample and moejax-eval load.
   assert trained.step == steps, trained.step
-  if trained.model_config.arch == "encoder":  # A masked LM: nothing to sample.
+  arch = trained.model_config.arch
+  if arch in ("encoder", "encdec"):  # Nothing to continue: one-line errors.
     try:
       sample(trained, PROMPT, max_new_tokens=NEW_TOKENS, seed=1)
     except ConfigError as e:
-      assert "bidirectional" in str(e) and "\n" not in str(e), e
+      said = "bidirectional" if arch == "encoder" else "moejax-translate"
+      assert said in str(e) and "\n" not in str(e), e
     else:
-      raise AssertionError("sampling an encoder did not fail")
+      raise AssertionError(f"sampling an {arch} did not fail")
     return {**times, **_check_eval(trained, workdir)}
   # One device, as on a laptop: decoding routes one sequence, which a
   # training-only option (the aux loss's micro-batches) once refused.
@@ -142,14 +157,15 @@ def _check_eval(trained, workdir: pathlib.Path) -> dict[str, float]:
   """On the run's own data, moejax-eval reproduces the trainer's last
   eval/loss and writes its result file."""
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from moejax.evaluate import evaluate, write_result  # pylint: disable=g-import-not-at-top
+  from moejax.evaluate import evaluate, source_key, write_result  # pylint: disable=g-import-not-at-top
   from moejax.metrics.writers import read_metrics  # pylint: disable=g-import-not-at-top
   start = time.perf_counter()
   result = evaluate(trained, trained.config.data)
   write_result(trained, result)
   logged = [r["eval/loss"] for r in read_metrics(workdir) if "eval/loss" in r]
   np.testing.assert_allclose(result["eval/loss"], logged[-1], rtol=1e-5)
-  assert (workdir / "eval" / f"embedded-{trained.step}.json").is_file()
+  key = source_key(trained.config.data.source)
+  assert (workdir / "eval" / f"{key}-{trained.step}.json").is_file()
   return {"eval": time.perf_counter() - start}
 
 

@@ -37,19 +37,26 @@ TINY_STEPS = 10  # The fewest that give StableMoE's 10% stage 1 a step.
 
 def expected(stem: str) -> dict:
   """What the paper says of the config `stem`, at full size."""
+  if stem.endswith("_mt"):  # Table 3: 6 + 6 blocks, MoE after block 3 of each.
+    moe = () if stem == "dense_mt" else (3,)
+    stages = ([("distill", 30_000, moe), ("frozen", 322_000, moe)]
+              if stem == "stablemoe_mt" else [("train", 352_000, moe)])
+    return dict(num_layers=6, d_model=512, experts=32, depth=1, stages=stages,
+                encoder=(6, moe), tokens=512 * 256, steps=352_000)
   if stem.startswith("evomoe_gpt_moe"):
     moe = tuple(range(1, 12, 2))  # Every other FFN of 12 blocks.
     shape = dict(num_layers=12, d_model=768, experts=32, depth=1)
     stages = ([("dense", 15_000, ()), ("dts", 45_000, moe)]
               if stem == "evomoe_gpt_moe" else [("train", 60_000, moe)])
-    return dict(shape, stages=stages)
+    return dict(shape, stages=stages, tokens=512 * 1024, steps=60_000)
   method, size = re.fullmatch(r"(\w+)_lm_(base|large)", stem).groups()
   layers, d, experts, depth, middle = STABLEMOE_SIZES[size]
   moe = () if method == "dense" else (middle,)
   stages = ([("distill", 6_000, moe), ("frozen", 54_000, moe)]
             if method == "stablemoe" else [("train", 60_000, moe)])
   return dict(num_layers=layers, d_model=d, experts=experts,
-              depth=1 if method == "dense" else depth, stages=stages)
+              depth=1 if method == "dense" else depth, stages=stages,
+              tokens=512 * 1024, steps=60_000)
 
 
 def docstring_number(path: pathlib.Path, label: str) -> int:
@@ -64,7 +71,9 @@ def test_every_table_row_has_a_config():
   stems = {p.stem for p in PAPER}
   rows = {f"{m}_lm_{s}" for m in ("dense", "switch", "base_layer", "hash",
                                   "stablemoe") for s in ("base", "large")}
-  assert stems == rows | {"evomoe_gpt_moe", "evomoe_gpt_moe_switch"}
+  mt = {f"{m}_mt" for m in ("dense", "switch", "base_layer", "hash",
+                             "stablemoe")}
+  assert stems == rows | mt | {"evomoe_gpt_moe", "evomoe_gpt_moe_switch"}
 
 
 @pytest.mark.parametrize("path", PAPER, ids=lambda p: p.stem)
@@ -80,12 +89,17 @@ def test_full_size_structure_is_the_papers(path):
     assert m.moe.num_experts == want["experts"]
     if m.moe_layers:
       assert m.moe.expert_depth == want["depth"]
-    # What a pod needs, as the docstring recommends.
-    assert (m.scan_layers, m.remat, m.dtype) == (True, "full", "bfloat16")
+    if "encoder" in want:
+      assert (m.arch, m.encoder_depth, m.encoder_moe_layers) == (
+          "encdec", *want["encoder"])
+    # What a pod needs, as the docstring recommends (an encoder-decoder has
+    # no scanned layout).
+    assert (m.scan_layers, m.remat, m.dtype) == (
+        m.arch != "encdec", "full", "bfloat16")
   assert run.mesh.expert == want["experts"]  # One expert per chip, up to E.
-  tokens = run.train.batch_size * run.data.seq_len
-  assert tokens == docstring_number(path, "Tokens per step") == 512 * 1024
-  assert run.train.steps == docstring_number(path, "Steps") == 60_000
+  tokens = run.train.batch_size * run.data.row_tokens
+  assert tokens == docstring_number(path, "Tokens per step") == want["tokens"]
+  assert run.train.steps == docstring_number(path, "Steps") == want["steps"]
   assert sources.parse_source(run.data.source).kind == "tfds"
   assert run.data.max_bytes is None  # The whole dataset.
   assert f"--config configs/paper/{path.name}" in path.read_text()

@@ -63,3 +63,11 @@ class DataConfig:
   overlong: str = "error"
   mlm_probability: float = 0.15
   languages: str | None = None
+
+  @property
+  def row_tokens(self) -> int:
+    """Tokens of one training row: a window's `seq_len`, a seq2seq row's
+    source and target sides together."""
+    if self.task == "seq2seq":
+      return self.seq_len + (self.target_len or self.seq_len)
+    return self.seq_len

@@ -259,3 +259,18 @@ class TfdsPairs:
 
   def check(self) -> None:
     """TFDS datasets are immutable once prepared: nothing to check."""
+
+
+def open_pairs(cfg) -> "ParallelCorpus | TfdsPairs":
+  """The pairs of a seq2seq `DataConfig`'s source: line-aligned files
+  (`parallel:`) or a TFDS translate dataset (`tfds:`); DataError otherwise."""
+  from moejax.data import sources  # pylint: disable=g-import-not-at-top
+  spec = sources.parse_source(cfg.source)
+  if spec.kind == "tfds":
+    return TfdsPairs(spec.name, spec.split, cfg.languages, cfg.eval_fraction,
+                     cfg.test_fraction, cfg.tfds_data_dir)
+  if spec.kind == "parallel":
+    return ParallelCorpus(cfg.source, cfg.eval_fraction, cfg.test_fraction)
+  raise DataError(f"data.source {cfg.source!r} holds no translation pairs; use "
+                  "parallel:<source file>,<target file> or a tfds: translate "
+                  "dataset")

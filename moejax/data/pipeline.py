@@ -211,14 +211,7 @@ def _load(cfg: DataConfig, workdir, batch_size: int, *, writer: bool) -> Dataset
   with lock:
     if cfg.task == "seq2seq":
       from moejax.data import parallel  # pylint: disable=g-import-not-at-top
-      spec = sources.parse_source(cfg.source)
-      if spec.kind == "tfds":
-        corpus = parallel.TfdsPairs(spec.name, spec.split, cfg.languages,
-                                    cfg.eval_fraction, cfg.test_fraction,
-                                    cfg.tfds_data_dir)
-      else:
-        corpus = parallel.ParallelCorpus(cfg.source, cfg.eval_fraction,
-                                         cfg.test_fraction)
+      corpus = parallel.open_pairs(cfg)
       train = lambda: tokenizer.train_on_lines(  # pylint: disable=g-long-lambda
           parallel.sample_sides(corpus, cfg.tokenizer_max_sentences),
           cfg.vocab_size)

@@ -48,21 +48,35 @@ def peak_flops(device: jax.Device | None = None) -> float | None:
   return None
 
 
-def train_flops_per_token(config: TransformerConfig, seq_len: int) -> float:
+def train_flops_per_token(config: TransformerConfig, seq_len: int, *,
+                          source_len: int | None = None) -> float:
   """Model FLOPs of one training token: 6 x the matmul params it uses (forward
   2, backward 4) plus 12 L D per block for attention scores and values.
 
   An MoE token uses its router and K experts of width F_e (K: `top_k`, the
   mean experts per token for expert choice); capacity padding and dropped
   tokens are not counted, so MFU measures useful work.
+
+  `encdec`: the FLOPs of one source token (encoder blocks, and the decoder's
+  cross-attention keys and values) plus one target token (decoder blocks:
+  self-attention, the cross-attention query and output, over `source_len`
+  keys, default `seq_len`): the FLOPs per target token when source and target
+  are equally long.
   """
   d, moe = config.d_model, config.moe
+  source_len = seq_len if source_len is None else source_len
   dense_ffn = 2 * d * config.d_ff
   moe_ffn = d * moe.num_experts + moe.top_k * 2 * d * (moe.d_ff or config.d_ff)
   matmul_params = config.vocab_size * d  # Output logits (the lookup is free).
-  for i in range(config.num_layers):
-    matmul_params += 4 * d * d + (moe_ffn if i in config.moe_layers else dense_ffn)
-  return 6.0 * matmul_params + 12.0 * config.num_layers * seq_len * d
+  attention = 0
+  for stack in config.block_stacks:
+    cross = stack.name == "decoder"  # Cross-attention: q, k, v, out.
+    length = source_len if stack.name == "encoder" else seq_len
+    for i in range(stack.num_layers):
+      matmul_params += (4 * d * d * (1 + cross)
+                        + (moe_ffn if i in stack.moe_layers else dense_ffn))
+      attention += 12 * d * (length + cross * source_len)
+  return 6.0 * matmul_params + attention
 
 
 class StepTimer:

@@ -1,7 +1,7 @@
 """Typed configuration of the Transformer LM and its MoE layers."""
 
 import dataclasses
-from typing import Any
+from typing import Any, NamedTuple
 
 from moejax.errors import ConfigError
 from moejax.moe.ffn_init import DEFAULT_FFN_INIT
@@ -51,6 +51,16 @@ class MoEConfig:
   matmul: str = "xla"
   num_shared_experts: int = 0
   expert_depth: int = 1
+
+
+class ModelStack(NamedTuple):
+  """One stack of blocks of a model: its name (`encoder`, `decoder`; None for
+  the decoder LM's and the encoder's blocks, kept at the top level of the
+  params), its number of blocks and the indices of its MoE blocks."""
+
+  name: str | None
+  num_layers: int
+  moe_layers: tuple[int, ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +119,20 @@ class TransformerConfig:
     """Blocks of the `encdec` encoder stack."""
     return (self.num_layers if self.num_encoder_layers is None
             else self.num_encoder_layers)
+
+  @property
+  def block_stacks(self) -> tuple[ModelStack, ...]:
+    """The model's stacks of blocks: one unnamed (`decoder`, `encoder`), or
+    the encoder's then the decoder's (`encdec`)."""
+    if self.arch == "encdec":
+      return (ModelStack("encoder", self.encoder_depth, self.encoder_moe_layers),
+              ModelStack("decoder", self.num_layers, self.moe_layers))
+    return (ModelStack(None, self.num_layers, self.moe_layers),)
+
+  @property
+  def has_moe(self) -> bool:
+    """Whether any block of any stack is MoE."""
+    return any(st.moe_layers for st in self.block_stacks)
 
 
 def resolve_moe_layers(spec: Any, num_layers: int,
@@ -180,10 +204,15 @@ def active_ffn_flops_per_token(cfg: TransformerConfig) -> int:
   summed over blocks: 2 matmuls x 2 D F per dense FFN, (top_k x expert_depth +
   shared) x 2 x 2 D F_e per MoE layer (top_k nominal: routers that use a
   varying number of experts per token, such as DSelect-k early or EvoMoE's soft
-  phase, may spend more; the sublayers' norms are not counted)."""
-  dense_blocks = cfg.num_layers - len(cfg.moe_layers)
+  phase, may spend more; the sublayers' norms are not counted).
+
+  `encdec`: the encoder's FFN FLOPs of one source token plus the decoder's of
+  one target token (per target token when source and target are equally
+  long)."""
   expert_ff = cfg.moe.d_ff or cfg.d_ff
   per_token = (cfg.moe.top_k * cfg.moe.expert_depth
                + cfg.moe.num_shared_experts)
-  return (4 * cfg.d_model * (dense_blocks * cfg.d_ff
-                             + len(cfg.moe_layers) * per_token * expert_ff))
+  return sum(
+      4 * cfg.d_model * ((st.num_layers - len(st.moe_layers)) * cfg.d_ff
+                         + len(st.moe_layers) * per_token * expert_ff)
+      for st in cfg.block_stacks)

@@ -22,6 +22,8 @@ SIZES: dict[str, dict[str, int]] = {
     "tiny": dict(num_layers=2, d_model=64, num_heads=2, d_ff=256),
     "small": dict(num_layers=4, d_model=128, num_heads=4, d_ff=512),
     "medium": dict(num_layers=6, d_model=256, num_heads=4, d_ff=1024),
+    # Vaswani et al.'s Transformer-base (per stack of an encoder-decoder).
+    "transformer_base": dict(num_layers=6, d_model=512, num_heads=8, d_ff=2048),
     "base": dict(num_layers=12, d_model=768, num_heads=12, d_ff=3072),
     "large": dict(num_layers=24, d_model=1024, num_heads=16, d_ff=4096),
 }

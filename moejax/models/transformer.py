@@ -209,7 +209,9 @@ class TransformerLM(nn.Module):
   over MoE layers, "layers": {"layer_<i>": metrics dict}, "routes": {"layer_<i>":
   int32[B*L] top expert per token}, "loads": {"layer_<i>": float32[E]},
   "trace": {"layer_<i>": {"expert", "weight", "mask": [B*L, K]}}}` (the
-  routing trace, `moejax.routing.replay`). Training passes
+  routing trace, `moejax.routing.replay`); with `hidden=True` it returns
+  `(x_BLD, aux)` instead: the final-norm hidden states [B, L, D] that the tied
+  head reads (what `moejax.models.classifier` pools). Training passes
   `deterministic=False`, an rng stream named `router`, and `step` (steps into
   the current stage) for routers with schedules, and applies the model with the
   `router_state` collection mutable (`moejax.routing.ROUTER_STATE`).
@@ -231,7 +233,7 @@ class TransformerLM(nn.Module):
   def __call__(self, tokens_BL: jax.Array, *, deterministic: bool = True,
                step: jax.Array | None = None,
                segments_BL: jax.Array | None = None,
-               positions_BL: jax.Array | None = None):
+               positions_BL: jax.Array | None = None, hidden: bool = False):
     cfg = self.config
     check_config(cfg)
     if cfg.arch == "encdec":
@@ -263,6 +265,8 @@ class TransformerLM(nn.Module):
           deterministic=deterministic, mesh=self.mesh, step=step,
           cache_at=cache_at, mask_B1LL=mask_B1LL, causal=causal)
     x_BLD = norm("final_norm", dtype)(x_BLD)
+    if hidden:
+      return x_BLD, collect_aux(auxes)
     logits_BLV = jnp.einsum("bld,vd->blv", x_BLD.astype(jnp.float32), embed)
     return logits_BLV, collect_aux(auxes)
 
@@ -345,14 +349,15 @@ def collect_aux(auxes: dict, name=layer_name) -> dict:
           "loads": loads, "trace": trace}
 
 
-def init_variables(model: TransformerLM, rng: jax.Array,
-                   tokens_BL: jax.Array) -> dict:
-  """`model`'s variables at init, logical-axis boxes removed. A scanned model
-  gets the unrolled model's draws laid out scanned (`moejax.layout.scanned`),
-  so both layouts of a config start from the same params."""
+def init_variables(model: nn.Module, rng: jax.Array, *inputs: jax.Array
+                   ) -> dict:
+  """`model`'s variables at init on `inputs` (token ids; an encoder-decoder's
+  source and target), logical-axis boxes removed. A scanned model gets the
+  unrolled model's draws laid out scanned (`moejax.layout.scanned`), so both
+  layouts of a config start from the same params."""
   if not model.config.scan_layers:
-    return dict(nn.unbox(model.init(rng, tokens_BL)))
+    return dict(nn.unbox(model.init(rng, *inputs)))
   unrolled_model = model.clone(config=dataclasses.replace(
       model.config, scan_layers=False))
-  return dict(scanned(nn.unbox(unrolled_model.init(rng, tokens_BL)),
+  return dict(scanned(nn.unbox(unrolled_model.init(rng, *inputs)),
                       model.config))

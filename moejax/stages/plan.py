@@ -33,9 +33,10 @@ def _options(model: TransformerConfig) -> dict[str, Any]:
 
 def segments(stage: Stage) -> Segments:
   """((first stage step, model), ...) of `stage`: the model of each segment,
-  `stage.model` itself for the first; one segment without MoE layers."""
+  `stage.model` itself for the first; one segment without MoE layers (in any
+  stack)."""
   model = stage.model
-  if not model.moe_layers:
+  if not model.has_moe:
     return ((0, model),)
   moe = model.moe
   phases = router_class(moe.router).phases(_options(model), stage.steps)
@@ -59,7 +60,7 @@ def init_transform(model: TransformerConfig
   `model` gets before training, given the training corpus's int[V] token
   counts; None when its router has none (most) or it has no MoE layers.
   The transform sees the unrolled layout whatever `model.scan_layers` says."""
-  if not model.moe_layers:
+  if not model.has_moe:
     return None
   transform = router_class(model.moe.router).init_transform(
       _options(model), num_experts=model.moe.num_experts)

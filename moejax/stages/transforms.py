@@ -3,7 +3,9 @@
 Shapes: D model width, F hidden width, E experts.
 
 - `diversify(params, num_experts, mask_ratio, key, where=rule)`: EvoMoE's
-  expert-diversify; each dense FFN the path rule selects becomes E experts,
+  expert-diversify; each dense FFN the path rule selects (in any stack of
+  blocks: top-level `block_<i>`, or an encoder-decoder's `encoder/block_<i>`
+  and `decoder/block_<i>`) becomes E experts,
   expert e = the FFN's weights times an independent per-element Bernoulli mask
   that zeroes a share `mask_ratio` of them (no rescale).
 - `upcycle(dense_params, num_experts, ...)`: sparse upcycling of a dense checkpoint,
@@ -23,7 +25,7 @@ import jax.numpy as jnp
 
 from moejax.errors import ConfigError
 from moejax.models.config import TransformerConfig
-from moejax.layout import DENSE_FFN, block_index, ffn_rule
+from moejax.layout import DENSE_FFN, block_position, moe_ffn_rule
 from moejax.pytree import Rule, select, update
 from moejax.routing.stablemoe import FREEZE_DISTILLED
 
@@ -38,17 +40,32 @@ class TransitionContext:
   options: dict[str, Any]
 
 
+_STACK_SALTS = {"encoder": 1, "decoder": 2}
+
+
+def _block_key(key: jax.Array, path: str) -> jax.Array:
+  """The key of the block at `path`: fold_in(key, i) for top-level block i,
+  folded again with its stack's salt in an encoder-decoder, so the two stacks'
+  block i draw different masks."""
+  stack, i = block_position(path)
+  block_key = jax.random.fold_in(key, i)
+  return block_key if stack is None else jax.random.fold_in(
+      block_key, _STACK_SALTS[stack])
+
+
 def diversify(params: dict, num_experts: int, mask_ratio: float, key: jax.Array,
               *, where: Rule = DENSE_FFN) -> dict:
   """Replaces each dense FFN subtree whose path matches `where` (a path rule,
-  `moejax.pytree`; default every block's, `moejax.layout.ffn_rule`
-  picks blocks) by E masked copies, the MoE layer's experts beside it:
+  `moejax.pytree`; default every block's, `moejax.layout.ffn_rule` picks
+  blocks, `moejax.layout.moe_ffn_rule` a model's MoE blocks) by E masked
+  copies, the MoE layer's experts beside it:
   `<block>/ffn` -> `<block>/moe/experts`, w_in [E, D, F], w_out [E, F, D].
 
   Each expert's mask is drawn independently, per element, keep probability
-  1 - mask_ratio (key `fold_in(key, i)` in block i); masked weights are zero
-  (kept ones are not rescaled). Router params are not created here: the stage
-  machine takes them from a fresh init.
+  1 - mask_ratio (key `fold_in(key, i)` in top-level block i; a stack's block
+  i folds in its stack too); masked weights are zero (kept ones are not
+  rescaled). Router params are not created here: the stage machine takes them
+  from a fresh init.
   """
   if not 0.0 <= mask_ratio < 1.0:
     raise ConfigError(f"diversify mask_ratio={mask_ratio} must be in [0, 1)")
@@ -66,7 +83,7 @@ def diversify(params: dict, num_experts: int, mask_ratio: float, key: jax.Array,
 
   def to_experts(path, parent):
     ffn = parent["ffn"]
-    k_in, k_out = jax.random.split(jax.random.fold_in(key, block_index(path)))
+    k_in, k_out = jax.random.split(_block_key(key, path))
     out = {k: v for k, v in parent.items() if k != "ffn"}
     out["moe"] = {"experts": {
         "w_in": masked_copies(ffn["w_in"]["kernel"], k_in),
@@ -118,7 +135,7 @@ def _check_depth_one(new: TransformerConfig) -> None:
 def _diversify_params(params, ctx: TransitionContext):
   _check_depth_one(ctx.new)
   return diversify(params, ctx.new.moe.num_experts, ctx.options["mask_ratio"],
-                   ctx.key, where=ffn_rule(ctx.new.moe_layers))
+                   ctx.key, where=moe_ffn_rule(ctx.new))
 
 
 def _replicate_moments(tree, ctx: TransitionContext):
@@ -128,7 +145,7 @@ def _replicate_moments(tree, ctx: TransitionContext):
   if ctx.options["moments"] == "reset":
     return tree
   return diversify(tree, ctx.new.moe.num_experts, 0.0, ctx.key,
-                   where=ffn_rule(ctx.new.moe_layers))
+                   where=moe_ffn_rule(ctx.new))
 
 
 TRANSFORMS: dict[str, Transition] = {

@@ -41,8 +41,12 @@ from moejax.train.optimizer import SCHEDULES, OptimizerConfig
 
 
 # (model.arch, data.task) pairs the trainer runs: the decoder on next-token
-# windows, the encoder on masked-LM batches (`moejax.data.mlm`).
-TRAINED_ARCHS = (("decoder", "lm"), ("encoder", "mlm"))
+# windows, the encoder on masked-LM batches (`moejax.data.mlm`), the
+# encoder-decoder on packed seq2seq rows (`moejax.data.seq2seq`).
+TRAINED_ARCHS = (("decoder", "lm"), ("encoder", "mlm"), ("encdec", "seq2seq"))
+# `model.encoder_moe_layers` default: the encoder stack takes `model.moe_layers`'
+# placement, resolved over its own depth.
+SAME_PLACEMENT = "same"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +63,9 @@ class TrainConfig:
     grad_accum_steps: k micro-batches of batch_size / k sequences per
       optimizer step, their gradients accumulated in the step
       (`moejax.train.accumulate`); 1: none.
+    label_smoothing: eps of the training loss's smoothed targets (fairseq's
+      `label_smoothed_cross_entropy`, 0.1 in its translation recipes); 0:
+      plain cross-entropy. Evaluation reports the plain cross-entropy.
   """
 
   steps: int = 400
@@ -72,6 +79,7 @@ class TrainConfig:
   init_from: str = ""
   replay_routes: str = ""
   grad_accum_steps: int = 1
+  label_smoothing: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,7 +149,9 @@ def default_config() -> ml_collections.ConfigDict:
       capacity_factor=1.25, expert_d_ff=config_dict.placeholder(int),
       equal_flops=True, matmul="xla", size="", num_shared_experts=0,
       expert_depth=1, ffn_init=DEFAULT_FFN_INIT, scan_layers=False,
-      remat="none", arch="decoder"))
+      remat="none", arch="decoder",
+      num_encoder_layers=config_dict.placeholder(int),
+      encoder_moe_layers=SAME_PLACEMENT, share_embeddings=True))
   for name, cls in TYPED_SECTIONS.items():
     c[name] = _section(cls)
   c.stages = []
@@ -203,8 +213,9 @@ def _model(m: dict[str, Any], data: DataConfig) -> TransformerConfig:
   check_depth(m["expert_depth"])
   check_impl(m["matmul"])
   moe_layers = resolve_moe_layers(m["moe_layers"], m["num_layers"])
+  encoder_moe_layers = _encoder_placement(m)
   options = dict(m["router_options"])
-  if moe_layers:
+  if moe_layers or encoder_moe_layers:
     check_router(m["router"], num_experts=m["num_experts"], top_k=m["top_k"],
                  options=options, dispatch=m["dispatch"])
   moe = MoEConfig(
@@ -215,14 +226,35 @@ def _model(m: dict[str, Any], data: DataConfig) -> TransformerConfig:
       # fine-grained and shared experts included).
       d_ff=(expert_width(m["d_ff"], top_k=m["top_k"], expert_d_ff=m["expert_d_ff"],
                          equal_flops=bool(m["equal_flops"]), num_shared=shared)
-            if moe_layers else m["expert_d_ff"]),
+            if moe_layers or encoder_moe_layers else m["expert_d_ff"]),
       matmul=m["matmul"], num_shared_experts=shared,
       expert_depth=m["expert_depth"])
   return TransformerConfig(
-      vocab_size=data.vocab_size, max_len=data.seq_len, num_layers=m["num_layers"],
+      vocab_size=data.vocab_size, max_len=max(data.seq_len, data.target_len or 0),
+      num_layers=m["num_layers"],
       d_model=m["d_model"], num_heads=m["num_heads"], d_ff=m["d_ff"],
       moe_layers=moe_layers, moe=moe, dtype=m["dtype"], ffn_init=m["ffn_init"],
-      scan_layers=m["scan_layers"], remat=m["remat"], arch=m["arch"])
+      scan_layers=m["scan_layers"], remat=m["remat"], arch=m["arch"],
+      num_encoder_layers=m["num_encoder_layers"],
+      encoder_moe_layers=encoder_moe_layers,
+      share_embeddings=m["share_embeddings"])
+
+
+def _encoder_placement(m: dict[str, Any]) -> tuple[int, ...]:
+  """`model.encoder_moe_layers` resolved (() unless `arch=encdec`); checks the
+  other encoder-stack keys."""
+  depth = m["num_encoder_layers"]
+  if depth is not None:
+    _positive("model", m, ("num_encoder_layers",))
+  if not isinstance(m["share_embeddings"], bool):
+    raise ConfigError(f"model.share_embeddings must be True or False, got "
+                      f"{m['share_embeddings']!r}")
+  if m["arch"] != "encdec":
+    return ()
+  spec = m["encoder_moe_layers"]
+  return resolve_moe_layers(m["moe_layers"] if spec == SAME_PLACEMENT else spec,
+                            depth or m["num_layers"],
+                            key="model.encoder_moe_layers")
 
 
 def _stage_lengths(entries: list[dict], total: int) -> list[int]:
@@ -323,6 +355,11 @@ def parse(config: ml_collections.ConfigDict) -> RunConfig:
         f"train.batch_size={c['train']['batch_size']} does not split into "
         f"train.grad_accum_steps={c['train']['grad_accum_steps']} micro-batches;"
         " make the batch size a multiple of it")
+  smoothing = c["train"]["label_smoothing"]
+  if not (isinstance(smoothing, (int, float)) and not isinstance(smoothing, bool)
+          and 0 <= smoothing < 1):
+    raise ConfigError(f"train.label_smoothing must be in [0, 1), got "
+                      f"{smoothing!r}")
   if c["train"]["probe_every"] < 0:
     raise ConfigError("train.probe_every must be >= 0 (0: no probes), got "
                       f"{c['train']['probe_every']}")

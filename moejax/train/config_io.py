@@ -20,8 +20,8 @@ def _model_keys(model: dict[str, Any], keys) -> dict[str, Any]:
   moe = model["moe"]
   out = {}
   for key in keys:
-    if key == "moe_layers":
-      out[key] = ",".join(str(i) for i in model["moe_layers"]) or "none"
+    if key in ("moe_layers", "encoder_moe_layers"):
+      out[key] = ",".join(str(i) for i in model.get(key, ())) or "none"
     elif key == "expert_d_ff":
       out[key] = moe["d_ff"]
     elif key == "router_options":

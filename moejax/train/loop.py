@@ -44,6 +44,17 @@ from moejax.train.state import TrainState
 from moejax.train.workdir import check_workdir, record_config, saved_config
 
 
+def _flops_per_row_token(model, data) -> float:
+  """Training FLOPs per token of a row (`DataConfig.row_tokens`): a seq2seq
+  row's source and target tokens share its source + target token FLOPs
+  (`train_flops_per_token`), exact when both sides are equally long."""
+  if data.task != "seq2seq":
+    return train_flops_per_token(model, data.seq_len)
+  target_len = data.target_len or data.seq_len
+  return (train_flops_per_token(model, target_len, source_len=data.seq_len)
+          * target_len / data.row_tokens)
+
+
 def _check_finite(step: int, metrics: dict[str, Any], last_saved: int | None):
   for key in ("train/loss", "train/grad_norm", "train/param_norm"):
     if key in metrics and not math.isfinite(float(metrics[key])):
@@ -255,12 +266,12 @@ class _Run:
 
   def _log(self, timer: StepTimer, end: StepEnd) -> None:
     """A row of the step's metrics, throughput and learning rate."""
-    metrics, seq_len = end.host_metrics, self.config.data.seq_len
+    metrics, data = end.host_metrics, self.config.data
     _check_finite(end.step, metrics, self.last_saved)
     row = {k: float(v) if v.ndim == 0 else v for k, v in metrics.items()}
     row.update(perf_metrics(
-        *timer.take(), self.config.train.batch_size * seq_len,
-        train_flops_per_token(end.program.stage.model, seq_len),
+        *timer.take(), self.config.train.batch_size * data.row_tokens,
+        _flops_per_row_token(end.program.stage.model, data),
         self.peak_flops, end.program.mesh.size))
     row["train/learning_rate"] = float(self.schedule(end.step - 1))
     self.write(end.program, end.step, row)

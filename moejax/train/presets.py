@@ -202,3 +202,47 @@ def paper_config(paper: str, method: str, size: str = "base"
     if method == "stablemoe":
       c.stages[0].fraction = STABLEMOE_STAGE1_FRACTION
   return c
+
+
+# The StableMoE paper's translation experiment (Table 3): WMT X -> En, a 6 + 6
+# block encoder-decoder of D = 512 (Transformer-base), 32 experts in two MoE
+# blocks (after encoder block 3 and decoder block 3), SentencePiece 64K,
+# 352K steps, 30K of them StableMoE's stage 1.
+MT_ROWS = ("dense", "switch", "base", "hash", "stablemoe")
+MT_STEPS = 352_000
+MT_STAGE1_STEPS = 30_000
+MT_EXPERTS = 32
+MT_MOE_BLOCK = "middle"  # Block 3 of 6.
+MT_SOURCE = "tfds:wmt14_translate/de-en"  # Any TFDS translate dataset.
+MT_LANGUAGES = "de,en"  # Source, target: X -> En.
+MT_VOCAB = 64_000
+MT_LEN = 128  # Source and target tokens per packed row.
+MT_BATCH = 512  # Rows per step (the paper's batch is not in its text).
+
+
+def mt_paper_config(method: str) -> ml_collections.ConfigDict:
+  """A row of the StableMoE paper's translation table (method one of
+  MT_ROWS) on a TFDS translate dataset."""
+  if method not in MT_ROWS:
+    raise ConfigError(f"no translation paper config {method!r}; valid: "
+                      f"{', '.join(MT_ROWS)}")
+  c = method_config(method, steps=MT_STEPS)
+  c.model.arch, c.model.size = "encdec", "transformer_base"
+  c.model.num_experts = MT_EXPERTS
+  c.model.moe_layers = "none" if method == "dense" else MT_MOE_BLOCK
+  c.model.encoder_moe_layers = c.model.moe_layers
+  # Unrolled blocks (encdec has no scanned layout), per-block remat, bf16.
+  c.model.remat, c.model.dtype = "full", "bfloat16"
+  c.mesh.data, c.mesh.expert = -1, MT_EXPERTS
+  c.data.task, c.data.source, c.data.languages = "seq2seq", MT_SOURCE, MT_LANGUAGES
+  c.data.seq_len = c.data.target_len = MT_LEN
+  c.data.vocab_size, c.data.max_bytes = MT_VOCAB, None
+  c.data.overlong = "truncate"
+  c.train.batch_size, c.train.label_smoothing = MT_BATCH, 0.1
+  c.train.log_every, c.train.probe_every = 100, 2000
+  c.train.eval_every = c.train.checkpoint_every = 2000
+  # fairseq's Transformer recipe: Adam (0.9, 0.98), peak 7e-4 after 4K steps.
+  c.optim.learning_rate, c.optim.warmup_steps, c.optim.b2 = 7e-4, 4000, 0.98
+  if method == "stablemoe":
+    c.stages[0].fraction = MT_STAGE1_STEPS / MT_STEPS
+  return c

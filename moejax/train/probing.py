@@ -11,7 +11,8 @@ from moejax.metrics.fluctuation import FluctuationProbe
 from moejax.metrics.trace import ReplayReference
 from moejax.parallel import hosts
 from moejax.routing.replay import replay_variables
-from moejax.train.program import StageProgram, model_inputs
+from moejax.train.inputs import model_inputs
+from moejax.train.program import StageProgram
 from moejax.train.state import TrainState
 
 
@@ -24,7 +25,7 @@ class RouteProbe:
     self.fluctuation = FluctuationProbe(workdir, enabled=enabled)
     self.batch = model_inputs(data.eval_batches[0])
     self.replay = ReplayReference(replay_routes, self.fluctuation.dir)
-    if save_inputs:
+    if save_inputs and "domains" in data.eval_batches[0]:
       self.fluctuation.save_inputs(self.batch["inputs"],
                                    data.eval_batches[0]["domains"],
                                    data.domain_names)

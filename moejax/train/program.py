@@ -21,7 +21,8 @@ import numpy as np
 import optax
 
 from moejax.data.rows import place_rows
-from moejax.models.transformer import TransformerLM, init_variables
+from moejax.models.encdec import make_model
+from moejax.models.transformer import init_variables
 from moejax.moe.routed import token_shards
 from moejax.parallel import hosts
 from moejax.parallel.mesh import make_mesh
@@ -30,6 +31,7 @@ from moejax.parallel.rules import (axis_rules, batch_sharding, logical_shardings
 from moejax.stages.plan import init_transform, segment_at, segments
 from moejax.stages.stage import Stage, boundaries
 from moejax.train.config import RunConfig, check_micro_batch
+from moejax.train.inputs import example_inputs, model_inputs
 from moejax.train.optimizer import make_optimizer
 from moejax.train.state import TrainState, state_specs
 from moejax.train.step import make_eval_step, make_probe_step, make_train_step
@@ -43,17 +45,21 @@ def run_keys(seed: int) -> tuple[jax.Array, jax.Array]:
 
 
 def init_state(model: nn.Module, tx: optax.GradientTransformation,
-               rng: jax.Array, seq_len: int) -> TrainState:
-  """Fresh variables (logical-axis boxes removed) and optimizer state at step 0."""
-  tokens_BL = jnp.zeros((1, seq_len), jnp.int32)
-  variables = init_variables(model, rng, tokens_BL)
+               rng: jax.Array, seq_len: int, target_len: int | None = None
+               ) -> TrainState:
+  """Fresh variables (logical-axis boxes removed) and optimizer state at step 0
+  (the model initialised on zero ids of `seq_len`; an encoder-decoder's target
+  of `target_len`)."""
+  variables = init_variables(model, rng,
+                             *example_inputs(model.config, seq_len, target_len))
   params = variables.pop("params")
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     opt_state=tx.init(params), model_state=variables)
 
 
 class Evaluator:
-  """Mean next-token loss and perplexity over a fixed set of held-out batches."""
+  """Mean loss of the scored tokens, perplexity and token accuracy over a
+  fixed set of held-out batches."""
 
   def __init__(self, model: nn.Module, batches):
     self._step = jax.jit(make_eval_step(model))
@@ -67,7 +73,8 @@ class Evaluator:
     totals = hosts.fetch(totals)
     loss = float(totals["loss_sum"] / totals["tokens"])
     return {"eval/loss": loss,
-            "eval/ppl": math.exp(loss) if loss < 700 else float("inf")}
+            "eval/ppl": math.exp(loss) if loss < 700 else float("inf"),
+            "eval/accuracy": float(totals["correct"] / totals["tokens"])}
 
 
 @dataclasses.dataclass
@@ -128,12 +135,13 @@ def build_program(config: RunConfig, index: int, data, init_rng: jax.Array,
   check_micro_batch(config.train, token_shards(mesh))
   # One device: the plain layer; more: expert-parallel MoE layers.
   model_mesh = mesh if mesh.size > 1 else None
-  model = TransformerLM(stage.model, mesh=model_mesh)
+  model = make_model(stage.model, mesh=model_mesh)
   tx = make_optimizer(config.optim, config.train.steps, stage.frozen)
-  init_fn = lambda: init_state(model, tx, init_rng, config.data.seq_len)  # noqa: E731
+  lengths = config.data.seq_len, config.data.target_len
+  init_fn = lambda: init_state(model, tx, init_rng, *lengths)  # noqa: E731
   abstract = jax.eval_shape(init_fn)
   shardings = logical_shardings(
-      state_specs(model, tx, config.data.seq_len), abstract, mesh,
+      state_specs(model, tx, *lengths), abstract, mesh,
       axis_rules(config.mesh.shard_params))
   jit_init = jax.jit(init_fn, out_shardings=shardings)
   prepare = init_transform(stage.model)
@@ -148,22 +156,15 @@ def build_program(config: RunConfig, index: int, data, init_rng: jax.Array,
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   steps = tuple(
       (bounds[index] + first, jax.jit(
-          make_train_step(TransformerLM(segment, mesh=model_mesh), tx, step_rng,
+          make_train_step(make_model(segment, mesh=model_mesh), tx, step_rng,
                           stage_start=bounds[index],
-                          grad_accum_steps=config.train.grad_accum_steps),
+                          grad_accum_steps=config.train.grad_accum_steps,
+                          label_smoothing=config.train.label_smoothing),
           in_shardings=(shardings, batch_sharding(mesh)),
           out_shardings=(shardings, replicated), donate_argnums=0))
       for first, segment in segments(stage))
-  probe = jax.jit(make_probe_step(model)) if stage.model.moe_layers else None
+  probe = jax.jit(make_probe_step(model)) if stage.model.has_moe else None
   return StageProgram(index=index, stage=stage, start=bounds[index],
                       end=bounds[index + 1], mesh=mesh, init=init,
                       abstract=abstract, shardings=shardings, train_steps=steps,
                       evaluate=Evaluator(model, data.eval_batches), probe=probe)
-
-
-def model_inputs(batch):
-  """The arrays of a data batch that the step reads (not its domains): inputs,
-  targets and, masked-LM batches, the weights of the scored positions."""
-  keys = ("inputs", "targets", "weights") if "weights" in batch else (
-      "inputs", "targets")
-  return {key: batch[key] for key in keys}

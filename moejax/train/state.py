@@ -7,9 +7,10 @@ Shapes: B batch, L length.
 import flax
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec as P
+
+from moejax.train.inputs import example_inputs
 
 
 @flax.struct.dataclass
@@ -36,16 +37,17 @@ class TrainState:
 
 
 def state_specs(model: nn.Module, tx: optax.GradientTransformation,
-                seq_len: int) -> TrainState:
+                seq_len: int, target_len: int | None = None) -> TrainState:
   """The logical PartitionSpec of every leaf of the train state.
 
   Params take the axis names the model gives them (`nn.with_logical_partitioning`);
   the optimizer's copies of the params (Adam moments) take their param's names
-  (`optax.tree_map_params`); everything else (step, counts, the model state's
+  (`optax.tree_map_params`); the model is initialised on zero ids of
+  `seq_len` (an encoder-decoder's target: `target_len`). Everything else (step, counts, the model state's
   unnamed variables) is replicated (P()).
   """
-  tokens_BL = jnp.zeros((1, seq_len), jnp.int32)
-  boxed = jax.eval_shape(model.init, jax.random.key(0), tokens_BL)
+  boxed = jax.eval_shape(model.init, jax.random.key(0),
+                         *example_inputs(model.config, seq_len, target_len))
   specs = dict(nn.get_partition_spec(boxed))
   params = specs.pop("params")
   abstract_opt = jax.eval_shape(tx.init, nn.unbox(boxed)["params"])

@@ -10,49 +10,43 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from moejax.models import losses
 from moejax.routing.contract import ROUTER_STATE
 from moejax.train.accumulate import accumulated_grads
+from moejax.train.inputs import apply_model
 from moejax.train.state import TrainState
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
 
 
-def cross_entropy(logits_BLV: jax.Array, targets_BL: jax.Array) -> jax.Array:
-  """float32[B, L] next-token cross-entropy (nats)."""
-  return optax.softmax_cross_entropy_with_integer_labels(
-      logits_BLV.astype(jnp.float32), targets_BL)
-
-
 def token_weights(batch: Batch) -> Batch:
-  """A masked-LM batch (`weights` [B, L]: 1 at the positions scored) with its
-  weights scaled by B * L / their sum, so that the mean of ce * weights over
-  any equal split of the rows (`moejax.train.accumulate`'s micro-batches)
-  averages to the whole batch's weighted mean. Other batches unchanged."""
+  """A batch with weights (`weights` [B, L]: 1 at the positions scored, as a
+  masked-LM or seq2seq batch has) with them scaled by B * L / their sum, so
+  that the mean of ce * weights over any equal split of the rows
+  (`moejax.train.accumulate`'s micro-batches) averages to the whole batch's
+  weighted mean. Other batches unchanged."""
   if "weights" not in batch:
     return batch
   w_BL = batch["weights"].astype(jnp.float32)
   return {**batch, "weights": w_BL * (w_BL.size / jnp.maximum(jnp.sum(w_BL), 1))}
 
 
-def mean_loss(logits_BLV: jax.Array, batch: Batch) -> jax.Array:
+def mean_loss(logits_BLV: jax.Array, batch: Batch,
+              label_smoothing: float = 0.0) -> jax.Array:
   """float32[]: the mean cross-entropy of the batch's scored tokens (every
   token, or those `token_weights` weighs)."""
-  ce_BL = cross_entropy(logits_BLV, batch["targets"])
+  ce_BL = losses.token_cross_entropy(logits_BLV, batch["targets"],
+                                     label_smoothing)
   if "weights" not in batch:
     return jnp.mean(ce_BL)
   return jnp.mean(ce_BL * batch["weights"])
 
 
 def loss_sums(logits_BLV: jax.Array, batch: Batch) -> Metrics:
-  """{"loss_sum", "tokens"}: the summed cross-entropy of the scored tokens
-  (weights 1 where a masked-LM batch scores) and how many there are."""
-  ce_BL = cross_entropy(logits_BLV, batch["targets"])
-  if "weights" not in batch:
-    return {"loss_sum": jnp.sum(ce_BL),
-            "tokens": jnp.asarray(ce_BL.size, jnp.float32)}
-  w_BL = batch["weights"].astype(jnp.float32)
-  return {"loss_sum": jnp.sum(ce_BL * w_BL), "tokens": jnp.sum(w_BL)}
+  """{"loss_sum", "correct", "tokens"} of the batch's scored tokens
+  (`moejax.models.losses.loss_sums`; weights 1 where the batch scores)."""
+  return losses.loss_sums(logits_BLV, batch["targets"], batch.get("weights"))
 
 
 def router_metrics(layers: dict[str, dict[str, jax.Array]]) -> Metrics:
@@ -70,10 +64,13 @@ def router_metrics(layers: dict[str, dict[str, jax.Array]]) -> Metrics:
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                     rng: jax.Array, *, stage_start: int = 0,
-                    grad_accum_steps: int = 1
+                    grad_accum_steps: int = 1, label_smoothing: float = 0.0
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
   """Builds the step: loss = mean CE + sum of router aux losses; one update.
-  A masked-LM batch's CE is the mean over its scored positions (`weights`).
+  A batch with `weights` (masked LM, seq2seq: `moejax.train.inputs`) has the
+  mean CE over its scored positions. `label_smoothing` eps > 0 trains against
+  targets smoothed by eps (`train/loss` is then the smoothed CE; evaluation
+  always reports the plain one).
 
   With `grad_accum_steps` k > 1 the batch is k micro-batches whose gradients
   are accumulated in the step (`moejax.train.accumulate`, which says what each
@@ -92,10 +89,10 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
 
   def loss_fn(params, model_state, batch, step_rng, stage_step,
               mutable=(ROUTER_STATE,)):
-    (logits_BLV, aux), updated = model.apply(
-        {"params": params, **model_state}, batch["inputs"], deterministic=False,
+    (logits_BLV, aux), updated = apply_model(
+        model, {"params": params, **model_state}, batch, deterministic=False,
         step=stage_step, rngs={"router": step_rng}, mutable=list(mutable))
-    ce = mean_loss(logits_BLV, batch)
+    ce = mean_loss(logits_BLV, batch, label_smoothing)
     return ce + aux["aux_loss"], (ce, aux, updated)
 
   if grad_accum_steps > 1:
@@ -135,7 +132,7 @@ def make_probe_step(model: nn.Module) -> Callable[[dict, Batch], dict]:
   collection (`moejax.routing.replay.replay_variables`) force recorded routes."""
 
   def probe_step(variables, batch: Batch):
-    logits_BLV, aux = model.apply(variables, batch["inputs"], deterministic=True)
+    logits_BLV, aux = apply_model(model, variables, batch, deterministic=True)
     return {"routes": aux["routes"], "trace": aux["trace"],
             "loss": mean_loss(logits_BLV, token_weights(batch))}
 
@@ -143,10 +140,11 @@ def make_probe_step(model: nn.Module) -> Callable[[dict, Batch], dict]:
 
 
 def make_eval_step(model: nn.Module) -> Callable[[dict, Batch], Metrics]:
-  """Builds `(variables, batch) -> {"loss_sum", "tokens"}`, deterministic routing."""
+  """Builds `(variables, batch) -> {"loss_sum", "correct", "tokens"}`,
+  deterministic routing."""
 
   def eval_step(variables, batch: Batch) -> Metrics:
-    logits_BLV, _ = model.apply(variables, batch["inputs"], deterministic=True)
+    logits_BLV, _ = apply_model(model, variables, batch, deterministic=True)
     return loss_sums(logits_BLV, batch)
 
   return eval_step

@@ -17,9 +17,9 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from moejax.errors import CheckpointError
+from moejax.errors import CheckpointError, DataError
 from moejax.models.config import TransformerConfig
-from moejax.models.transformer import TransformerLM
+from moejax.models.encdec import make_model
 from moejax.parallel.mesh import make_mesh
 from moejax.parallel.rules import axis_rules, logical_shardings, with_shardings
 from moejax.train.config import RunConfig, parse
@@ -61,10 +61,26 @@ class Trained:
   tokenizer: spm.SentencePieceProcessor
 
   @property
-  def model(self) -> TransformerLM:
+  def model(self):
     """The model of the checkpoint's stage (expert-parallel on a mesh of > 1)."""
-    return TransformerLM(self.model_config,
+    return make_model(self.model_config,
                          mesh=self.mesh if self.mesh.size > 1 else None)
+
+
+def check_data(trained: Trained, data) -> None:
+  """A one-line DataError where `data` (a `DataConfig`) cannot feed the run's
+  model: another vocabulary size, or windows (a seq2seq row's sides) longer
+  than its max_len."""
+  model_config = trained.model_config
+  if data.vocab_size != model_config.vocab_size:
+    raise DataError(f"data.vocab_size={data.vocab_size} but the run's tokenizer "
+                    f"has {model_config.vocab_size}; keep the run's vocab_size")
+  for key in ("seq_len", "target_len"):
+    length = getattr(data, key)
+    if length is not None and length > model_config.max_len:
+      raise DataError(f"data.{key}={length} exceeds the model's max_len="
+                      f"{model_config.max_len}; use at most "
+                      f"{model_config.max_len}")
 
 
 def run_config(workdir: str | os.PathLike) -> dict[str, Any]:
@@ -117,12 +133,13 @@ def load_trained(workdir: str | os.PathLike, *, step: int | None = None,
   stage = steps[step]
   model_config = config.stages[stage].model
   mesh = make_mesh(config.mesh, num_experts=model_config.moe.num_experts)
-  model = TransformerLM(model_config, mesh=mesh if mesh.size > 1 else None)
+  model = make_model(model_config, mesh=mesh if mesh.size > 1 else None)
   tx = make_optimizer(config.optim, config.train.steps, config.stages[stage].frozen)
+  lengths = config.data.seq_len, config.data.target_len
   abstract = jax.eval_shape(lambda: init_state(model, tx, jax.random.key(0),
-                                               config.data.seq_len))
+                                               *lengths))
   shardings = logical_shardings(
-      state_specs(model, tx, config.data.seq_len), abstract, mesh,
+      state_specs(model, tx, *lengths), abstract, mesh,
       axis_rules(config.mesh.shard_params))
   target = with_shardings(abstract, shardings)
   checkpointer = ocp.StandardCheckpointer()

@@ -32,6 +32,33 @@ def write_corpus(folder: pathlib.Path) -> list[pathlib.Path]:
   return paths
 
 
+PAIRS = 160  # Pairs of the little parallel corpus.
+
+
+def side_lines(n: int = PAIRS) -> tuple[list[str], list[str]]:
+  """Two real texts of n non-blank lines each, line-aligned as a parallel
+  corpus: English prose and Python code."""
+  texts = stdlib_texts()
+  src = [l for l in texts["prose"].splitlines() if l.strip()][:n]
+  tgt = [l for l in texts["wrap"].splitlines() if l.strip()][:n]
+  return src, tgt
+
+
+def write_pair(folder: pathlib.Path, src: list[str], tgt: list[str],
+               names=("en.txt", "es.txt")) -> list[pathlib.Path]:
+  """Writes the two sides, one line each, into `folder`."""
+  folder.mkdir(parents=True, exist_ok=True)
+  paths = [folder / n for n in names]
+  for path, lines in zip(paths, (src, tgt)):
+    path.write_text("".join(l + "\n" for l in lines), encoding="utf-8")
+  return paths
+
+
+def source_of(paths) -> str:
+  """The `parallel:` source of two side files."""
+  return f"parallel:{paths[0]},{paths[1]}"
+
+
 def small_config(source: str, **overrides) -> DataConfig:
   """A DataConfig sized for the tiny corpora: L=32, vocab 400, 1/4 held out, the
   data cache under the workdir (`cache_dir=""`)."""

@@ -9,29 +9,8 @@ import pytest
 from moejax.data import BOS_ID, EOS_ID, load_datasets, parallel, seq2seq, tokenizer
 from moejax.data.pipeline import validate
 from moejax.errors import DataError
-from tests.data.corpora import small_config, snapshot, stdlib_texts
-
-N = 160  # Pairs in the little corpus.
-
-
-def side_lines() -> tuple[list[str], list[str]]:
-  """Two real texts of N non-blank lines each: English prose and Python code."""
-  texts = stdlib_texts()
-  src = [l for l in texts["prose"].splitlines() if l.strip()][:N]
-  tgt = [l for l in texts["wrap"].splitlines() if l.strip()][:N]
-  return src, tgt
-
-
-def write_pair(folder, src, tgt, names=("en.txt", "es.txt")):
-  folder.mkdir(parents=True, exist_ok=True)
-  paths = [folder / n for n in names]
-  for path, lines in zip(paths, (src, tgt)):
-    path.write_text("".join(l + "\n" for l in lines), encoding="utf-8")
-  return paths
-
-
-def source_of(paths) -> str:
-  return f"parallel:{paths[0]},{paths[1]}"
+from tests.data.corpora import (PAIRS as N, side_lines, small_config, snapshot,
+                                source_of, write_pair)
 
 
 @pytest.fixture

@@ -94,3 +94,32 @@ def test_tune_then_compare_over_seeds_on_the_test_split(tmp_path, capsys):
   assert all(f"== {m} seed {s}: skipped" in printed for m, s in runs), printed
   assert {k: (w / "metrics.jsonl").read_bytes() for k, w in runs.items()} == metrics
   assert second_s < first_s / 2, (first_s, second_s)
+
+
+def test_translation_comparison_scores_bleu_and_judges_the_mt_orderings(
+    tmp_path, capsys):
+  """`--task translation` trains encoder-decoders on a parallel corpus, scores
+  each run's test translations with sacrebleu once (cached), and the report
+  judges the paper's BLEU orderings rather than its LM ones."""
+  from tests.data.corpora import side_lines, write_pair  # pylint: disable=g-import-not-at-top
+  src, tgt = write_pair(tmp_path / "pairs", *side_lines())
+  root = tmp_path / "mt"
+  argv = (tiny_args(str(src), root, METHODS)[2:]
+          + ["--corpus", str(src), str(tgt), "--task", "translation",
+             "--seq-len", "48", "--target-len", "40", "--beam", "2",
+             "--test-sentences", "8", "--budget-tokens", str(10 * 8 * 88)])
+  report = compare_routers.main(argv).read_text()
+  assert "task: translation (model.arch=encdec, data.task=seq2seq)" in report
+  assert "| method | test BLEU | test chrF |" in report
+  assert "| switch > dense (test BLEU) | 29.7 > 28.31 |" in report
+  assert "(test PPL)" not in report.split("orderings at this scale")[1]
+  for method in METHODS:
+    run = root / method / "fan_in-lr0.003" / "seed_0"
+    scores = json.loads((run / "task_scores.json").read_text())
+    assert scores["scores"]["sentences"] == 8
+    assert 0 <= scores["scores"]["bleu"] <= 100
+    assert len(list((run / "translate").glob("*-test-10.txt"))) == 1
+  capsys.readouterr()
+  compare_routers.main(argv)  # Finished and scored: nothing runs again.
+  out = capsys.readouterr().out
+  assert out.count(": skipped") == len(METHODS)

@@ -33,7 +33,7 @@ def test_keys_set_beside_a_preset_win():
 
 def test_unknown_size_is_a_one_line_error():
   with pytest.raises(ConfigError, match="model.size='huge' is not a preset; "
-                     "choose one of tiny, small, medium, base, large"):
+                     "choose one of tiny, small, medium, transformer_base, base, large"):
     _model(size="huge")
 
 

@@ -12,11 +12,11 @@ from moejax.errors import ConfigError
 from moejax.evaluate import evaluate
 from moejax.metrics.writers import read_metrics, series
 from moejax.models.config import MoEConfig, TransformerConfig
+from moejax.models.losses import token_cross_entropy
 from moejax.models.transformer import TransformerLM
 from moejax.train import make_train_step, parse, train_and_evaluate
 from moejax.train.optimizer import OptimizerConfig, make_optimizer
 from moejax.train.program import init_state
-from moejax.train.step import cross_entropy
 from moejax.train.trained import load_trained
 from tests.conftest import tiny_config
 
@@ -43,7 +43,7 @@ def test_loss_is_the_masked_mean_and_accumulates_like_the_whole_batch():
   counts = np.asarray(batch["weights"]).reshape(2, -1).sum(1)
   assert counts[0] != counts[1]
   logits, _ = model.apply({"params": state.params}, batch["inputs"])
-  ce = cross_entropy(logits, batch["targets"])
+  ce = token_cross_entropy(logits, batch["targets"])
   want = jnp.sum(ce * batch["weights"]) / jnp.sum(batch["weights"])
   runs = {}
   for k in (1, 2):
@@ -82,11 +82,12 @@ def test_encoder_trains_as_a_masked_lm_and_eval_scores_it_alike(tmp_path):
 
 
 @pytest.mark.parametrize("arch,task", [("encoder", "lm"), ("decoder", "mlm"),
-                                       ("encdec", "lm")])
+                                       ("encdec", "lm"), ("decoder", "seq2seq")])
 def test_pairs_the_trainer_does_not_run_are_one_line_errors(arch, task):
   c = tiny_config()
   c.model.arch, c.data.task = arch, task
   with pytest.raises(ConfigError, match=(
       rf"^model.arch='{arch}' with data.task='{task}': moejax-train trains "
-      r"arch='decoder' on task='lm', arch='encoder' on task='mlm' so far$")):
+      r"arch='decoder' on task='lm', arch='encoder' on task='mlm', "
+      r"arch='encdec' on task='seq2seq' so far$")):
     parse(c)
