@@ -71,7 +71,8 @@ def _setup_lines(args, domains: Sequence[str], config: RunConfig,
   return [
       f"corpus: {', '.join(os.path.basename(f) for f in files)}; domains: "
       f"{', '.join(domains)}; "
-      + (f"data.max_bytes {cap:,} (split evenly across domains)" if cap else
+      + ("every pair (no byte cap)" if config.data.task == "seq2seq" else
+         f"data.max_bytes {cap:,} (split evenly across domains)" if cap else
          "no byte cap")
       + f"; SentencePiece vocabulary {config.data.vocab_size}, trained once on "
       "the training split and shared by every run",

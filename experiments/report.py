@@ -331,6 +331,9 @@ def write_report(root: pathlib.Path, runs: Sequence[RunSummary], *,
   target_text = "-" if target is None else f"{target:.2f}"
   probe_domains = ", ".join(sorted({d for r in runs for d in r.probe_domains})) or "-"
   _, judged = quality(results)
+  if results and results[0].runs[0].task == "seq2seq":
+    judged = ("test BLEU (the translation orderings), and EvoMoE's claim on the "
+              "target tokens' valid PPL")
   text = f"""# Router comparison
 
 Written by `experiments/compare_routers.py`:

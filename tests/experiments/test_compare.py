@@ -106,7 +106,7 @@ def test_translation_comparison_scores_bleu_and_judges_the_mt_orderings(
   root = tmp_path / "mt"
   argv = (tiny_args(str(src), root, METHODS)[2:]
           + ["--corpus", str(src), str(tgt), "--task", "translation",
-             "--seq-len", "48", "--target-len", "40", "--beam", "2",
+             "--seq-len", "48", "--target-len", "40", "--beam", "1",
              "--test-sentences", "8", "--budget-tokens", str(10 * 8 * 88)])
   report = compare_routers.main(argv).read_text()
   assert "task: translation (model.arch=encdec, data.task=seq2seq)" in report
