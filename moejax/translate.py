@@ -34,6 +34,7 @@ import jax
 import numpy as np
 from etils import epath
 
+from moejax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from moejax.errors import ConfigError, DataError
 from moejax.evaluate import source_key
 from moejax.models.decode import decoding_config
@@ -47,8 +48,6 @@ TRANSLATE_DIR = "translate"
 SPLITS = ("validation", "test")
 FILES_SPLIT = "files"  # The split name of pairs read from --src/--ref files.
 MIN_WIDTH = 8  # Narrowest padded source batch.
-# moejax.data.tokenizer's ids (that module loads SentencePiece lazily).
-PAD_ID, BOS_ID, EOS_ID = 0, 2, 3
 
 
 @dataclasses.dataclass(frozen=True)
