@@ -57,19 +57,20 @@ SCORERS = {"seq2seq": _translation, "mlm": _mlm}
 def score_run(workdir: str | pathlib.Path, options: ScoreOptions) -> dict[str, Any]:
   """The task scores of the run in `workdir` at its last checkpoint ({} for a
   language model, whose test PPL the summary already has)."""
-  from moejax.train.trained import load_trained  # pylint: disable=g-import-not-at-top
+  from moejax.train.trained import checkpoint_steps, load_trained  # pylint: disable=g-import-not-at-top
   workdir = pathlib.Path(workdir)
   task = json.loads((workdir / "config.json").read_text())["data"].get(
       "task", "lm")
   if task not in SCORERS:
     return {}
-  trained = load_trained(workdir)
-  key = {"step": trained.step, "options": dataclasses.asdict(options)}
+  # Keyed by the newest checkpoint, which is restored only to score anew.
+  key = {"step": max(checkpoint_steps(workdir)),
+         "options": dataclasses.asdict(options)}
   cache = workdir / SCORES_FILE
   if cache.exists():
     cached = json.loads(cache.read_text())
     if {k: cached.get(k) for k in key} == key:
       return cached["scores"]
-  scores = SCORERS[task](trained, options)
+  scores = SCORERS[task](load_trained(workdir, step=key["step"]), options)
   cache.write_text(json.dumps({**key, "scores": scores}) + "\n")
   return scores
